@@ -1,0 +1,35 @@
+"""trainyard: train, tune and serve PyTorch models on Ray, extended through plugins.
+
+Plugin authors need only::
+
+    from trainyard import hookimpl, ModelSpec, DatasetSpec, MetricSpec
+
+Nothing imported here loads Ray or torch.
+"""
+
+from trainyard.markers import hookimpl
+from trainyard.hookspecs import (
+    HOOK_CONTRACT_VERSION,
+    DataInfo,
+    DatasetSpec,
+    LoadedData,
+    MetricSpec,
+    ModelSpec,
+    Processor,
+    Split,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HOOK_CONTRACT_VERSION",
+    "DataInfo",
+    "DatasetSpec",
+    "LoadedData",
+    "MetricSpec",
+    "ModelSpec",
+    "Processor",
+    "Split",
+    "hookimpl",
+    "__version__",
+]

@@ -1,0 +1,286 @@
+"""Job configs: typed schemas merged with YAML files and ``key=value`` overrides.
+
+Every key a job YAML may hold is a field below; its comment is the reference. Unknown
+keys, wrong types, missing values and plugin params that do not match the plugin's own
+schema are rejected here, before Ray starts, naming the key's full path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from trainyard.errors import ConfigError, PluginError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+USE_GPU = ("auto", "true", "false")
+
+
+@dataclass
+class ModelConfig:
+    #: Name of a model a plugin registers (``trainyard plugins`` lists them).
+    name: str = MISSING
+    #: The model plugin's own params, checked against its schema.
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    #: Name of a dataset a plugin registers.
+    name: str = MISSING
+    #: The dataset plugin's own params, checked against its schema.
+    params: dict[str, Any] = field(default_factory=dict)
+    #: Share of the training split held out for validation when the dataset has none.
+    val_fraction: float = 0.2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    #: Global batch size; split evenly across the workers.
+    batch_size: int = 64
+    lr: float = 1e-3
+    #: adam, adamw or sgd (with momentum).
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    #: auto (bf16 autocast on a GPU that supports it, else fp32), fp32, bf16 or fp16.
+    #: Mixed precision only applies on GPU; CPU runs use fp32.
+    precision: str = "auto"
+    #: Clip the gradient norm to this value; null for no clipping.
+    grad_clip: Optional[float] = None
+    #: Validation metrics by name; empty means the task's defaults
+    #: (classification: loss, accuracy, f1; regression: loss, mse, mae).
+    metrics: list[str] = field(default_factory=list)
+    #: Metric that picks the best checkpoint; empty means the first metric.
+    monitor: str = ""
+    #: Threads each worker's torch uses; 0 means cpus_per_worker.
+    torch_threads: int = 0
+
+
+@dataclass
+class ScalingConfig:
+    #: Ray Train workers (DDP processes): gloo on CPU, NCCL on GPU.
+    num_workers: int = 1
+    #: auto (use GPUs when the cluster has them), true or false.
+    use_gpu: str = "auto"
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    #: Extra custom Ray resources per worker, e.g. {accelerator_type:H100: 0.01}.
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointConfig:
+    #: Checkpoints kept per run (the best by ``train.monitor`` and the latest survive).
+    num_to_keep: int = 2
+    #: Worker failures tolerated; each restarts from the latest checkpoint. -1: unlimited.
+    max_failures: int = 0
+
+
+@dataclass
+class JobConfig:
+    #: Run name; a run started again with the same name resumes from its checkpoint.
+    name: str = MISSING
+    seed: int = 0
+    #: Where runs live: a local folder or a URI every node reaches (s3://, gs://, ...).
+    storage_path: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+@dataclass
+class ResolvedJob:
+    """A validated config with the plugin specs and typed params it names."""
+
+    config: DictConfig
+    model: Any
+    dataset: Any
+    metrics: list
+    model_params: Any
+    data_params: Any
+    task: str
+
+    @property
+    def monitor(self) -> str:
+        return self.config.train.monitor or self.config.train.metrics[0]
+
+    @property
+    def monitor_mode(self) -> str:
+        return next(m.mode for m in self.metrics if m.name == self.monitor)
+
+
+def _describe(exc: OmegaConfBaseException, prefix: str = "") -> ConfigError:
+    key = getattr(exc, "full_key", None) or ""
+    key = f"{prefix}{key}" if key else prefix.rstrip(".")
+    message = str(exc).splitlines()[0].strip()
+    if "not in" in message and "Key '" in message:
+        message = f"unknown key (allowed here: {_allowed_keys(exc)})"
+    elif "Missing mandatory value" in message:
+        message = "missing required value"
+    elif "Value '" in message and "could not be converted" in message:
+        message = "wrong type: " + message
+    return ConfigError(f"{key}: {message}" if key else message)
+
+
+def _allowed_keys(exc: OmegaConfBaseException) -> str:
+    obj = getattr(exc, "object_type", None)
+    if obj is not None and dataclasses.is_dataclass(obj):
+        return ", ".join(f.name for f in dataclasses.fields(obj))
+    return "see the schema"
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """``["train.lr=0.01", ...]`` to a config; a malformed override is a ConfigError."""
+    for item in overrides:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"override: {str(exc).splitlines()[0]}") from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict | DictConfig | None = None,
+) -> DictConfig:
+    """Schema + YAML file (or ``base``) + overrides, type-checked. Raises ConfigError."""
+    schema = OmegaConf.structured(JobConfig)
+    layers: list[Any] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        layers.append(loaded)
+    if base is not None:
+        layers.append(OmegaConf.create(base) if isinstance(base, dict) else base)
+    if overrides:
+        layers.append(parse_overrides(overrides))
+    try:
+        cfg = schema
+        for layer in layers:
+            cfg = OmegaConf.merge(cfg, layer)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as exc:
+        raise _describe(exc) from None
+    if missing:
+        raise ConfigError(f"{missing[0]}: missing required value")
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: DictConfig) -> None:
+    t, s, c = cfg.train, cfg.scaling, cfg.checkpoint
+    rules = [
+        (cfg.name.strip() != "" and "/" not in cfg.name, "name", "must be a non-empty name without '/'"),
+        (t.epochs >= 1, "train.epochs", "must be at least 1"),
+        (t.batch_size >= 1, "train.batch_size", "must be at least 1"),
+        (t.lr >= 0, "train.lr", "must not be negative"),
+        (t.weight_decay >= 0, "train.weight_decay", "must not be negative"),
+        (t.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}"),
+        (t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}"),
+        (t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be positive or null"),
+        (t.torch_threads >= 0, "train.torch_threads", "must not be negative"),
+        (s.num_workers >= 1, "scaling.num_workers", "must be at least 1"),
+        (str(s.use_gpu).lower() in USE_GPU, "scaling.use_gpu", "must be auto, true or false"),
+        (s.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be positive"),
+        (s.gpus_per_worker > 0, "scaling.gpus_per_worker", "must be positive"),
+        (
+            t.batch_size >= s.num_workers,
+            "train.batch_size",
+            f"({t.batch_size}) must be at least scaling.num_workers ({s.num_workers})",
+        ),
+        (0 < cfg.data.val_fraction < 1, "data.val_fraction", "must be between 0 and 1"),
+        (c.num_to_keep >= 1, "checkpoint.num_to_keep", "must be at least 1"),
+        (c.max_failures >= -1, "checkpoint.max_failures", "must be -1 (unlimited) or more"),
+    ]
+    for ok, key, message in rules:
+        if not ok:
+            value = OmegaConf.select(cfg, key.split(" ")[0])
+            raise ConfigError(f"{key}: {message} (got {value!r})")
+    s.use_gpu = str(s.use_gpu).lower()
+
+
+def typed_params(schema: type | None, values: Any, path: str) -> Any:
+    """Check plugin params against the plugin's dataclass; return an instance."""
+    values = OmegaConf.to_container(values) if isinstance(values, DictConfig) else values
+    if schema is None:
+        if values:
+            raise ConfigError(f"{path}: this plugin takes no params (got {sorted(values)})")
+        return None
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values or {})
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{path}.{missing[0]}: missing required value")
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _describe(exc, prefix=f"{path}.") from None
+    except (TypeError, ValueError) as exc:  # a plugin's __post_init__ checks
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def resolve(cfg: DictConfig, registry: Any = None) -> ResolvedJob:
+    """Look up the plugins a config names and check they fit together."""
+    if registry is None:
+        from trainyard.plugins import get_registry
+
+        registry = get_registry()
+
+    def lookup(kind: str, name: str, key: str) -> Any:
+        try:
+            return registry.get(kind, name)
+        except PluginError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+
+    model = lookup("model", cfg.model.name, "model.name")
+    dataset = lookup("dataset", cfg.data.name, "data.name")
+    model_params = typed_params(model.params, cfg.model.params, "model.params")
+    data_params = typed_params(dataset.params, cfg.data.params, "data.params")
+    task = dataset.task(data_params) if callable(dataset.task) else dataset.task
+    if dataset.inputs not in model.inputs:
+        raise ConfigError(
+            f"model.name: model {model.name!r} takes {'/'.join(model.inputs)} inputs, but "
+            f"dataset {dataset.name!r} gives {dataset.inputs} inputs"
+        )
+    if not cfg.train.metrics:
+        defaults = ["loss", "accuracy", "f1"] if task == "classification" else ["loss", "mse", "mae"]
+        cfg.train.metrics = [m for m in defaults if m in registry.metrics]
+    metrics = []
+    for i, name in enumerate(cfg.train.metrics):
+        metric = lookup("metric", name, f"train.metrics[{i}]")
+        if metric.task not in ("any", task):
+            raise ConfigError(
+                f"train.metrics[{i}]: metric {name!r} is for {metric.task}, "
+                f"but dataset {dataset.name!r} is {task}"
+            )
+        metrics.append(metric)
+    if not metrics:
+        raise ConfigError("train.metrics: no metric plugin is installed")
+    if cfg.train.monitor and cfg.train.monitor not in cfg.train.metrics:
+        raise ConfigError(
+            f"train.monitor: {cfg.train.monitor!r} is not one of train.metrics "
+            f"({', '.join(cfg.train.metrics)})"
+        )
+    return ResolvedJob(cfg, model, dataset, metrics, model_params, data_params, task)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

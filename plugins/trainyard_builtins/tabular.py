@@ -1,0 +1,103 @@
+"""Tabular datasets: scikit-learn's breast_cancer, and any CSV or Parquet file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from trainyard import DataInfo, DatasetSpec, LoadedData, Split, hookimpl
+
+
+def load_breast_cancer(params, seed):
+    from sklearn.datasets import load_breast_cancer as sk_load
+
+    bunch = sk_load()
+    info = DataInfo(
+        task="classification",
+        inputs="features",
+        classes=[str(c) for c in bunch.target_names],
+        input_shape=[bunch.data.shape[1]],
+        feature_names=[str(f) for f in bunch.feature_names],
+    )
+    return LoadedData(info, Split(bunch.data.astype(np.float32), bunch.target.astype(np.int64)))
+
+
+@dataclass
+class TableParams:
+    #: A .csv, .csv.gz or .parquet file with one row per example.
+    path: str = ""
+    #: Column holding the label (classification) or target (regression).
+    label: str = "label"
+    #: classification or regression.
+    task: str = "classification"
+    #: Feature columns; empty means every numeric column but the label.
+    features: Optional[list[str]] = None
+    #: Optional file with the same columns used as the validation split.
+    val_path: str = ""
+
+    def __post_init__(self):
+        if not self.path:
+            raise ValueError("path: give the CSV or Parquet file to read")
+        if self.task not in ("classification", "regression"):
+            raise ValueError("task must be classification or regression")
+
+
+def read_table(path: str):
+    import pandas as pd
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"data file {str(p)!r} does not exist")
+    if p.suffix == ".parquet" or p.name.endswith(".pq"):
+        return pd.read_parquet(p)
+    return pd.read_csv(p)
+
+
+def load_table(params: TableParams, seed):
+    import pandas as pd
+
+    frame = read_table(params.path)
+    if params.label not in frame.columns:
+        raise ValueError(
+            f"{params.path}: no label column {params.label!r} (columns: {', '.join(map(str, frame.columns))})"
+        )
+    features = params.features or [
+        c for c in frame.columns if c != params.label and pd.api.types.is_numeric_dtype(frame[c])
+    ]
+    missing = [c for c in features if c not in frame.columns]
+    if missing or not features:
+        raise ValueError(f"{params.path}: feature columns not found: {missing or 'no numeric columns'}")
+    frames = [frame] + ([read_table(params.val_path)] if params.val_path else [])
+    classes: list[str] = []
+    if params.task == "classification":
+        classes = sorted({str(v) for f in frames for v in f[params.label]})
+    index = {c: i for i, c in enumerate(classes)}
+
+    def split(f) -> Split:
+        x = f[features].to_numpy(dtype=np.float32)
+        if params.task == "classification":
+            y = np.array([index[str(v)] for v in f[params.label]], dtype=np.int64)
+        else:
+            y = f[params.label].to_numpy(dtype=np.float32)
+        return Split(x, y)
+
+    info = DataInfo(
+        task=params.task,
+        inputs="features",
+        classes=classes,
+        input_shape=[len(features)],
+        feature_names=[str(c) for c in features],
+        target_names=[params.label] if params.task == "regression" else [],
+    )
+    return LoadedData(info, split(frames[0]), split(frames[1]) if params.val_path else None)
+
+
+@hookimpl
+def register_datasets(register):
+    register(DatasetSpec("breast_cancer", load_breast_cancer, "features", "classification",
+                         description="scikit-learn's breast cancer set (569 rows, 30 features)"))
+    register(DatasetSpec("table", load_table, "features", lambda p: p.task, TableParams,
+                         description="A CSV or Parquet file with a label column"))
