@@ -7,7 +7,6 @@ Plugin authors need only::
 Nothing imported here loads Ray or torch.
 """
 
-from trainyard.markers import hookimpl
 from trainyard.hookspecs import (
     HOOK_CONTRACT_VERSION,
     DataInfo,
@@ -18,6 +17,7 @@ from trainyard.hookspecs import (
     Processor,
     Split,
 )
+from trainyard.markers import hookimpl
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,6 @@ __all__ = [
     "ModelSpec",
     "Processor",
     "Split",
-    "hookimpl",
     "__version__",
+    "hookimpl",
 ]

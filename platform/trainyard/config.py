@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -54,7 +54,7 @@ class TrainConfig:
     #: Mixed precision only applies on GPU; CPU runs use fp32.
     precision: str = "auto"
     #: Clip the gradient norm to this value; null for no clipping.
-    grad_clip: Optional[float] = None
+    grad_clip: float | None = None
     #: Validation metrics by name; empty means the task's defaults
     #: (classification: loss, accuracy, f1; regression: loss, mse, mae).
     metrics: list[str] = field(default_factory=list)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from trainyard.markers import hookspec
 
@@ -63,7 +64,7 @@ class DataInfo:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "DataInfo":
+    def from_dict(cls, data: dict) -> DataInfo:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -96,7 +97,7 @@ class LoadedData:
 
     info: DataInfo
     train: Split
-    val: Optional[Split] = None
+    val: Split | None = None
 
 
 class Processor:
@@ -187,7 +188,7 @@ class ModelSpec:
     build: Callable[[Any, DataInfo, Processor], Any]
     inputs: Sequence[str]
     processor: Callable[[Any, DataInfo], Processor] = Processor
-    params: Optional[type] = None
+    params: type | None = None
     description: str = ""
 
 
@@ -210,7 +211,7 @@ class DatasetSpec:
     load: Callable[[Any, int], LoadedData]
     inputs: str
     task: str | Callable[[Any], str] = "classification"
-    params: Optional[type] = None
+    params: type | None = None
     description: str = ""
 
 

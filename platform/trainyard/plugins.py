@@ -21,8 +21,9 @@ import dataclasses
 import importlib.metadata
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 

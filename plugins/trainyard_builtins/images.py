@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from trainyard import DataInfo, DatasetSpec, LoadedData, Split, hookimpl
 
 MNIST_CLASSES = [str(i) for i in range(10)]

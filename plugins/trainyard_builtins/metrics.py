@@ -7,7 +7,6 @@ value from N workers equals the one-process value.
 from __future__ import annotations
 
 import numpy as np
-
 from trainyard import MetricSpec, hookimpl
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
-
 from trainyard import DataInfo, DatasetSpec, LoadedData, Split, hookimpl
 
 
@@ -34,7 +32,7 @@ class TableParams:
     #: classification or regression.
     task: str = "classification"
     #: Feature columns; empty means every numeric column but the label.
-    features: Optional[list[str]] = None
+    features: list[str] | None = None
     #: Optional file with the same columns used as the validation split.
     val_path: str = ""
 

@@ -3,13 +3,11 @@ JSONL file with text and label columns."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
-
 from trainyard import DataInfo, DatasetSpec, LoadedData, Split, hookimpl
 
 
