@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Set up trainyard in ./.venv on a machine that has only Python.
+
+Installs torch first, so that a machine without an NVIDIA GPU gets the CPU build (never a
+multi-GB CUDA download) and a GPU machine gets the regular CUDA build; then trainyard
+itself (editable, with its built-in plugins and test extras).
+
+    python3 .ci/bootstrap.py            # idempotent: re-running only checks
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+TORCH = "torch==2.13.0"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def run(*cmd: str, check: bool = True) -> int:
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, check=check).returncode
+
+
+def has_nvidia_gpu() -> bool:
+    if os.environ.get("TRAINYARD_CPU_ONLY"):
+        return False
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False
+    return subprocess.run([smi, "-L"], capture_output=True).returncode == 0
+
+
+def main() -> int:
+    python = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    if not python.exists():
+        print(f"creating {VENV}", flush=True)
+        venv.create(VENV, with_pip=True)
+    py = str(python)
+    pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    have_torch = subprocess.run([py, "-c", "import torch"], capture_output=True).returncode == 0
+    if not have_torch:
+        if has_nvidia_gpu():
+            run(*pip, TORCH)
+        # The CPU build: from a local wheel folder when pip has one configured
+        # (PIP_FIND_LINKS), else from PyTorch's CPU index.
+        elif run(*pip, "--no-index", TORCH, check=False) != 0:
+            run(*pip, TORCH, "--index-url", CPU_INDEX, "--extra-index-url", "https://pypi.org/simple")
+    run(*pip, "-e", f"{ROOT}[test]")
+    print(f"ready: {VENV}/bin/trainyard", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
