@@ -49,8 +49,11 @@ def main() -> int:
         if has_nvidia_gpu():
             run(*pip, TORCH)
         # The CPU build: from a local wheel folder when pip has one configured
-        # (PIP_FIND_LINKS), else from PyTorch's CPU index.
-        elif run(*pip, "--no-index", TORCH, check=False) != 0:
+        # (PIP_FIND_LINKS), its dependencies from the usual index; else from
+        # PyTorch's CPU index.
+        elif run(*pip, "--no-index", "--no-deps", TORCH, check=False) == 0:
+            run(*pip, TORCH)
+        else:
             run(*pip, TORCH, "--index-url", CPU_INDEX, "--extra-index-url", "https://pypi.org/simple")
     run(*pip, "-e", f"{ROOT}[test]")
     print(f"ready: {VENV}/bin/trainyard", flush=True)

@@ -234,7 +234,11 @@ def typed_params(schema: type | None, values: Any, path: str) -> Any:
     except OmegaConfBaseException as exc:
         raise _describe(exc, prefix=f"{path}.") from None
     except (TypeError, ValueError) as exc:  # a plugin's __post_init__ checks
-        raise ConfigError(f"{path}: {exc}") from None
+        message = str(exc)
+        field_name = message.split(" ", 1)[0].rstrip(":")
+        if field_name in {f.name for f in dataclasses.fields(schema)}:
+            raise ConfigError(f"{path}.{field_name}: {message[len(field_name):].lstrip(': ')}") from None
+        raise ConfigError(f"{path}: {message}") from None
 
 
 def resolve(cfg: DictConfig, registry: Any = None) -> ResolvedJob:

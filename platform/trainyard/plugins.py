@@ -127,6 +127,13 @@ def _register_checked(pm: pluggy.PluginManager, obj: Any, name: str) -> str | No
     if problem:
         return problem
     try:
+        hash(obj)
+    except TypeError:  # pluggy keeps plugins in sets; one would break every later call
+        return (
+            f"the plugin object ({type(obj).__name__}) is not hashable; register a module, "
+            "a class, or an instance of a class with __hash__"
+        )
+    try:
         pm.register(obj, name=name)
     except pluggy.PluginValidationError as exc:
         # Raised for a hook implementation whose arguments the spec lacks.
@@ -183,21 +190,33 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
     external_off = os.environ.get("TRAINYARD_DISABLE_EXTERNAL_PLUGINS", "") not in ("", "0")
     allow = _env_list("TRAINYARD_PLUGINS")
     block = _env_list("TRAINYARD_DISABLE_PLUGINS") or set()
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # plugin (entry-point) name -> distribution that has it
+
+    def dist_name_of(ep: importlib.metadata.EntryPoint) -> str:
+        return ep.dist.metadata["Name"] if ep.dist is not None else "?"
+
+    # Built-ins first, so an external plugin reusing a built-in's name cannot replace it.
     eps = sorted(
-        importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name
+        importlib.metadata.entry_points(group=ENTRY_POINT_GROUP),
+        key=lambda ep: (dist_name_of(ep) != BUILTIN_DISTRIBUTION, ep.name),
     )
     for ep in eps:
-        if ep.name in seen:  # the same distribution visible twice on sys.path
-            continue
-        seen.add(ep.name)
         dist = ep.dist
-        dist_name = dist.metadata["Name"] if dist is not None else "?"
+        dist_name = dist_name_of(ep)
         builtin = dist_name == BUILTIN_DISTRIBUTION
         if ep.name in block:
             continue
         if not builtin and (external_off or (allow is not None and ep.name not in allow)):
             continue
+        if ep.name in seen:
+            if seen[ep.name] != dist_name:  # else: the same distribution twice on sys.path
+                _load_problems.append(PluginProblem(
+                    ep.name,
+                    f"distribution {dist_name!r} declares a plugin named {ep.name!r}, which "
+                    f"distribution {seen[ep.name]!r} already provides; rename its entry point",
+                ))
+            continue
+        seen[ep.name] = dist_name
         try:
             module = ep.load()
         except BaseException as exc:  # a plugin's import may raise anything, even SystemExit
@@ -268,7 +287,9 @@ def get_registry() -> Registry:
     global _registry, _registry_key
     pm = get_plugin_manager()
     with _lock:
-        key = tuple(name for name, _ in pm.list_name_plugin())
+        # The plugin objects themselves, not only their names: a name unregistered and
+        # registered again for another object must not reuse the old registry.
+        key = tuple(pm.list_name_plugin())
         if _registry is not None and _registry_key == key:
             return _registry
         registry = Registry(problems=list(_load_problems))
@@ -285,6 +306,10 @@ def get_registry() -> Registry:
                 table = registry.table(kind)
                 if spec.name in table:
                     other = registry.owners[(kind, spec.name)]
+                    if other == plugin_name:
+                        raise PluginError(
+                            f'plugin "{plugin_name}" registers the {kind} {spec.name!r} twice'
+                        )
                     raise PluginError(
                         f'plugins "{other}" and "{plugin_name}" both register a {kind} '
                         f"named {spec.name!r}; uninstall one, or disable it with "

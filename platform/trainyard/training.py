@@ -223,6 +223,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if start_epoch >= cfg.train.epochs:
         emit({"type": "done_before", "epoch": start_epoch - 1})
     for epoch in range(start_epoch, cfg.train.epochs):
+        if fault_at is not None and epoch == fault_at + 1 and rank == 0:
+            _inject_fault(Path(loop_config["fault_marker"]), epoch)
         model.train()
         batches = epoch_batches(len(data.y_train), cfg.train.batch_size, cfg.seed, epoch, world)
         emit({"type": "epoch_start", "epoch": epoch, "batches": len(batches), "resumed": epoch == start_epoch and epoch > 0})
@@ -278,11 +280,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
-        if fault_at is not None and epoch == fault_at and rank == 0:
-            marker = Path(loop_config["fault_marker"])
-            if not marker.exists():
-                marker.write_text(f"injected failure after epoch {epoch}\n")
-                os._exit(1)
+def _inject_fault(marker: Path, epoch: int) -> None:
+    """Kill this worker once, as a crash during ``epoch`` would (TRAINYARD_FAULT_AT_EPOCH).
+
+    The pause lets the controller record the checkpoint reported just before, as it
+    would have for any crash that comes some time after a report.
+    """
+    if marker.exists():
+        return
+    marker.write_text(f"injected failure in epoch {epoch}\n")
+    time.sleep(3)
+    os._exit(1)
 
 
 def evaluate(job, model, data, device, rank: int, world: int, amp_dtype=None) -> dict:

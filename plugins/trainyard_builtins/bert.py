@@ -14,7 +14,6 @@ checkpoint alone rebuilds the model offline.
 from __future__ import annotations
 
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,17 +103,12 @@ class TextProcessor(Processor):
 
 def _word_tokenizer(texts, vocab_size: int):
     """A BERT tokenizer whose vocabulary is the most frequent training words."""
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizer
 
     counts = Counter(w for t in texts for w in WORD.findall(t.lower()))
     words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
     vocab = SPECIAL_TOKENS + words[: max(0, vocab_size - len(SPECIAL_TOKENS))]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp, "vocab.txt")
-        path.write_text("\n".join(vocab) + "\n")
-        return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
-
-
+    return BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
 
 def build(params: BertParams, info: DataInfo, processor: TextProcessor):
     import torch

@@ -1,0 +1,33 @@
+"""Shared fixtures: one real local Ray cluster for the whole session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real embedded Ray, started once by trainyard's own start-up path."""
+    import ray
+
+    from trainyard.training import init_ray
+
+    init_ray()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def job_config(tmp_path):
+    """``job_config(name, *overrides)``: a built-in config with its runs under tmp_path."""
+    from trainyard.config import load_config
+
+    def make(config_name: str, *overrides: str):
+        return load_config(CONFIGS / f"{config_name}.yaml", [f"storage_path={tmp_path / 'runs'}", *overrides])
+
+    return make
