@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
-import click
+START = time.perf_counter()  # the start-up figure counts from here
 
-from trainyard.errors import TrainyardError
+import sys  # noqa: E402
 
-START = time.perf_counter()
+import click  # noqa: E402
+
+from trainyard.errors import TrainyardError  # noqa: E402
 
 
 def _console():
@@ -79,6 +80,15 @@ def train(config, overrides, address, dry_run):
     if dry_run:
         console.print(to_yaml(cfg), end="")
         return
+    import threading
+
+    from trainyard.raycluster import init_ray
+
+    # Import torch and Ray Train while Ray starts: the two overlap on a small machine.
+    importer = threading.Thread(target=__import__, args=("trainyard.training",), daemon=True)
+    importer.start()
+    init_ray(address)
+    importer.join()
     from trainyard.progress import TrainingView
     from trainyard.training import run_training
 

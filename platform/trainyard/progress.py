@@ -30,6 +30,7 @@ class TrainingView:
             TimeElapsedColumn(),
             console=console,
             transient=True,
+            refresh_per_second=4,
         )
         self.task = None
 

@@ -21,9 +21,12 @@ from typing import Any
 
 import numpy as np
 import ray
+import ray.train
+import ray.train.torch
 
 from trainyard.config import ResolvedJob, resolve
 from trainyard.errors import TrainingError
+from trainyard.raycluster import init_ray
 
 FAULT_ENV = "TRAINYARD_FAULT_AT_EPOCH"
 
@@ -50,19 +53,24 @@ def _take(inputs: Any, index: np.ndarray) -> Any:
 
 
 def split_validation(data: Any, fraction: float, seed: int) -> tuple[Any, Any]:
-    """Hold out ``fraction`` of the training split (stratified for classification)."""
-    from sklearn.model_selection import train_test_split
-
-    n = len(data.train)
+    """Hold out ``fraction`` of the training split, per class for classification, seeded."""
     targets = np.asarray(data.train.targets)
-    stratify = targets if data.info.task == "classification" else None
-    try:
-        train_idx, val_idx = train_test_split(
-            np.arange(n), test_size=fraction, random_state=seed, stratify=stratify
-        )
-    except ValueError:  # a class too small to stratify
-        train_idx, val_idx = train_test_split(np.arange(n), test_size=fraction, random_state=seed)
-    train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
+    rng = np.random.default_rng(seed)
+    n = len(targets)
+    if data.info.task == "classification":
+        groups = [np.flatnonzero(targets == c) for c in np.unique(targets)]
+    else:
+        groups = [np.arange(n)]
+    # Quotas per class that add up to round(n * fraction): floors, then the largest
+    # remainders.
+    total = min(max(int(round(n * fraction)), 1), n - 1)
+    exact = np.array([len(g) * fraction for g in groups])
+    quota = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - quota), kind="stable")[: total - quota.sum()]:
+        quota[i] += 1
+    val_parts = [rng.permutation(g)[:q] for g, q in zip(groups, quota)]
+    val_idx = np.sort(np.concatenate(val_parts))
+    train_idx = np.setdiff1d(np.arange(n), val_idx, assume_unique=True)
     split = type(data.train)
     return (
         split(_take(data.train.inputs, train_idx), targets[train_idx]),
@@ -133,11 +141,12 @@ def make_optimizer(cfg: Any, model: Any) -> Any:
 
 
 def loss_fn(task: str) -> Callable:
+    """``loss(outputs, targets, reduction)``: cross-entropy or MSE, in fp32."""
     import torch.nn.functional as F
 
     if task == "classification":
-        return lambda out, y: F.cross_entropy(out.float(), y, reduction="sum")
-    return lambda out, y: F.mse_loss(out.float().reshape(y.shape), y, reduction="sum")
+        return lambda out, y, reduction="mean": F.cross_entropy(out.float(), y, reduction=reduction)
+    return lambda out, y, reduction="mean": F.mse_loss(out.float().reshape(y.shape), y, reduction=reduction)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, world: int) -> list:
@@ -177,28 +186,81 @@ def _precision(cfg: Any, device: Any) -> Any:
 # --------------------------------------------------------------------------------------
 
 
+class TrainSession:
+    """The loop's view of a Ray Train worker."""
+
+    def __init__(self):
+        import ray.train
+        import torch.distributed as dist
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.distributed = self.world > 1 and dist.is_available() and dist.is_initialized()
+
+    def device(self):
+        return ray.train.torch.get_device()
+
+    def prepare_model(self, model, device):
+        return ray.train.torch.prepare_model(model) if self.distributed else model.to(device)
+
+    def get_checkpoint(self):
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class TuneTrialSession:
+    """The loop's view of a one-worker Tune trial: it trains in the trial's own process,
+    without the start-up of a nested trainer."""
+
+    rank, world, distributed = 0, 1, False
+
+    def device(self):
+        import torch
+
+        return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+
+    def prepare_model(self, model, device):
+        return model.to(device)
+
+    def get_checkpoint(self):
+        import ray.tune
+
+        return ray.tune.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        import ray.tune
+
+        checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=checkpoint)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
-    import ray.train
+    """Ray Train's entry point on each worker."""
+    run_loop(loop_config, TrainSession())
+
+
+def run_loop(loop_config: dict, session) -> None:
+    """Train the job in ``loop_config["config"]``, reporting each epoch to ``session``."""
     import torch
-    import torch.distributed as dist
     from omegaconf import OmegaConf
 
     from trainyard.checkpoint import read_trainer_state, unwrap, write_checkpoint
 
     cfg = OmegaConf.create(loop_config["config"])
     job = resolve(cfg)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world
     threads = cfg.train.torch_threads or max(1, int(cfg.scaling.cpus_per_worker))
     torch.set_num_threads(threads)
-    distributed = world > 1 and dist.is_available() and dist.is_initialized()
 
     data = prepare_data(job)
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker, for any W
     model = job.model.build(job.model_params, data.info, data.processor)
-    device = ray.train.torch.get_device()
+    device = session.device()
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     optimizer_state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt:
@@ -206,13 +268,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if Path(ckpt, "optimizer.pt").exists():
                 optimizer_state = torch.load(Path(ckpt, "optimizer.pt"), map_location="cpu", weights_only=True)
             start_epoch = read_trainer_state(ckpt)["epoch"] + 1
-    model = ray.train.torch.prepare_model(model) if distributed else model.to(device)
+    model = session.prepare_model(model, device)
     optimizer = make_optimizer(cfg, model)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     amp_dtype = _precision(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     criterion = loss_fn(job.task)
+    on_gpu = device.type == "cuda"
+    grad_clip = cfg.train.grad_clip  # read once: a DictConfig lookup per step costs
     progress = loop_config.get("progress")
     fault_at = loop_config.get("fault_at_epoch")
 
@@ -228,39 +292,49 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.train()
         batches = epoch_batches(len(data.y_train), cfg.train.batch_size, cfg.seed, epoch, world)
         emit({"type": "epoch_start", "epoch": epoch, "batches": len(batches), "resumed": epoch == start_epoch and epoch > 0})
-        total_loss, seen, last_emit, started = 0.0, 0, 0.0, time.perf_counter()
+        total_loss = torch.zeros((), device=device) if on_gpu else 0.0
+        seen, last_emit, started = 0, 0.0, time.perf_counter()
         for step, global_idx in enumerate(batches):
-            local = global_idx[rank::world]
-            x, y = _to(batch_slice(data.x_train, local), device), data.y_train[local].to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            local = global_idx[rank::world] if world > 1 else global_idx
+            x, y = batch_slice(data.x_train, local), data.y_train[local]
+            if on_gpu:
+                x, y = _to(x, device), y.to(device, non_blocking=True)
+            if amp_dtype is None:
                 out = _forward(model, x)
-            # Sum over the local shard, divided by the global batch size, times W: DDP's
-            # mean over workers then yields the one-process mean over the global batch.
-            loss = criterion(out, y) * (world / len(global_idx))
+            else:
+                with torch.autocast(device.type, dtype=amp_dtype):
+                    out = _forward(model, x)
+            if len(local) * world == len(global_idx):
+                loss = criterion(out, y, "mean")  # equal shards: DDP's mean of means
+            else:
+                # Sum over the shard / global batch size * W: DDP's mean over workers
+                # then gives the one-process mean over the global batch.
+                loss = criterion(out, y, "sum") * (world / len(global_idx))
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
             else:
                 loss.backward()
-            if cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
-            total_loss += float(loss.detach()) * len(global_idx) / world
+            # On a GPU the running loss stays a tensor: a float() per step would sync.
+            total_loss += loss.detach() * len(global_idx) if on_gpu else loss.item() * len(global_idx)
             seen += len(global_idx)
             now = time.perf_counter()
-            if now - last_emit > 0.25 or step == len(batches) - 1:
+            if now - last_emit > 0.5 or step == len(batches) - 1:
                 last_emit = now
-                emit({"type": "step", "epoch": epoch, "step": step + 1, "loss": total_loss / max(seen, 1)})
+                emit({"type": "step", "epoch": epoch, "step": step + 1, "loss": float(total_loss) / max(seen, 1)})
         train_time = time.perf_counter() - started
         metrics = evaluate(job, model, data, device, rank, world, amp_dtype)
         metrics.update(
             epoch=epoch,
-            train_loss=total_loss / max(seen, 1),
+            train_loss=float(total_loss) / max(seen, 1),
             train_samples_per_s=seen / train_time if train_time > 0 else 0.0,
         )
         emit({"type": "epoch_end", "epoch": epoch, "metrics": metrics})
@@ -277,9 +351,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     optimizer=optimizer,
                     plugin=loop_config.get("model_plugin", ""),
                 )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                session.report(metrics, tmp)
         else:
-            ray.train.report(metrics)
+            session.report(metrics, None)
 def _inject_fault(marker: Path, epoch: int) -> None:
     """Kill this worker once, as a crash during ``epoch`` would (TRAINYARD_FAULT_AT_EPOCH).
 
@@ -333,27 +407,6 @@ class TrainResult:
     best: dict | None
     monitor: str
     resumed_from: int | None = None
-
-
-def init_ray(address: str | None = None) -> None:
-    """Connect to ``address`` (a running cluster), or start an embedded local Ray."""
-    import logging
-
-    if ray.is_initialized():
-        return
-    env = {k: v for k, v in os.environ.items() if k.startswith("TRAINYARD_")}
-    kwargs: dict = dict(
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.ERROR,
-        runtime_env={"env_vars": env} if env else None,
-    )
-    if address:
-        kwargs.pop("include_dashboard")
-    try:
-        ray.init(address=address or None, **kwargs)
-    except ConnectionError as exc:
-        raise TrainingError(f"cannot reach a Ray cluster at {address!r}: {exc}") from None
 
 
 def _use_gpu(cfg: Any) -> bool:
@@ -419,6 +472,9 @@ def run_training(
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     run_dir = Path(storage) / cfg.name if "://" not in storage else None
+    # Ray Train's controller polls its workers at this interval; its default (2 s) adds
+    # seconds to every start-up. Propagated by Ray Train to the controller and workers.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     init_ray(address)
     use_gpu = _use_gpu(cfg)
     resources = {"CPU": float(cfg.scaling.cpus_per_worker), **dict(cfg.scaling.resources_per_worker)}
@@ -466,7 +522,7 @@ def run_training(
     thread.start()
     resumed_from = None
     while True:
-        thread.join(timeout=0.2)
+        thread.join(timeout=0.25)
         for event in ray.get(sink.drain.remote()):
             if event["type"] == "epoch_start" and event.get("resumed"):
                 resumed_from = event["epoch"]
