@@ -133,3 +133,11 @@ def test_train_command_runs_the_main_job_end_to_end(tmp_path):
     rows = (tmp_path / "mlp_breast_cancer" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2
     assert np.isfinite(json.loads(rows[-1])["val_loss"])
+
+
+def test_existing_run_with_other_model_or_data_is_not_resumed(job_config):
+    from trainyard.errors import ConfigError
+
+    run_training(job_config("mlp_breast_cancer", "name=taken", "train.epochs=1", "scaling.num_workers=1"))
+    with pytest.raises(ConfigError, match="data: run 'taken' already exists"):
+        run_training(job_config("mlp_breast_cancer", "name=taken", "data.val_fraction=0.3"))

@@ -24,7 +24,28 @@ def init_ray(address: str | None = None) -> None:
     )
     if address:
         kwargs.pop("include_dashboard")
+        _check_reachable(address)
     try:
         ray.init(address=address or None, **kwargs)
     except ConnectionError as exc:
         raise TrainingError(f"cannot reach a Ray cluster at {address!r}: {exc}") from None
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes of Ray's retries, when nothing listens at ``address``."""
+    import socket
+    from urllib.parse import urlparse
+
+    if address == "auto" or address.startswith("local"):
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise TrainingError(f"Ray address {address!r} must be host:port, ray://host:port or auto")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise TrainingError(
+            f"cannot reach a Ray cluster at {address!r} ({exc.strerror or exc}); "
+            "is the head node running (ray start --head) and the port open?"
+        ) from None

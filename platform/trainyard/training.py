@@ -489,6 +489,7 @@ def run_training(
         "model_plugin": registry.owner("model", cfg.model.name),
     }
     if run_dir is not None:
+        _check_resumable(run_dir, cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         fault = os.environ.get(FAULT_ENV)
@@ -546,6 +547,24 @@ def run_training(
         pick = max if job.monitor_mode == "max" else min
         best = pick(history, key=lambda row: row[monitor])
     return TrainResult(run_dir or Path(storage), history, checkpoint, best, monitor, resumed_from)
+
+
+def _check_resumable(run_dir: Path, cfg: Any) -> None:
+    """A run started again resumes; its model and data must be those it was trained on."""
+    from omegaconf import OmegaConf
+
+    from trainyard.errors import ConfigError
+
+    previous = run_dir / "config.yaml"
+    if not previous.exists():
+        return
+    old = OmegaConf.load(previous)
+    for key in ("model", "data"):
+        if OmegaConf.to_container(old[key]) != OmegaConf.to_container(cfg[key]):
+            raise ConfigError(
+                f"{key}: run {cfg.name!r} already exists in {run_dir.parent} with a different "
+                f"{key} section, so it cannot resume; choose another name= or remove {run_dir}"
+            )
 
 
 def _check_fits(cfg: Any, resources: dict) -> None:
