@@ -6,6 +6,7 @@ import time
 
 START = time.perf_counter()  # the start-up figure counts from here
 
+import os  # noqa: E402
 import sys  # noqa: E402
 
 import click  # noqa: E402
@@ -41,6 +42,13 @@ class TrainyardGroup(click.Group):
             _fail(str(exc), 2 if type(exc).__name__ == "ConfigError" else 1)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("TRAINYARD_DEBUG"):
+                raise
+            _fail(f"unexpected {type(exc).__name__}: {exc} (run again with TRAINYARD_DEBUG=1 "
+                  "for the traceback, and please report it)")
 
 
 @click.group(cls=TrainyardGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -96,6 +104,60 @@ def train(config, overrides, address, dry_run):
     with view:
         result = run_training(cfg, address=address, on_event=view.handle)
     view.summary(result)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False), required=False)
+@click.argument("overrides", nargs=-1)
+@click.option("--address", default=None, metavar="ADDR",
+              help="Ray cluster to run on; default: start an embedded local Ray.")
+@click.option("--resume", default=None, metavar="RUN",
+              help="Continue an interrupted search (its folder, or its name under storage_path); "
+                   "finished trials are not run again.")
+def tune(config, overrides, address, resume):
+    """Search hyperparameters for the job in CONFIG (its tune section).
+
+    \b
+    Examples:
+      trainyard tune configs/tune_mlp.yaml
+      trainyard tune configs/tune_cnn.yaml tune.num_samples=16 tune.scheduler=none
+      trainyard tune --resume runs/tune_mlp
+
+    Shows a live table of trials and, at the end, the top trials. The best trials'
+    checkpoints, configs and metrics are exported to the winners registry
+    (tune.registry/<name>/rank_<k>/), which `trainyard deploy` reads.
+    """
+    from trainyard.config import load_config
+
+    console = _console()
+    if config is None and resume is None:
+        raise click.UsageError("give a CONFIG, or --resume RUN")
+    cfg = load_config(config, list(overrides)) if config else None
+    _warn_plugin_problems(console)
+    from trainyard.tuning import run_tuning, summary_table
+
+    outcome = run_tuning(cfg, address=address, resume=resume, console=console)
+    console.print()
+    console.print(summary_table(outcome))
+    failed = [t for t in outcome.trials if t["state"] == "ERROR"]
+    for trial in failed:
+        console.print(f"[red]trial {trial['trial_id']} failed:[/] {trial['error']}")
+    if not outcome.winners:
+        raise TrainyardError("no trial finished, so there is no winner to export")
+    for w in outcome.winners:
+        console.print(f"winner #{w['rank']}: {w['metric']} {w['value']:.4f} {w['params']} -> {w['path']}")
+    console.print(f"run folder: {outcome.run_dir}  (report: trainyard report {outcome.run_dir})")
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("-o", "--output", default=None, help="HTML file to write (default: RUN/report.html).")
+def report(run, output):
+    """Write one self-contained HTML report of the tuning run RUN."""
+    from trainyard.report import write_report
+
+    path = write_report(run, output)
+    click.echo(f"wrote {path}")
 
 
 @main.group(invoke_without_command=True)

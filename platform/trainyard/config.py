@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -85,6 +85,46 @@ class CheckpointConfig:
 
 
 @dataclass
+class Dimension:
+    """One dimension of a search space, keyed by the config key it sets."""
+
+    #: loguniform | uniform (floats, low..high) | randint (integers, low..high-1) |
+    #: choice (random among values) | grid (every value, each in its own trial)
+    type: str = MISSING
+    low: Optional[float] = None
+    high: Optional[float] = None
+    values: Optional[list[Any]] = None
+
+
+@dataclass
+class TuneConfig:
+    """``trainyard tune``: the search space and how to search it."""
+
+    #: Config key (e.g. train.lr, train.batch_size, model.params.dropout) to dimension.
+    space: dict[str, Dimension] = field(default_factory=dict)
+    #: Metric to optimise (a name from train.metrics); empty: train.monitor.
+    metric: str = ""
+    #: max or min; empty: the metric's own direction.
+    mode: str = ""
+    #: random | grid (every combination of grid dimensions) | optuna (TPE).
+    search: str = "random"
+    #: asha (stop weak trials early) | none.
+    scheduler: str = "asha"
+    #: Trials to sample (for grid: repetitions of the whole grid).
+    num_samples: int = 8
+    max_concurrent_trials: int = 2
+    #: Stop starting and running trials after this many seconds; null: no limit.
+    time_budget_s: Optional[float] = None
+    #: ASHA: epochs every trial gets before it can be stopped, and the cut factor.
+    grace_period: int = 1
+    reduction_factor: int = 2
+    #: How many of the best trials to export.
+    top_k: int = 1
+    #: Winners registry: a folder or a URI; winners go to <registry>/<name>/rank_<k>/.
+    registry: str = "winners"
+
+
+@dataclass
 class JobConfig:
     #: Run name; a run started again with the same name resumes from its checkpoint.
     name: str = MISSING
@@ -96,6 +136,8 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    #: Hyperparameter search (``trainyard tune``); ignored by ``trainyard train``.
+    tune: Optional[TuneConfig] = None
 
 
 @dataclass
@@ -146,7 +188,7 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
             raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as exc:
+    except Exception as exc:  # OmegaConf's own errors and YAML scanner errors alike
         raise ConfigError(f"override: {str(exc).splitlines()[0]}") from None
 
 
@@ -211,6 +253,24 @@ def _check_values(cfg: DictConfig) -> None:
         (c.num_to_keep >= 1, "checkpoint.num_to_keep", "must be at least 1"),
         (c.max_failures >= -1, "checkpoint.max_failures", "must be -1 (unlimited) or more"),
     ]
+    if cfg.tune is not None:
+        u = cfg.tune
+        rules += [
+            (u.search in ("random", "grid", "optuna"), "tune.search", "must be random, grid or optuna"),
+            (u.scheduler in ("asha", "none"), "tune.scheduler", "must be asha or none"),
+            (u.mode in ("", "max", "min"), "tune.mode", "must be max or min"),
+            (u.num_samples >= 1, "tune.num_samples", "must be at least 1"),
+            (u.max_concurrent_trials >= 1, "tune.max_concurrent_trials", "must be at least 1"),
+            (u.time_budget_s is None or u.time_budget_s > 0, "tune.time_budget_s", "must be positive or null"),
+            (u.grace_period >= 1, "tune.grace_period", "must be at least 1"),
+            (u.reduction_factor >= 2, "tune.reduction_factor", "must be at least 2"),
+            (u.top_k >= 1, "tune.top_k", "must be at least 1"),
+        ]
+        kinds = {dim.type for dim in u.space.values()}
+        if u.search == "grid" and kinds - {"grid"}:
+            raise ConfigError("tune.search: grid needs every tune.space dimension to be of type grid")
+        if u.search == "optuna" and "grid" in kinds:
+            raise ConfigError("tune.search: optuna cannot search grid dimensions; use choice")
     for ok, key, message in rules:
         if not ok:
             value = OmegaConf.select(cfg, key.split(" ")[0])

@@ -409,6 +409,15 @@ class TrainResult:
     resumed_from: int | None = None
 
 
+def worker_resources(cfg: Any) -> tuple[bool, dict]:
+    """Whether workers use GPUs, and the Ray resources each worker asks for."""
+    use_gpu = _use_gpu(cfg)
+    resources = {"CPU": float(cfg.scaling.cpus_per_worker), **dict(cfg.scaling.resources_per_worker)}
+    if use_gpu:
+        resources["GPU"] = float(cfg.scaling.gpus_per_worker)
+    return use_gpu, resources
+
+
 def _use_gpu(cfg: Any) -> bool:
 
     setting = cfg.scaling.use_gpu
@@ -476,10 +485,7 @@ def run_training(
     # seconds to every start-up. Propagated by Ray Train to the controller and workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     init_ray(address)
-    use_gpu = _use_gpu(cfg)
-    resources = {"CPU": float(cfg.scaling.cpus_per_worker), **dict(cfg.scaling.resources_per_worker)}
-    if use_gpu:
-        resources["GPU"] = float(cfg.scaling.gpus_per_worker)
+    use_gpu, resources = worker_resources(cfg)
     _check_fits(cfg, resources)
 
     sink = ProgressSink.remote()
