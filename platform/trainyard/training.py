@@ -249,8 +249,12 @@ def run_loop(loop_config: dict, session) -> None:
 
     from trainyard.checkpoint import read_trainer_state, unwrap, write_checkpoint
 
+    from trainyard.plugins import get_registry
+
     cfg = OmegaConf.create(loop_config["config"])
-    job = resolve(cfg)
+    registry = get_registry()
+    job = resolve(cfg, registry)
+    model_plugin = registry.owner("model", cfg.model.name)
     rank, world = session.rank, session.world
     threads = cfg.train.torch_threads or max(1, int(cfg.scaling.cpus_per_worker))
     torch.set_num_threads(threads)
@@ -349,7 +353,7 @@ def run_loop(loop_config: dict, session) -> None:
                     epoch=epoch,
                     metrics=metrics,
                     optimizer=optimizer,
-                    plugin=loop_config.get("model_plugin", ""),
+                    plugin=model_plugin,
                 )
                 session.report(metrics, tmp)
         else:
@@ -492,7 +496,6 @@ def run_training(
     loop_config: dict = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "progress": sink,
-        "model_plugin": registry.owner("model", cfg.model.name),
     }
     if run_dir is not None:
         _check_resumable(run_dir, cfg)

@@ -355,7 +355,10 @@ def _searcher(cfg: DictConfig, metric: str, mode: str):
         import optuna
 
         return OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=cfg.seed))
-    return None  # random and grid: Tune's own variant generator
+    from ray.tune.search import BasicVariantGenerator
+
+    # random and grid: Tune's own variant generator, seeded so a search repeats.
+    return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=t.max_concurrent_trials)
 
 
 def _scheduler(cfg: DictConfig):

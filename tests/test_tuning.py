@@ -1,0 +1,176 @@
+"""Hyperparameter search on a real local Ray Tune: winners, grid, ASHA, errors, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import CONFIGS
+from trainyard.checkpoint import load_predictor
+from trainyard.config import load_config, resolve
+from trainyard.errors import TrainingError
+from trainyard.training import prepare_data
+from trainyard.tuning import run_tuning
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def tune_config(tmp_path, name, config="tune_mlp", space=None, overrides=(), **tune):
+    """A shipped tune config under tmp_path, with its tune section (and space) replaced."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{config}.yaml"))
+    raw.update(name=name, storage_path=str(tmp_path / "runs"))
+    raw["tune"].update(registry=str(tmp_path / "winners"), **tune)
+    if space is not None:
+        raw["tune"]["space"] = space
+    return load_config(base=raw, overrides=list(overrides))
+
+
+def test_grid_covers_exactly_its_points_and_exports_a_winner_that_scores_what_it_reported(tmp_path):
+    space = {"train.lr": {"type": "grid", "values": [0.00001, 0.003]},
+             "train.batch_size": {"type": "grid", "values": [16, 64]}}
+    cfg = tune_config(tmp_path, "grid", space=space, overrides=["train.epochs=3"],
+                      search="grid", scheduler="none", num_samples=1, top_k=2)
+    outcome = run_tuning(cfg)
+
+    points = sorted((t["params"]["train.lr"], t["params"]["train.batch_size"]) for t in outcome.trials)
+    assert points == [(0.00001, 16), (0.00001, 64), (0.003, 16), (0.003, 64)]
+    bests = [t["best"] for t in outcome.trials]
+    assert max(bests) - min(bests) > 0.05  # the winner is clearly better than the worst
+    assert [w["rank"] for w in outcome.winners] == [1, 2]
+    winner = outcome.winners[0]
+    assert winner["value"] == max(bests)
+
+    # The export is self-contained: it loads from its folder alone and scores what the
+    # trial reported on the same validation set.
+    folder = Path(winner["path"])
+    assert {"manifest.json", "job.yaml", "data_info.json", "model.pt", "winner.json"} <= {
+        p.name for p in folder.iterdir()}
+    predictor = load_predictor(folder)
+    assert predictor.manifest["model_plugin"] == "mlp"
+    assert predictor.info.classes == ["malignant", "benign"]
+    data = prepare_data(resolve(predictor.config))
+    outputs = predictor.model(data.x_val).detach().numpy()
+    accuracy = float((outputs.argmax(1) == data.y_val.numpy()).mean())
+    assert accuracy == pytest.approx(winner["value"], abs=1e-9)
+
+    # The report is one HTML file with the plots, the trials and the winner's config.
+    from trainyard.report import write_report
+
+    page = write_report(outcome.run_dir).read_text()
+    assert page.count("<svg") == 3 and winner["trial_id"] in page and "train:" in page
+
+
+def test_cnn_search_with_optuna_ends_with_a_clearly_better_winner(tmp_path):
+    cfg = tune_config(tmp_path, "cnn", config="tune_cnn", overrides=["train.epochs=3"],
+                      num_samples=4, scheduler="none")
+    outcome = run_tuning(cfg)
+    bests = [t["best"] for t in outcome.trials if t["best"] is not None]
+    assert len(bests) == 4
+    assert outcome.winners[0]["value"] == max(bests)
+    assert max(bests) - min(bests) > 0.05
+
+
+def test_asha_stops_weak_trials_early(tmp_path):
+    space = {"train.lr": {"type": "grid", "values": [0.000001, 0.003, 0.000002, 0.004, 0.000003, 0.005]}}
+    cfg = tune_config(tmp_path, "asha", space=space, overrides=["train.epochs=6"],
+                      search="grid", scheduler="asha", grace_period=1, reduction_factor=2,
+                      num_samples=1)
+    outcome = run_tuning(cfg)
+    stopped = [t for t in outcome.trials if t["state"] == "STOPPED"]
+    assert stopped, [(t["params"], t["iterations"]) for t in outcome.trials]
+    assert all(t["iterations"] < 6 for t in stopped)
+    assert outcome.winners[0]["params"]["train.lr"] >= 0.003
+
+
+def test_a_trial_that_raises_is_recorded_and_the_search_goes_on(tmp_path):
+    from sklearn.datasets import load_breast_cancer
+    import pandas as pd
+
+    bunch = load_breast_cancer()
+    frame = pd.DataFrame(bunch.data, columns=[f"f{i}" for i in range(bunch.data.shape[1])])
+    frame["label"] = bunch.target
+    good = tmp_path / "good.csv"
+    frame.to_csv(good, index=False)
+    space = {"data.params.path": {"type": "grid", "values": [str(good), str(tmp_path / "missing.csv")]}}
+    cfg = tune_config(tmp_path, "raises", space=space,
+                      overrides=["train.epochs=2", "data.name=table", f"data.params.path={good}"],
+                      search="grid", scheduler="none", num_samples=1)
+    outcome = run_tuning(cfg)
+    states = {t["params"]["data.params.path"]: t for t in outcome.trials}
+    assert states[str(tmp_path / "missing.csv")]["state"] == "ERROR"
+    assert "missing.csv" in states[str(tmp_path / "missing.csv")]["error"]
+    assert states[str(good)]["state"] == "TERMINATED"
+    assert outcome.winners[0]["params"]["data.params.path"] == str(good)
+
+
+def test_a_search_that_cannot_fit_one_trial_fails_at_once_saying_what_is_missing(tmp_path):
+    cfg = tune_config(tmp_path, "huge", overrides=["scaling.cpus_per_worker=64"])
+    started = time.monotonic()
+    with pytest.raises(TrainingError, match="CPU: needs 64"):
+        run_tuning(cfg)
+    assert time.monotonic() - started < 30
+
+
+def test_multi_worker_trials_run_ddp_inside_the_search(tmp_path):
+    space = {"train.lr": {"type": "grid", "values": [0.00001, 0.003]}}
+    cfg = tune_config(tmp_path, "ddp", space=space,
+                      overrides=["train.epochs=2", "scaling.num_workers=2"],
+                      search="grid", scheduler="none", num_samples=1, max_concurrent_trials=1)
+    outcome = run_tuning(cfg)
+    assert [t["state"] for t in outcome.trials] == ["TERMINATED", "TERMINATED"]
+    assert all(t["iterations"] == 2 for t in outcome.trials)
+    assert load_predictor(outcome.winners[0]["path"]).manifest["model"] == "mlp"
+
+
+def _finished_trials(run_dir: Path, epochs: int) -> dict[str, int]:
+    done = {}
+    for result in run_dir.glob("*/result.json"):
+        lines = [line for line in result.read_text().splitlines() if line.strip()]
+        if len(lines) >= epochs:
+            done[result.parent.name] = len(lines)
+    return done
+
+
+def test_search_whose_driver_is_killed_resumes_without_redoing_finished_trials(tmp_path):
+    space = {"train.lr": {"type": "grid", "values": [0.001, 0.002, 0.003, 0.004]}}
+    cfg = tune_config(tmp_path, "killed", space=space, overrides=["train.epochs=3"],
+                      search="grid", scheduler="none", num_samples=1, max_concurrent_trials=1)
+    config_file = tmp_path / "killed.yaml"
+    from omegaconf import OmegaConf
+
+    config_file.write_text(OmegaConf.to_yaml(cfg))
+    trainyard = [sys.executable, "-m", "trainyard.cli"]
+    run_dir = tmp_path / "runs" / "killed"
+    driver = subprocess.Popen([*trainyard, "tune", str(config_file)], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while len(_finished_trials(run_dir, 3)) < 2 and time.monotonic() < deadline:
+            assert driver.poll() is None, "the search ended before it could be killed"
+            time.sleep(0.5)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+        driver.wait()
+    finished_before = _finished_trials(run_dir, 3)
+    assert len(finished_before) >= 2
+    assert not (run_dir / "trainyard_trials.json").exists()
+
+    out = subprocess.run([*trainyard, "tune", "--resume", str(run_dir)], capture_output=True,
+                         text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    summary = json.loads((run_dir / "trainyard_trials.json").read_text())
+    assert len(summary["trials"]) == 4
+    assert all(t["state"] == "TERMINATED" for t in summary["trials"])
+    for trial_id, lines in finished_before.items():  # not run again: no new results
+        assert len((run_dir / trial_id / "result.json").read_text().splitlines()) == lines
+    assert summary["winners"] and np.isfinite(summary["winners"][0]["value"])
