@@ -411,6 +411,7 @@ def run_tuning(
     address: str | None = None,
     resume: str | None = None,
     console: Any = None,
+    callbacks: list | None = None,
 ) -> TuneOutcome:
     """Run (or resume) the search in ``cfg.tune``; export the winners; return a summary."""
     from ray import tune
@@ -450,7 +451,7 @@ def run_tuning(
     run_config = tune.RunConfig(
         name=cfg.name,
         storage_path=storage,
-        callbacks=[callback],
+        callbacks=[callback, *(callbacks or [])],
         verbose=0,
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=cfg.checkpoint.num_to_keep,
@@ -480,6 +481,9 @@ def run_tuning(
                 max_concurrent_trials=cfg.tune.max_concurrent_trials,
                 time_budget_s=cfg.tune.time_budget_s,
                 trial_dirname_creator=lambda trial: trial.trial_id,
+                # One-worker trials run in their actor's process: reusing the actor
+                # saves a process start and a torch import per trial.
+                reuse_actors=cfg.scaling.num_workers == 1,
             ),
             run_config=run_config,
         )
