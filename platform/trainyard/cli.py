@@ -160,6 +160,54 @@ def report(run, output):
     click.echo(f"wrote {path}")
 
 
+@main.command()
+@click.argument("winners", nargs=-1, required=True)
+@click.option("--name", "names", multiple=True, help="Name to serve each WINNER under (default: its run name).")
+@click.option("--version", default="1", show_default=True, help="Version to serve the models as.")
+@click.option("--address", default=None, metavar="ADDR", help="Ray cluster; default: embedded local Ray.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--num-cpus", default=0.25, show_default=True, type=click.FloatRange(0), help="CPUs per replica.")
+@click.option("--num-gpus", default=0.0, show_default=True, type=click.FloatRange(0), help="GPUs per replica.")
+@click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--batch-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0))
+@click.option("--max-body-bytes", default=1_000_000, show_default=True, type=click.IntRange(1))
+@click.option("--api-key", envvar="TRAINYARD_API_KEY", default="", help="Require this key "
+              "(Authorization: Bearer KEY); also read from TRAINYARD_API_KEY.")
+@click.option("--detach", is_flag=True, help="Return once deployed (on a cluster) instead of serving "
+              "until Ctrl-C.")
+def deploy(winners, names, version, address, host, port, replicas, num_cpus, num_gpus,
+           max_batch_size, batch_wait_ms, max_body_bytes, api_key, detach):
+    """Serve WINNERS over HTTP with Ray Serve (Open Inference Protocol + plain JSON).
+
+    A WINNER is a winners folder (winners/<run>), a tuning run (runs/<run>), a training run
+    or one of its checkpoints.
+
+    \b
+    Example:
+      trainyard deploy winners/tune_mlp
+      curl -s localhost:8000/v2/models/tune_mlp/predict -H 'Content-Type: application/json' \\
+           -d '{"inputs": [[17.99, 10.38, ...]]}'
+    """
+    from trainyard.serving import ServeOptions
+    from trainyard.serving import deploy as deploy_models
+
+    options = ServeOptions(num_replicas=replicas, num_cpus=num_cpus, num_gpus=num_gpus,
+                           max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000,
+                           max_body_bytes=max_body_bytes, api_key=api_key)
+    endpoints = deploy_models(list(winners), list(names), version, options, address, host, port)
+    console = _console()
+    for name, url in endpoints.items():
+        console.print(f"[green]serving[/] {name} at {url}  (OIP: {url}/infer, JSON: {url}/predict)")
+    console.print(f"health: http://{host}:{port}/v2/health/ready   docs: {next(iter(endpoints.values()))}/docs")
+    if detach:
+        return
+    console.print("serving until Ctrl-C")
+    while True:
+        time.sleep(3600)
+
+
 @main.group(invoke_without_command=True)
 @click.pass_context
 def plugins(ctx):

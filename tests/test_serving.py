@@ -1,0 +1,204 @@
+"""Serving checkpoints with real Ray Serve over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests.conftest import CONFIGS
+from trainyard.checkpoint import write_checkpoint
+from trainyard.config import load_config, resolve
+from trainyard.training import prepare_data, split_validation
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+MODELS = {"mlp": "mlp_breast_cancer", "cnn": "cnn_digits", "bert": "bert_sentiment"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_checkpoint(folder, config_name, name):
+    """A small, really-built checkpoint of the built-in model (one step of training)."""
+    import torch
+
+    cfg = load_config(CONFIGS / f"{config_name}.yaml", [f"name={name}"])
+    job = resolve(cfg)
+    data = prepare_data(job)
+    torch.manual_seed(0)
+    model = job.model.build(job.model_params, data.info, data.processor)
+    write_checkpoint(folder, job=job, model=model, processor=data.processor, info=data.info,
+                     epoch=0, metrics={}, plugin=job.model.name)
+    raw = job.dataset.load(job.data_params, 0)
+    val = raw.val if raw.val is not None else split_validation(raw, 0.2, 0)[1]
+    return folder, val.inputs[:4], data.info
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from ray import serve
+
+    from trainyard.serving import ServeOptions, deploy
+
+    root = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    samples = {}
+    targets = []
+    for name, config_name in MODELS.items():
+        folder, inputs, info = make_checkpoint(root / name, config_name, name)
+        targets.append(str(folder))
+        samples[name] = (inputs, info)
+    options = ServeOptions(max_body_bytes=200_000, num_cpus=0.1)
+    endpoints = deploy(targets, list(MODELS), options=options, port=port)
+    secured, _, _ = make_checkpoint(root / "secured", "mlp_breast_cancer", "secured")
+    deploy([str(secured)], ["secured"], options=ServeOptions(api_key="s3cret", num_cpus=0.1), port=port)
+    yield {"base": f"http://127.0.0.1:{port}", "endpoints": endpoints, "samples": samples,
+           "root": root, "port": port}
+    serve.shutdown()
+
+
+def call(url, body=None, ctype="application/json", headers=None, method=None):
+    data = None
+    if body is not None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": ctype, **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def oip_body(name, inputs):
+    if name == "bert":
+        return {"inputs": [{"name": "text", "shape": [len(inputs)], "datatype": "BYTES", "data": list(inputs)}]}
+    array = np.asarray(inputs, dtype=np.float32)
+    return {"id": "r1", "inputs": [{"name": "input-0", "shape": list(array.shape), "datatype": "FP32",
+                                    "data": array.reshape(-1).tolist()}]}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_each_builtin_model_answers_the_open_inference_protocol(served, name):
+    inputs, info = served["samples"][name]
+    status, body = call(served["endpoints"][name] + "/infer", oip_body(name, inputs))
+    assert status == 200, body
+    assert body["model_name"] == name and body["model_version"] == "1"
+    outputs = {o["name"]: o for o in body["outputs"]}
+    assert outputs["label"]["shape"] == [4] and set(outputs["label"]["data"]) <= set(info.classes)
+    probs = np.asarray(outputs["probabilities"]["data"]).reshape(outputs["probabilities"]["shape"])
+    assert probs.shape == (4, len(info.classes)) and np.allclose(probs.sum(1), 1, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_each_builtin_model_answers_the_plain_json_route_with_labels_and_scores(served, name):
+    inputs, info = served["samples"][name]
+    raw = list(inputs) if name == "bert" else np.asarray(inputs).tolist()
+    status, body = call(served["endpoints"][name] + "/predict", {"inputs": raw})
+    assert status == 200, body
+    assert len(body["predictions"]) == 4
+    assert all(p["label"] in info.classes and set(p["scores"]) == set(info.classes)
+               for p in body["predictions"])
+
+
+def test_health_metadata_and_versions(served):
+    base, url = served["base"], served["endpoints"]["mlp"]
+    assert call(base + "/v2/health/live")[1] == {"live": True}
+    assert call(base + "/v2/health/ready")[1] == {"ready": True}
+    status, meta = call(url)
+    assert status == 200 and meta["name"] == "mlp" and meta["inputs"][0]["shape"] == [-1, 30]
+    assert call(url + "/versions/1")[0] == 200
+    assert call(url + "/ready")[1]["ready"] is True
+    status, body = call(url + "/versions/7/infer", oip_body("mlp", served["samples"]["mlp"][0]))
+    assert status == 404 and "no version '7'" in body["error"]
+    status, body = call(base + "/v2/models/resnet/infer", {"inputs": []})
+    assert status == 404 and "no model named 'resnet'" in body["error"]
+    assert {m["name"] for m in call(base + "/v2/models")[1]["models"]} >= set(MODELS)
+
+
+def _tensor(**overrides):
+    tensor = {"name": "input-0", "shape": [1, 30], "datatype": "FP32", "data": [0.5] * 30}
+    tensor.update(overrides)
+    return {"inputs": [tensor]}
+
+
+BAD_REQUESTS = {
+    "malformed JSON": (b'{"inputs": [', "application/json", 400, "malformed JSON"),
+    "wrong content type": (json.dumps(_tensor()).encode(), "text/plain", 415, "content type"),
+    "missing field": ({"inputs": [{"name": "x", "shape": [1, 30], "data": [0.5] * 30}]}, None, 400, "missing field(s): datatype"),
+    "extra field": ({**_tensor(), "colour": "red"}, None, 400, "unknown field(s): colour"),
+    "wrong shape": (_tensor(shape=[1, 29], data=[0.5] * 29), None, 400, "expected [N, 30]"),
+    "wrong datatype": (_tensor(datatype="BYTES"), None, 400, "not a numeric OIP datatype"),
+    "wrong length": (_tensor(data=[0.5] * 10), None, 400, "do not fill shape"),
+    "NaN": (json.dumps(_tensor()).replace("0.5", "NaN", 1).encode(), None, 400, "NaN"),
+    "Infinity": (json.dumps(_tensor()).replace("0.5", "Infinity", 1).encode(), None, 400, "Infinity"),
+    "empty batch": (_tensor(shape=[0, 30], data=[]), None, 400, "empty"),
+    "not an object": ([1, 2, 3], None, 400, "JSON object"),
+    "oversized body": (json.dumps(_tensor(data=[0.5] * 30 + [0.0] * 40000)).encode(), None, 413, "over the limit"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_requests_get_a_4xx_naming_the_problem_and_the_model_keeps_serving(served, case):
+    body, ctype, status, text = BAD_REQUESTS[case]
+    got, answer = call(served["endpoints"]["mlp"] + "/infer", body, ctype=ctype or "application/json")
+    assert got == status, answer
+    assert text in answer["error"]
+    ok, _ = call(served["endpoints"]["mlp"] + "/infer", _tensor())
+    assert ok == 200
+
+
+def test_bad_plain_json_requests_get_a_4xx(served):
+    url = served["endpoints"]["bert"] + "/predict"
+    assert call(url, {"inputs": [1, 2]})[0] == 400
+    assert call(url, {"inputs": []})[0] == 400
+    assert call(url, {"inputs": ["ok"], "extra": 1})[0] == 400
+
+
+def test_api_key_is_required_where_configured_and_health_stays_open(served):
+    url = served["endpoints"]["mlp"].replace("/mlp", "/secured") + "/infer"
+    status, body = call(url, _tensor())
+    assert status == 401 and "missing API key" in body["error"]
+    status, body = call(url, _tensor(), headers={"Authorization": "Bearer nope"})
+    assert status == 403 and "s3cret" not in json.dumps(body)
+    assert call(url, _tensor(), headers={"Authorization": "Bearer s3cret"})[0] == 200
+    assert call(url, _tensor(), headers={"X-API-Key": "s3cret"})[0] == 200
+    assert call(served["base"] + "/v2/health/ready")[0] == 200
+
+
+def test_redeploying_a_served_model_drops_no_request(served):
+    from trainyard.serving import ServeOptions, deploy
+
+    url = served["endpoints"]["mlp"] + "/infer"
+    failures, answered, stop = [], [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            status, body = call(url, _tensor())
+            (answered if status == 200 else failures).append((status, body))
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        deploy([str(served["root"] / "mlp")], ["mlp"], version="2",
+               options=ServeOptions(max_body_bytes=200_000, num_cpus=0.1), port=served["port"])
+        for _ in range(50):
+            if call(served["endpoints"]["mlp"])[1]["versions"] == ["2"]:
+                break
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not failures, failures[:3]
+    assert len(answered) > 5
+    assert call(served["endpoints"]["mlp"])[1]["versions"] == ["2"]
