@@ -43,11 +43,18 @@ def make_checkpoint(folder, config_name, name):
     return folder, val.inputs[:4], data.info
 
 
+def serve_config(port, models, version="1", **server):
+    from trainyard.serving import load_serve_config
+
+    return load_serve_config(base={"port": port, **server, "models": [
+        {"winner": w, "name": n, "version": version, "num_cpus": 0.1} for w, n in models]})
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     from ray import serve
 
-    from trainyard.serving import ServeOptions, deploy
+    from trainyard.serving import deploy
 
     root = tmp_path_factory.mktemp("serve")
     port = _free_port()
@@ -57,10 +64,9 @@ def served(tmp_path_factory):
         folder, inputs, info = make_checkpoint(root / name, config_name, name)
         targets.append(str(folder))
         samples[name] = (inputs, info)
-    options = ServeOptions(max_body_bytes=200_000, num_cpus=0.1)
-    endpoints = deploy(targets, list(MODELS), options=options, port=port)
+    endpoints = deploy(serve_config(port, list(zip(targets, MODELS)), max_body_bytes=200_000))
     secured, _, _ = make_checkpoint(root / "secured", "mlp_breast_cancer", "secured")
-    deploy([str(secured)], ["secured"], options=ServeOptions(api_key="s3cret", num_cpus=0.1), port=port)
+    deploy(serve_config(port, [(str(secured), "secured")], api_key="s3cret"))
     yield {"base": f"http://127.0.0.1:{port}", "endpoints": endpoints, "samples": samples,
            "root": root, "port": port}
     serve.shutdown()
@@ -176,7 +182,7 @@ def test_api_key_is_required_where_configured_and_health_stays_open(served):
 
 
 def test_redeploying_a_served_model_drops_no_request(served):
-    from trainyard.serving import ServeOptions, deploy
+    from trainyard.serving import deploy
 
     url = served["endpoints"]["mlp"] + "/infer"
     failures, answered, stop = [], [], threading.Event()
@@ -190,8 +196,8 @@ def test_redeploying_a_served_model_drops_no_request(served):
     for t in threads:
         t.start()
     try:
-        deploy([str(served["root"] / "mlp")], ["mlp"], version="2",
-               options=ServeOptions(max_body_bytes=200_000, num_cpus=0.1), port=served["port"])
+        deploy(serve_config(served["port"], [(str(served["root"] / "mlp"), "mlp")], version="2",
+                            max_body_bytes=200_000))
         for _ in range(50):
             if call(served["endpoints"]["mlp"])[1]["versions"] == ["2"]:
                 break
@@ -202,3 +208,73 @@ def test_redeploying_a_served_model_drops_no_request(served):
     assert not failures, failures[:3]
     assert len(answered) > 5
     assert call(served["endpoints"]["mlp"])[1]["versions"] == ["2"]
+
+
+def test_config_out_writes_a_serve_config_that_serve_accepts(served, tmp_path):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from trainyard.serving import write_serve_config
+
+    cfg = serve_config(8000, [(str(served["root"] / "cnn"), "digits"), (str(served["root"] / "bert"), "")])
+    cfg.models[0].max_replicas = 4
+    path = write_serve_config(cfg, tmp_path / "serve.yaml")
+    document = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.model_validate(document) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(document)
+    names = [app.name for app in schema.applications]
+    assert names == ["digits", "bert", "trainyard"]
+    digits = document["applications"][0]
+    assert digits["route_prefix"] == "/v2/models/digits"
+    assert digits["args"]["deployment"]["autoscaling_config"]["max_replicas"] == 4
+    assert "s3cret" not in path.read_text()
+
+
+def test_serve_config_errors_name_the_key(tmp_path):
+    from trainyard.errors import ConfigError
+    from trainyard.serving import load_serve_config
+
+    with pytest.raises(ConfigError, match=r"models\[0\]\.max_batch_size"):
+        load_serve_config(base={"models": [{"winner": "x", "max_batch_size": 0}]})
+    with pytest.raises(ConfigError, match="models.0.replicas|replicas"):
+        load_serve_config(base={"models": [{"winner": "x", "replicas": 2}]})
+    with pytest.raises(ConfigError, match="models: give at least one"):
+        load_serve_config(base={"port": 8000})
+
+
+def test_main_job_command_tunes_deploys_and_answers_its_first_request(tmp_path):
+    import subprocess
+    import sys
+
+    port = _free_port()
+    out = subprocess.run(
+        [sys.executable, "-m", "trainyard.cli", "up", str(CONFIGS / "tune_mlp.yaml"),
+         "tune.num_samples=2", "train.epochs=2", f"storage_path={tmp_path / 'runs'}",
+         f"tune.registry={tmp_path / 'winners'}", "--port", str(port), "--exit-after-first"],
+        capture_output=True, text=True, timeout=400, env={**__import__("os").environ, "COLUMNS": "200"},
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "sample request answered: " in out.stdout
+    assert f"curl -s http://127.0.0.1:{port}/v2/models/tune_mlp/predict" in out.stdout
+    assert "time to first answered request" in out.stdout
+    assert (tmp_path / "winners" / "tune_mlp" / "rank_1" / "manifest.json").exists()
+
+
+def test_python_client_and_predict_command_answer_from_a_served_model(served):
+    import subprocess
+    import sys
+
+    from trainyard.client import Client
+
+    client = Client(served["base"])
+    assert client.ready() and "bert" in client.models()
+    answers = client.predict("bert", ["The food was wonderful.", "Awful service."])
+    assert len(answers) == 2 and all(a["label"] in ("negative", "positive") for a in answers)
+    out = subprocess.run([sys.executable, "-m", "trainyard.cli", "predict", "bert", "Lovely film.",
+                          "--url", served["base"]], capture_output=True, text=True, timeout=60,
+                         env={**__import__("os").environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    assert "Lovely film." in out.stdout and ("positive" in out.stdout or "negative" in out.stdout)
+    bad = subprocess.run([sys.executable, "-m", "trainyard.cli", "predict", "nope", "x",
+                          "--url", served["base"]], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "no model named 'nope'" in bad.stderr and "Traceback" not in bad.stderr

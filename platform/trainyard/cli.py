@@ -161,51 +161,173 @@ def report(run, output):
 
 
 @main.command()
-@click.argument("winners", nargs=-1, required=True)
+@click.argument("winners", nargs=-1)
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+              help="Serve config YAML (server options and a models list; see configs/serve.yaml).")
 @click.option("--name", "names", multiple=True, help="Name to serve each WINNER under (default: its run name).")
 @click.option("--version", default="1", show_default=True, help="Version to serve the models as.")
 @click.option("--address", default=None, metavar="ADDR", help="Ray cluster; default: embedded local Ray.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--max-replicas", default=0, show_default=True, type=click.IntRange(0),
+              help="Autoscale between --replicas and this many replicas (0: fixed).")
 @click.option("--num-cpus", default=0.25, show_default=True, type=click.FloatRange(0), help="CPUs per replica.")
 @click.option("--num-gpus", default=0.0, show_default=True, type=click.FloatRange(0), help="GPUs per replica.")
 @click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--batch-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0))
 @click.option("--max-body-bytes", default=1_000_000, show_default=True, type=click.IntRange(1))
-@click.option("--api-key", envvar="TRAINYARD_API_KEY", default="", help="Require this key "
-              "(Authorization: Bearer KEY); also read from TRAINYARD_API_KEY.")
-@click.option("--detach", is_flag=True, help="Return once deployed (on a cluster) instead of serving "
-              "until Ctrl-C.")
-def deploy(winners, names, version, address, host, port, replicas, num_cpus, num_gpus,
-           max_batch_size, batch_wait_ms, max_body_bytes, api_key, detach):
+@click.option("--api-key", default="", help="Require this key (Authorization: Bearer KEY); "
+              "default: TRAINYARD_API_KEY if set.")
+@click.option("--config-out", default=None, type=click.Path(dir_okay=False),
+              help="Write a Ray Serve config file for `serve deploy` instead of deploying.")
+@click.option("--detach", is_flag=True, help="Return once deployed instead of serving until Ctrl-C.")
+def deploy(winners, config_file, names, version, address, host, port, replicas, max_replicas,
+           num_cpus, num_gpus, max_batch_size, batch_wait_ms, max_body_bytes, api_key,
+           config_out, detach):
     """Serve WINNERS over HTTP with Ray Serve (Open Inference Protocol + plain JSON).
 
     A WINNER is a winners folder (winners/<run>), a tuning run (runs/<run>), a training run
-    or one of its checkpoints.
+    or one of its checkpoints. Several WINNERS are served side by side.
 
     \b
-    Example:
+    Examples:
       trainyard deploy winners/tune_mlp
-      curl -s localhost:8000/v2/models/tune_mlp/predict -H 'Content-Type: application/json' \\
-           -d '{"inputs": [[17.99, 10.38, ...]]}'
+      trainyard deploy --config configs/serve.yaml
+      trainyard deploy winners/tune_mlp --config-out serve_config.yaml   # then: serve deploy
     """
-    from trainyard.serving import ServeOptions
     from trainyard.serving import deploy as deploy_models
+    from trainyard.serving import load_serve_config, write_serve_config
 
-    options = ServeOptions(num_replicas=replicas, num_cpus=num_cpus, num_gpus=num_gpus,
-                           max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000,
-                           max_body_bytes=max_body_bytes, api_key=api_key)
-    endpoints = deploy_models(list(winners), list(names), version, options, address, host, port)
+    if config_file and winners:
+        raise click.UsageError("give WINNERS or --config, not both")
+    if not config_file and not winners:
+        raise click.UsageError("give at least one WINNER, or --config FILE")
+    if names and len(names) != len(winners):
+        raise click.UsageError("give one --name per WINNER, or none")
+    if config_file:
+        cfg = load_serve_config(config_file)
+    else:
+        models = [{"winner": w, "name": names[i] if names else "", "version": version,
+                   "num_replicas": replicas, "min_replicas": replicas, "max_replicas": max_replicas,
+                   "num_cpus": num_cpus, "num_gpus": num_gpus, "max_batch_size": max_batch_size,
+                   "batch_wait_ms": batch_wait_ms} for i, w in enumerate(winners)]
+        cfg = load_serve_config(base={"host": host, "port": port, "api_key": api_key,
+                                      "max_body_bytes": max_body_bytes, "models": models})
     console = _console()
+    if config_out:
+        path = write_serve_config(cfg, config_out)
+        console.print(f"wrote {path}; on a cluster: serve deploy {path}")
+        return
+    endpoints = deploy_models(cfg, address)
     for name, url in endpoints.items():
         console.print(f"[green]serving[/] {name} at {url}  (OIP: {url}/infer, JSON: {url}/predict)")
-    console.print(f"health: http://{host}:{port}/v2/health/ready   docs: {next(iter(endpoints.values()))}/docs")
+    first = next(iter(endpoints.values()))
+    console.print(f"health: http://{cfg.host}:{cfg.port}/v2/health/ready   docs: {first}/docs")
     if detach:
         return
     console.print("serving until Ctrl-C")
     while True:
         time.sleep(3600)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--exit-after-first", is_flag=True, help="Stop once the first request is answered.")
+def up(config, overrides, port, exit_after_first):
+    """The whole path on an embedded local Ray: tune CONFIG, deploy the winner, answer a
+    sample request, and keep serving.
+
+    \b
+    Example:
+      trainyard up configs/tune_mlp.yaml
+    """
+    import json as _json
+
+    from trainyard.client import Client
+    from trainyard.config import load_config
+    from trainyard.serving import deploy as deploy_models
+    from trainyard.serving import load_serve_config
+    from trainyard.tuning import run_tuning, sample_input, summary_table
+
+    console = _console()
+    cfg = load_config(config, list(overrides))
+    if cfg.tune is None:
+        raise TrainyardError(f"{config}: has no tune section (try configs/tune_mlp.yaml)")
+    _warn_plugin_problems(console)
+    outcome = run_tuning(cfg, console=console)
+    console.print(summary_table(outcome))
+    if not outcome.winners:
+        raise TrainyardError("no trial finished, so there is no winner to deploy")
+    winner = outcome.winners[0]
+    serve_cfg = load_serve_config(base={"port": port, "models": [{"winner": winner["path"], "name": cfg.name}]})
+    endpoint = deploy_models(serve_cfg)[cfg.name]
+    sample = sample_input(winner["path"])
+    answer = Client(f"http://127.0.0.1:{port}").predict(cfg.name, [sample])[0]
+    first = time.perf_counter() - START
+    console.print(f"[green]serving[/] {cfg.name} (winner {winner['trial_id']}, {winner['metric']} "
+                  f"{winner['value']:.4f}) at {endpoint}")
+    console.print(f"sample request answered: {answer.get('label', answer.get('value'))} "
+                  f"{_json.dumps(answer.get('scores', {}))}")
+    console.print(f"time to first answered request (command start): {first:.1f} s")
+    body = _json.dumps({"inputs": [sample]})
+    console.print(f"try: curl -s {endpoint}/predict -H 'Content-Type: application/json' -d '{body}'",
+                  soft_wrap=True)
+    if exit_after_first:
+        return
+    console.print("serving until Ctrl-C")
+    while True:
+        time.sleep(3600)
+
+
+@main.command()
+@click.argument("model")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="Where trainyard serves.")
+@click.option("--api-key", envvar="TRAINYARD_API_KEY", default=None, help="Default: TRAINYARD_API_KEY.")
+def predict(model, inputs, url, api_key):
+    """Ask the served MODEL about INPUTS and print labels and scores.
+
+    Each INPUT is a JSON value (a feature row such as '[1.5, 2, ...]', an image array) or,
+    if it is not JSON, a text string; '@FILE' reads a JSON list of inputs from FILE.
+
+    \b
+    Examples:
+      trainyard predict bert_sentiment "The food was wonderful." "Awful service."
+      trainyard predict mlp @rows.json
+    """
+    import json as _json
+
+    from rich.table import Table
+
+    from trainyard.client import Client
+
+    values: list = []
+    for item in inputs:
+        if item.startswith("@"):
+            try:
+                loaded = _json.loads(open(item[1:]).read())
+            except (OSError, ValueError) as exc:
+                raise click.BadParameter(f"{item}: {exc}") from None
+            if not isinstance(loaded, list):
+                raise click.BadParameter(f"{item}: must hold a JSON list of inputs")
+            values.extend(loaded)
+            continue
+        try:
+            values.append(_json.loads(item))
+        except ValueError:
+            values.append(item)
+    answers = Client(url, api_key).predict(model, values)
+    table = Table(title=f"{model} at {url}")
+    for column in ("input", "answer", "scores"):
+        table.add_column(column)
+    for value, answer in zip(values, answers):
+        shown = value if isinstance(value, str) else _json.dumps(value)[:40]
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in answer.get("scores", {}).items())
+        table.add_row(str(shown), str(answer.get("label", answer.get("value"))), scores)
+    _console().print(table)
 
 
 @main.group(invoke_without_command=True)

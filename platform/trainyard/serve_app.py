@@ -6,6 +6,7 @@ Imported only where Serve runs (it pulls in FastAPI and Ray Serve).
 
 import json
 import logging
+import os
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -78,7 +79,8 @@ class ModelServer:
         self.signature = ModelSignature(info.inputs, list(info.input_shape), info.task, list(info.classes))
         self.max_body = int(options.get("max_body_bytes", 1_000_000))
         self.max_items = int(options.get("max_items", 1024))
-        self.api_key = options.get("api_key") or None
+        self.api_key = options.get("api_key") or (
+            os.environ.get(options["api_key_env"]) if options.get("api_key_env") else None) or None
         self.predict_batch.set_max_batch_size(int(options.get("max_batch_size", 32)))
         self.predict_batch.set_batch_wait_timeout_s(float(options.get("batch_wait_timeout_s", 0.005)))
 
@@ -163,8 +165,8 @@ root_api = FastAPI(title="trainyard", description="Health routes and the list of
 class Root:
     """Health routes, the model list, and a JSON 404 for models that are not served."""
 
-    def __init__(self, models: dict[str, str]):
-        self.models = models
+    def __init__(self, models: list[str]):
+        self.models = list(models)
 
     @root_api.get("/v2/health/live")
     async def live(self):
@@ -180,9 +182,21 @@ class Root:
 
     @root_api.get("/v2/models")
     async def models_list(self):
-        return {"models": [{"name": n, "versions": [v]} for n, v in sorted(self.models.items())]}
+        return {"models": [{"name": n} for n in sorted(self.models)]}
 
     @root_api.api_route("/v2/models/{name}{rest:path}", methods=["GET", "POST"])
     async def unknown_model(self, name: str, rest: str = ""):
         served = ", ".join(sorted(self.models)) or "none"
         return error(404, f"no model named {name!r} is served (served: {served})")
+
+
+def model_app(args: dict):
+    """Serve application builder for one model (``import_path`` of a Serve config)."""
+    deployment = dict(args.get("deployment") or {})
+    return ModelServer.options(name="model", **deployment).bind(
+        args["name"], str(args.get("version", "1")), args["checkpoint"], dict(args.get("options") or {}))
+
+
+def root_app(args: dict):
+    """Serve application builder for the health routes and 404s."""
+    return Root.bind(list(args.get("models") or []))

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from omegaconf import MISSING
 
 from trainyard.errors import TrainyardError
 
@@ -197,39 +200,157 @@ def outputs_to_oip(answers: list[dict], outputs: Any, sig: ModelSignature) -> li
 
 
 @dataclass
-class ServeOptions:
-    """Per-model serving options (``trainyard deploy --help`` lists their flags)."""
+class ServedModel:
+    """One model to serve (an entry of a serve config's ``models`` list)."""
 
+    #: A winners folder, a tuning run, a training run or a checkpoint.
+    winner: str = MISSING
+    #: Served as /v2/models/<name>; empty: the run name in the checkpoint.
+    name: str = ""
+    version: str = "1"
+    #: Fixed replicas; or set max_replicas to autoscale between min and max.
     num_replicas: int = 1
+    min_replicas: int = 1
+    max_replicas: int = 0
+    target_ongoing_requests: float = 8.0
     num_cpus: float = 0.25
     num_gpus: float = 0.0
+    #: Serve's dynamic batching: requests arriving together run as one forward pass.
     max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.005
-    max_body_bytes: int = 1_000_000
-    max_items: int = 1024
-    api_key: str = ""
+    batch_wait_ms: float = 5.0
 
-    def to_options(self) -> dict:
-        return {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
-                "max_body_bytes": self.max_body_bytes, "max_items": self.max_items,
-                "api_key": self.api_key}
+
+@dataclass
+class ServeConfig:
+    """``trainyard deploy --config FILE``: the server and the models it serves."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: Inference routes need this key (also from TRAINYARD_API_KEY); empty: open.
+    api_key: str = ""
+    #: Requests over this size get 413 before the body is read whole.
+    max_body_bytes: int = 1_000_000
+    #: Most examples in one request.
+    max_items: int = 1024
+    models: list[ServedModel] = field(default_factory=list)
+
+
+API_KEY_ENV = "TRAINYARD_API_KEY"
 
 
 def model_name_for(checkpoint: Path) -> str:
+    """The name a checkpoint is served under by default: its run's name."""
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     return str(manifest.get("run") or manifest["model"])
 
 
-def deploy(
-    targets: list[str],
-    names: list[str] | None = None,
-    version: str = "1",
-    options: ServeOptions | None = None,
-    address: str | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-) -> dict[str, str]:
-    """Serve each target as its own application; return ``{name: endpoint URL}``.
+def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                      base: dict | None = None) -> Any:
+    """A serve config, type-checked like job configs; errors name the key's path."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trainyard.config import _describe, parse_overrides
+    from trainyard.errors import ConfigError
+
+    cfg = OmegaConf.structured(ServeConfig)
+    try:
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"serve config {str(path)!r} does not exist")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        if base is not None:
+            cfg = OmegaConf.merge(cfg, base)
+        if overrides:
+            cfg = OmegaConf.merge(cfg, parse_overrides(overrides))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as exc:
+        raise _describe(exc) from None
+    if missing:
+        raise ConfigError(f"{missing[0]}: missing required value")
+    if not cfg.models:
+        raise ConfigError("models: give at least one model to serve")
+    if not 0 < cfg.port < 65536:
+        raise ConfigError(f"port: must be 1-65535 (got {cfg.port})")
+    for i, m in enumerate(cfg.models):
+        key = f"models[{i}]"
+        rules = [
+            (m.num_replicas >= 1, "num_replicas", "must be at least 1"),
+            (m.max_replicas == 0 or m.max_replicas >= m.min_replicas >= 0, "max_replicas",
+             "must be at least min_replicas"),
+            (m.num_cpus >= 0 and m.num_gpus >= 0, "num_cpus", "resources must not be negative"),
+            (m.max_batch_size >= 1, "max_batch_size", "must be at least 1"),
+            (m.batch_wait_ms >= 0, "batch_wait_ms", "must not be negative"),
+            ("/" not in m.name, "name", "must not contain '/'"),
+        ]
+        for ok, field_name, message in rules:
+            if not ok:
+                raise ConfigError(f"{key}.{field_name}: {message}")
+    if not cfg.api_key:
+        cfg.api_key = os.environ.get(API_KEY_ENV, "")
+    return cfg
+
+
+def application_specs(cfg: Any, existing: list[str] | None = None) -> list[dict]:
+    """Serve applications for a serve config, in Serve's config-file shape.
+
+    The same specs are deployed by ``trainyard deploy`` and written by ``--config-out``
+    for ``serve deploy`` on a cluster, so the two cannot differ.
+    """
+    apps, names = [], []
+    for m in cfg.models:
+        checkpoint = resolve_checkpoint(m.winner)
+        name = m.name or model_name_for(checkpoint)
+        if name in names:
+            raise TrainyardError(f"two models would be served as {name!r}; give each a name")
+        names.append(name)
+        deployment: dict = {"ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus}}
+        if m.max_replicas:
+            deployment["autoscaling_config"] = {"min_replicas": m.min_replicas,
+                                                "max_replicas": m.max_replicas,
+                                                "target_ongoing_requests": m.target_ongoing_requests}
+        else:
+            deployment["num_replicas"] = m.num_replicas
+        apps.append({
+            "name": name,
+            "route_prefix": f"/v2/models/{name}",
+            "import_path": "trainyard.serve_app:model_app",
+            "args": {
+                "name": name, "version": str(m.version), "checkpoint": str(checkpoint),
+                "deployment": deployment,
+                "options": {"max_batch_size": m.max_batch_size,
+                            "batch_wait_timeout_s": m.batch_wait_ms / 1000,
+                            "max_body_bytes": cfg.max_body_bytes, "max_items": cfg.max_items,
+                            "api_key_env": API_KEY_ENV if cfg.api_key else ""},
+            },
+        })
+    every = sorted(set(existing or []) | set(names))
+    apps.append({"name": ROOT_APP, "route_prefix": "/", "import_path": "trainyard.serve_app:root_app",
+                 "args": {"models": every}})
+    return apps
+
+
+def write_serve_config(cfg: Any, path: str | Path) -> Path:
+    """A Ray Serve config file for ``serve deploy FILE`` on a cluster."""
+    import yaml
+
+    document = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": int(cfg.port)},
+        "applications": application_specs(cfg),
+    }
+    path = Path(path)
+    header = ("# Ray Serve config written by `trainyard deploy --config-out`.\n"
+              "# Run on a cluster: serve deploy " + path.name + "\n"
+              "# Checkpoint paths must be reachable from every node (shared storage).\n")
+    if cfg.api_key:
+        header += f"# The API key is read from {API_KEY_ENV} on the replicas; it is not in this file.\n"
+    path.write_text(header + yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
+    """Serve each model of a serve config as its own application; return name -> URL.
 
     Deploying a name that is already served replaces it with Serve's rolling update, so
     requests in flight are answered by the old replicas.
@@ -237,29 +358,21 @@ def deploy(
     from ray import serve
 
     from trainyard.raycluster import init_ray
-    from trainyard.serve_app import ModelServer, Root
+    from trainyard.serve_app import model_app, root_app
 
-    options = options or ServeOptions()
-    names = list(names or [])
-    if names and len(names) != len(targets):
-        raise TrainyardError("give one --name per WINNER, or none")
-    checkpoints = [resolve_checkpoint(t) for t in targets]
-    names = names or [model_name_for(c) for c in checkpoints]
-    for name in names:
-        if not name or "/" in name:
-            raise TrainyardError(f"model name {name!r} must be non-empty and without '/'")
+    specs = application_specs(cfg)  # errors in the winners surface before Ray starts
     init_ray(address)
-    serve.start(http_options={"host": host, "port": port})
-    served = {app: "" for app in serve.status().applications if app != ROOT_APP}
-    for name, checkpoint in zip(names, checkpoints):
-        app = ModelServer.options(
-            name="model",
-            num_replicas=options.num_replicas,
-            ray_actor_options={"num_cpus": options.num_cpus, "num_gpus": options.num_gpus},
-        ).bind(name, version, str(checkpoint), options.to_options())
-        serve.run(app, name=name, route_prefix=f"/v2/models/{name}", blocking=False)
-        served[name] = version
-    serve.run(Root.bind({n: v or version for n, v in served.items()}), name=ROOT_APP,
-              route_prefix="/", blocking=False)
-    base = f"http://{host}:{port}"
-    return {name: f"{base}/v2/models/{name}" for name in names}
+    serve.start(http_options={"host": cfg.host, "port": int(cfg.port)})
+    existing = [a for a in serve.status().applications if a != ROOT_APP]
+    specs = application_specs(cfg, existing)
+    endpoints = {}
+    for spec in specs:
+        args = dict(spec["args"])
+        if spec["name"] == ROOT_APP:
+            app = root_app(args)
+        else:
+            args["options"] = {**args["options"], "api_key": cfg.api_key}  # in memory only
+            app = model_app(args)
+            endpoints[spec["name"]] = f"http://{cfg.host}:{cfg.port}{spec['route_prefix']}"
+        serve.run(app, name=spec["name"], route_prefix=spec["route_prefix"], blocking=False)
+    return endpoints

@@ -683,3 +683,14 @@ def summary_table(outcome: TuneOutcome, limit: int = 10):
             t["state"].lower(),
         )
     return table
+
+
+def sample_input(checkpoint: str | Path) -> Any:
+    """One raw validation input of a checkpoint's dataset, as a client would send it."""
+    from trainyard.training import split_validation
+
+    job = resolve(load_config(Path(checkpoint) / "job.yaml"))
+    data = job.dataset.load(job.data_params, job.config.seed)
+    val = data.val if data.val is not None else split_validation(data, job.config.data.val_fraction, job.config.seed)[1]
+    first = val.inputs[0]
+    return first if isinstance(first, str) else first.tolist()
