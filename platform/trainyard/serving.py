@@ -304,7 +304,12 @@ def application_specs(cfg: Any, existing: list[str] | None = None) -> list[dict]
         if name in names:
             raise TrainyardError(f"two models would be served as {name!r}; give each a name")
         names.append(name)
-        deployment: dict = {"ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus}}
+        deployment: dict = {
+            "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
+            # Serve's default (5 requests at a time per replica) would cap every batch at 5
+            # and queue the rest in the proxy.
+            "max_ongoing_requests": max(64, 2 * m.max_batch_size),
+        }
         if m.max_replicas:
             deployment["autoscaling_config"] = {"min_replicas": m.min_replicas,
                                                 "max_replicas": m.max_replicas,
