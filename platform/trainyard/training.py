@@ -490,7 +490,7 @@ def run_training(
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     init_ray(address)
     use_gpu, resources = worker_resources(cfg)
-    _check_fits(cfg, resources)
+    check_fits(cfg, resources)
 
     sink = ProgressSink.remote()
     loop_config: dict = {
@@ -576,7 +576,7 @@ def _check_resumable(run_dir: Path, cfg: Any) -> None:
             )
 
 
-def _check_fits(cfg: Any, resources: dict) -> None:
+def check_fits(cfg: Any, resources: dict) -> None:
     """Fail at once, naming what is missing, when no placement can ever fit the workers."""
 
     total = ray.cluster_resources()
@@ -587,7 +587,8 @@ def _check_fits(cfg: Any, resources: dict) -> None:
         raise TrainingError(
             f"the cluster cannot fit {cfg.scaling.num_workers} worker(s) with "
             f"{resources} each ({what}). Lower scaling.num_workers or the per-worker "
-            f"resources, or set TRAINYARD_ALLOW_AUTOSCALE=1 on an autoscaling cluster."
+            f"resources (fractions such as scaling.gpus_per_worker=0.25 are allowed), or set "
+            f"TRAINYARD_ALLOW_AUTOSCALE=1 on an autoscaling cluster."
         )
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from trainyard.config import load_config, resolve
-from trainyard.errors import ConfigError, TrainingError
+from trainyard.errors import ConfigError
 
 DIMENSION_TYPES = ("loguniform", "uniform", "randint", "choice", "grid")
 SEARCHERS = ("random", "grid", "optuna")
@@ -389,21 +389,10 @@ def trial_resources(cfg: DictConfig) -> dict:
 
 def check_trial_fits(cfg: DictConfig) -> None:
     """Fail at once when one trial's resources exceed the cluster's: never wait in PENDING."""
-    import ray
-
-    from trainyard.training import worker_resources
+    from trainyard.training import check_fits, worker_resources
 
     _, per_worker = worker_resources(cfg)
-    need = {k: v * cfg.scaling.num_workers for k, v in per_worker.items()}
-    total = ray.cluster_resources()
-    short = {k: (v, total.get(k, 0.0)) for k, v in need.items() if v > total.get(k, 0.0) + 1e-9}
-    if short and not os.environ.get("TRAINYARD_ALLOW_AUTOSCALE"):
-        what = "; ".join(f"{k}: needs {v:g}, cluster has {have:g}" for k, (v, have) in short.items())
-        raise TrainingError(
-            f"one trial needs {cfg.scaling.num_workers} worker(s) with {per_worker} each, "
-            f"more than the cluster has ({what}). Lower scaling.num_workers or the per-worker "
-            "resources (fractions such as scaling.gpus_per_worker=0.25 are allowed)."
-        )
+    check_fits(cfg, per_worker)
 
 
 def run_tuning(
