@@ -16,7 +16,9 @@ from trainyard.config import load_config, parse_overrides, resolve, typed_params
 from trainyard.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+SERVE_CONFIG = ROOT / "configs" / "serve.yaml"
+# Job configs; serve.yaml is a serve config, checked below with its own schema.
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p != SERVE_CONFIG)
 MLP = ROOT / "configs" / "mlp_breast_cancer.yaml"
 TRAINYARD = Path(sys.executable).with_name("trainyard")
 if not TRAINYARD.exists():  # the entry-point script pip installed next to this Python
@@ -41,6 +43,14 @@ def minimal(**sections) -> dict:
 # --------------------------------------------------------------------------------------
 # The shipped configs
 # --------------------------------------------------------------------------------------
+
+
+def test_shipped_serve_config_loads_with_its_schema():
+    from trainyard.serving import load_serve_config
+
+    cfg = load_serve_config(SERVE_CONFIG)
+    assert [m.name for m in cfg.models] == ["mlp", "cnn"]
+    assert cfg.models[1].max_replicas == 2
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
