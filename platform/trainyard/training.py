@@ -413,6 +413,28 @@ class TrainResult:
     resumed_from: int | None = None
 
 
+def make_trainer(cfg: Any, loop_config: dict, name: str, storage: str, callbacks: list | None = None):
+    """The TorchTrainer for a job: workers, resources, failures and checkpoints from ``cfg``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu, resources = worker_resources(cfg)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
 def worker_resources(cfg: Any) -> tuple[bool, dict]:
     """Whether workers use GPUs, and the Ray resources each worker asks for."""
     use_gpu = _use_gpu(cfg)
@@ -474,8 +496,6 @@ def run_training(
     import threading
 
     from omegaconf import OmegaConf
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from trainyard.plugins import get_registry
 
@@ -489,7 +509,7 @@ def run_training(
     # seconds to every start-up. Propagated by Ray Train to the controller and workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     init_ray(address)
-    use_gpu, resources = worker_resources(cfg)
+    _, resources = worker_resources(cfg)
     check_fits(cfg, resources)
 
     sink = ProgressSink.remote()
@@ -507,19 +527,7 @@ def run_training(
             loop_config["fault_marker"] = str(run_dir / ".injected_fault")
     log = _MetricsLog(run_dir / "metrics.jsonl") if run_dir is not None else None
 
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-        ),
-    )
+    trainer = make_trainer(cfg, loop_config, cfg.name, storage)
     outcome: dict = {}
 
     def fit() -> None:

@@ -124,34 +124,20 @@ def trial_fn(values: dict, job: dict | None = None) -> None:
     """One Tune trial: the job with this trial's values, trained and reported per epoch."""
     from trainyard.training import TuneTrialSession, run_loop
 
-    values = {k: v for k, v in values.items() if k != "__trainyard"}
     cfg = apply_values(OmegaConf.create(job), values)
     loop_config = {"config": OmegaConf.to_container(cfg, resolve=True)}
     if cfg.scaling.num_workers == 1:
         run_loop(loop_config, TuneTrialSession())
         return
     import ray.tune
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from trainyard.training import train_loop_per_worker, worker_resources
+    from trainyard.training import make_trainer
 
     context = ray.tune.get_context()
-    use_gpu, resources = worker_resources(cfg)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=context.get_trial_id(),
-            storage_path=str(Path(context.get_trial_dir()).parent / "_train"),
-            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-            callbacks=[TuneReportCallback()],
-        ),
-    )
+    trainer = make_trainer(cfg, loop_config, context.get_trial_id(),
+                           str(Path(context.get_trial_dir()).parent / "_train"),
+                           callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
