@@ -90,7 +90,10 @@ class ModelServer:
         import numpy as np
 
         sizes = [len(b) for b in batches]
-        merged = sum((list(b) for b in batches), []) if isinstance(batches[0], list) else np.concatenate(batches)
+        if isinstance(batches[0], list):  # text: one flat list of strings
+            merged = [text for batch in batches for text in batch]
+        else:
+            merged = np.concatenate(batches)
         outputs = self.predictor.forward(merged).float().cpu()
         answers = self.predictor.processor.decode(outputs)
         results, start = [], 0
