@@ -32,6 +32,13 @@ def _warn_plugin_problems(console) -> None:
         console.print(f"[yellow]warning:[/] {problem} (not loaded)")
 
 
+def _serve_until_interrupted(console) -> None:
+    """Keep the embedded Ray (and what it serves) alive until Ctrl-C."""
+    console.print("serving until Ctrl-C")
+    while True:
+        time.sleep(3600)
+
+
 class TrainyardGroup(click.Group):
     """Turns trainyard's own errors into one readable line instead of a traceback."""
 
@@ -224,11 +231,8 @@ def deploy(winners, config_file, names, version, address, host, port, replicas, 
         console.print(f"[green]serving[/] {name} at {url}  (OIP: {url}/infer, JSON: {url}/predict)")
     first = next(iter(endpoints.values()))
     console.print(f"health: http://{cfg.host}:{cfg.port}/v2/health/ready   docs: {first}/docs")
-    if detach:
-        return
-    console.print("serving until Ctrl-C")
-    while True:
-        time.sleep(3600)
+    if not detach:
+        _serve_until_interrupted(console)
 
 
 @main.command()
@@ -275,11 +279,8 @@ def up(config, overrides, port, exit_after_first):
     body = _json.dumps({"inputs": [sample]})
     console.print(f"try: curl -s {endpoint}/predict -H 'Content-Type: application/json' -d '{body}'",
                   soft_wrap=True)
-    if exit_after_first:
-        return
-    console.print("serving until Ctrl-C")
-    while True:
-        time.sleep(3600)
+    if not exit_after_first:
+        _serve_until_interrupted(console)
 
 
 @main.command()

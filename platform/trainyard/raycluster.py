@@ -13,6 +13,9 @@ def init_ray(address: str | None = None) -> None:
 
     import ray
 
+    # Ray Train's controller polls its workers at this interval; its default (2 s) adds
+    # seconds to every start-up. Ray Train passes it on to the controller and workers.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if ray.is_initialized():
         return
     env = {k: v for k, v in os.environ.items() if k.startswith("TRAINYARD_")}
@@ -29,6 +32,15 @@ def init_ray(address: str | None = None) -> None:
         ray.init(address=address or None, **kwargs)
     except ConnectionError as exc:
         raise TrainingError(f"cannot reach a Ray cluster at {address!r}: {exc}") from None
+
+
+def storage_root(storage_path: str) -> str:
+    """A storage path as Ray wants it: a URI as is, a local folder made absolute."""
+    if "://" in storage_path:
+        return storage_path
+    from pathlib import Path
+
+    return str(Path(storage_path).expanduser().resolve())
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -26,7 +26,7 @@ import ray.train.torch
 
 from trainyard.config import ResolvedJob, resolve
 from trainyard.errors import TrainingError
-from trainyard.raycluster import init_ray
+from trainyard.raycluster import init_ray, storage_root
 
 FAULT_ENV = "TRAINYARD_FAULT_AT_EPOCH"
 
@@ -215,7 +215,7 @@ class TuneTrialSession:
     """The loop's view of a one-worker Tune trial: it trains in the trial's own process,
     without the start-up of a nested trainer."""
 
-    rank, world, distributed = 0, 1, False
+    rank, world = 0, 1
 
     def device(self):
         import torch
@@ -501,13 +501,8 @@ def run_training(
 
     registry = get_registry()
     job = resolve(cfg, registry)  # every config error surfaces before Ray starts
-    storage = cfg.storage_path
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
+    storage = storage_root(cfg.storage_path)
     run_dir = Path(storage) / cfg.name if "://" not in storage else None
-    # Ray Train's controller polls its workers at this interval; its default (2 s) adds
-    # seconds to every start-up. Propagated by Ray Train to the controller and workers.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     init_ray(address)
     _, resources = worker_resources(cfg)
     check_fits(cfg, resources)

@@ -97,7 +97,7 @@ def param_space(cfg: DictConfig) -> dict:
 
     space = {}
     for key, dim in cfg.tune.space.items():
-        values = list(dim["values"]) if dim["values"] is not None else None
+        values = OmegaConf.to_container(dim["values"]) if dim["values"] is not None else None
         if dim.type == "loguniform":
             space[key] = tune.loguniform(dim.low, dim.high)
         elif dim.type == "uniform":
@@ -105,14 +105,10 @@ def param_space(cfg: DictConfig) -> dict:
         elif dim.type == "randint":
             space[key] = tune.randint(int(dim.low), int(dim.high))
         elif dim.type == "choice":
-            space[key] = tune.choice([_plain(v) for v in values])
+            space[key] = tune.choice(values)
         else:
-            space[key] = tune.grid_search([_plain(v) for v in values])
+            space[key] = tune.grid_search(values)
     return space
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value) if isinstance(value, (DictConfig,)) or hasattr(value, "_content") else value
 
 
 # --------------------------------------------------------------------------------------
@@ -391,7 +387,7 @@ def run_tuning(
     """Run (or resume) the search in ``cfg.tune``; export the winners; return a summary."""
     from ray import tune
 
-    from trainyard.raycluster import init_ray
+    from trainyard.raycluster import init_ray, storage_root
 
     if resume:
         run_dir = _find_run(resume, cfg)
@@ -407,9 +403,8 @@ def run_tuning(
     if metric_name not in cfg.train.metrics and metric_name not in job.config.train.metrics:
         raise ConfigError(f"tune.metric: {metric_name!r} is not one of train.metrics")
     mode = cfg.tune.mode or next(m.mode for m in job.metrics if m.name == metric_name)
-    storage = _storage(cfg)
+    storage = storage_root(cfg.storage_path)
     run_dir = run_dir or Path(storage) / cfg.name
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     init_ray(address)
     check_trial_fits(cfg)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -471,13 +466,6 @@ def run_tuning(
         {"metric": metric, "mode": mode, "max_t": cfg.train.epochs, "trials": trials,
          "winners": winners}, indent=2, default=str))
     return TuneOutcome(str(run_dir), metric, mode, trials, winners, _registry_dir(cfg))
-
-
-def _storage(cfg: DictConfig) -> str:
-    storage = cfg.storage_path
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-    return storage
 
 
 def _find_run(resume: str, cfg: DictConfig | None) -> Path:
