@@ -142,8 +142,8 @@ def _finished_trials(run_dir: Path, epochs: int) -> dict[str, int]:
 
 
 def test_search_whose_driver_is_killed_resumes_without_redoing_finished_trials(tmp_path):
-    space = {"train.lr": {"type": "grid", "values": [0.001, 0.002, 0.003, 0.004]}}
-    cfg = tune_config(tmp_path, "killed", space=space, overrides=["train.epochs=3"],
+    space = {"train.lr": {"type": "grid", "values": [0.001, 0.002, 0.003, 0.004, 0.005, 0.006]}}
+    cfg = tune_config(tmp_path, "killed", space=space, overrides=["train.epochs=5"],
                       search="grid", scheduler="none", num_samples=1, max_concurrent_trials=1)
     config_file = tmp_path / "killed.yaml"
     from omegaconf import OmegaConf
@@ -155,21 +155,22 @@ def test_search_whose_driver_is_killed_resumes_without_redoing_finished_trials(t
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while len(_finished_trials(run_dir, 3)) < 2 and time.monotonic() < deadline:
+        # Kill as soon as one trial has finished: five more are still to run.
+        while not _finished_trials(run_dir, 5) and time.monotonic() < deadline:
             assert driver.poll() is None, "the search ended before it could be killed"
-            time.sleep(0.5)
+            time.sleep(0.1)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
         driver.wait()
-    finished_before = _finished_trials(run_dir, 3)
-    assert len(finished_before) >= 2
+    finished_before = _finished_trials(run_dir, 5)
+    assert 1 <= len(finished_before) < 6
     assert not (run_dir / "trainyard_trials.json").exists()
 
     out = subprocess.run([*trainyard, "tune", "--resume", str(run_dir)], capture_output=True,
                          text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     summary = json.loads((run_dir / "trainyard_trials.json").read_text())
-    assert len(summary["trials"]) == 4
+    assert len(summary["trials"]) == 6
     assert all(t["state"] == "TERMINATED" for t in summary["trials"])
     for trial_id, lines in finished_before.items():  # not run again: no new results
         assert len((run_dir / trial_id / "result.json").read_text().splitlines()) == lines
