@@ -3,7 +3,8 @@
 
 Installs torch first, so that a machine without an NVIDIA GPU gets the CPU build (never a
 multi-GB CUDA download) and a GPU machine gets the regular CUDA build; then trainyard
-itself (editable, with its built-in plugins and test extras).
+itself (editable, with its built-in plugins and test extras), and the example
+third-party plugin in examples/trainyard-example-plugin (editable).
 
     python3 .ci/bootstrap.py            # idempotent: re-running only checks
 """
@@ -56,6 +57,9 @@ def main() -> int:
         else:
             run(*pip, TORCH, "--index-url", CPU_INDEX, "--extra-index-url", "https://pypi.org/simple")
     run(*pip, "-e", f"{ROOT}[test]")
+    # The example third-party plugin, as its own distribution: the tests check that it is
+    # found through its entry point. After trainyard, so its dependency is already met.
+    run(*pip, "-e", str(ROOT / "examples" / "trainyard-example-plugin"))
     print(f"ready: {VENV}/bin/trainyard", flush=True)
     return 0
 
