@@ -167,6 +167,161 @@ def report(run, output):
     click.echo(f"wrote {path}")
 
 
+_JOBS_ADDRESS_HELP = ("Ray's Jobs API on the head node, e.g. http://HEAD:8265 (default: "
+                      "TRAINYARD_JOBS_ADDRESS or RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265). "
+                      "The token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.")
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--address", default=None, metavar="URL", help=_JOBS_ADDRESS_HELP)
+@click.option("--mode", type=click.Choice(["auto", "train", "tune"]), default="auto", show_default=True,
+              help="auto: tune when the config has a tune section, else train.")
+@click.option("--deploy", is_flag=True, help="After the search, deploy its winner with Ray Serve on the cluster.")
+@click.option("--serve-port", default=8000, show_default=True, type=click.IntRange(1, 65535),
+              help="Serve's HTTP port on the cluster, with --deploy.")
+@click.option("--pip", "pip", multiple=True, metavar="REQ",
+              help="Extra pip requirement installed for the job (runtime_env pip); repeatable.")
+@click.option("--job-id", default=None, help="Submission id (default: Ray chooses one).")
+@click.option("--follow", is_flag=True, help="Print the job's log until it ends; exit 1 unless it succeeds.")
+@click.option("--dry-run", is_flag=True, help="Validate and show what would be sent; send nothing.")
+def submit(config, overrides, address, mode, deploy, serve_port, pip, job_id, follow, dry_run):
+    """Submit the train or tune job in CONFIG to a Ray cluster through the Jobs API.
+
+    The config is loaded, overridden and validated here first. The job carries the resolved
+    config, trainyard itself and the third-party plugin packages the config uses. Its
+    storage_path (and tune.registry) must be a URI or a folder every node shares.
+
+    \b
+    Examples:
+      trainyard submit configs/cnn_digits.yaml storage_path=s3://bucket/runs \\
+          scaling.num_workers=4 --address http://HEAD:8265
+      trainyard submit configs/tune_mlp.yaml storage_path=/mnt/shared/runs \\
+          tune.registry=/mnt/shared/winners --deploy --follow
+    """
+    import shutil as _shutil
+
+    from trainyard.config import load_config
+    from trainyard.jobs import JobsClient, jobs_address, stage
+
+    console = _console()
+    cfg = load_config(config, list(overrides))
+    _warn_plugin_problems(console)
+    staged = stage(cfg, mode=mode, deploy=deploy, serve_port=serve_port, pip=pip)
+    try:
+        shipped = ", ".join(f"{s.distribution} {s.version}" for s in staged.shipped)
+        if dry_run:
+            console.print(f"would submit a {staged.mode} job to {jobs_address(address)}")
+            console.print(f"entrypoint: {staged.entrypoint}")
+            console.print(f"carries: job.yaml, {shipped}")
+            return
+        client = JobsClient(address)
+        submission = client.submit(staged.entrypoint, staged.runtime_env, job_id, staged.metadata)
+    finally:
+        _shutil.rmtree(staged.folder, ignore_errors=True)
+    console.print(f"[green]submitted[/] {staged.mode} job {submission} ({cfg.name}) to {client.address}")
+    console.print(f"carries: {shipped}")
+    flag = f" --address {client.address}"
+    console.print(f"follow:  trainyard jobs logs {submission} --follow{flag}")
+    console.print(f"status:  trainyard jobs status {submission}{flag}")
+    if follow:
+        _follow(client, submission)
+
+
+def _follow(client, job_id: str) -> None:
+    for chunk in client.follow(job_id):
+        click.echo(chunk, nl=False)
+    info = client.info(job_id)
+    click.echo(f"job {job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+    if str(info.status) != "SUCCEEDED":
+        sys.exit(1)
+
+
+@main.group()
+def jobs():
+    """Follow jobs on a Ray cluster: list, status, logs, stop."""
+
+
+def _when(ms) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+@jobs.command("list")
+@click.option("--address", default=None, metavar="URL", help=_JOBS_ADDRESS_HELP)
+def jobs_list(address):
+    """List the cluster's submitted jobs, newest first."""
+    from rich.table import Table
+
+    from trainyard.jobs import JobsClient
+
+    client = JobsClient(address)
+    found = [j for j in client.list() if j.submission_id]
+    found.sort(key=lambda j: j.start_time or 0, reverse=True)
+    table = Table(title=f"jobs at {client.address}")
+    for column in ("job", "status", "trainyard", "started", "ended", "entrypoint"):
+        table.add_column(column)
+    for j in found:
+        meta = j.metadata or {}
+        what = f"{meta['trainyard_mode']} {meta.get('trainyard_job', '')}" if "trainyard_mode" in meta else "-"
+        table.add_row(j.submission_id, str(j.status), what, _when(j.start_time), _when(j.end_time),
+                      j.entrypoint if len(j.entrypoint) < 60 else j.entrypoint[:57] + "...")
+    _console().print(table)
+    if not found:
+        click.echo("no submitted jobs")
+
+
+@jobs.command("status")
+@click.argument("job_id")
+@click.option("--address", default=None, metavar="URL", help=_JOBS_ADDRESS_HELP)
+@click.option("--wait", is_flag=True, help="Wait until the job ends; exit 1 unless it succeeded.")
+@click.option("--timeout", default=None, type=click.FloatRange(0), help="With --wait: give up after this many seconds.")
+def jobs_status(job_id, address, wait, timeout):
+    """Show the status of JOB_ID."""
+    from trainyard.jobs import TERMINAL, JobsClient
+
+    client = JobsClient(address)
+    info = client.wait(job_id, timeout) if wait else client.info(job_id)
+    click.echo(f"job {job_id}: {info.status}")
+    if info.message:
+        click.echo(f"message: {info.message}")
+    click.echo(f"started: {_when(info.start_time)}  ended: {_when(info.end_time)}")
+    click.echo(f"entrypoint: {info.entrypoint}")
+    if wait and (str(info.status) not in TERMINAL or str(info.status) != "SUCCEEDED"):
+        sys.exit(1)
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@click.option("--address", default=None, metavar="URL", help=_JOBS_ADDRESS_HELP)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends; exit 1 unless it succeeds.")
+def jobs_logs(job_id, address, follow):
+    """Print the log of JOB_ID."""
+    from trainyard.jobs import JobsClient
+
+    client = JobsClient(address)
+    if follow:
+        _follow(client, job_id)
+    else:
+        click.echo(client.logs(job_id), nl=False)
+
+
+@jobs.command("stop")
+@click.argument("job_id")
+@click.option("--address", default=None, metavar="URL", help=_JOBS_ADDRESS_HELP)
+def jobs_stop(job_id, address):
+    """Stop JOB_ID (its workers, trials and checkpoints already written stay)."""
+    from trainyard.jobs import JobsClient
+
+    client = JobsClient(address)
+    info = client.info(job_id)
+    if str(info.status) in ("SUCCEEDED", "FAILED", "STOPPED"):
+        click.echo(f"job {job_id} already ended: {info.status}")
+        return
+    client.stop(job_id)
+    click.echo(f"stopping job {job_id}")
+
+
 @main.command()
 @click.argument("winners", nargs=-1)
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
@@ -359,6 +514,44 @@ def plugins(ctx):
     console.print(table)
     for problem in registry.problems:
         console.print(f"[red]failed:[/] {problem}")
+
+
+@plugins.command("check")
+@click.argument("name")
+@click.argument("params", nargs=-1)
+def plugins_check(name, params):
+    """Check that the plugin NAME keeps the plugin contract (for plugin authors).
+
+    Each model is built on a tiny batch and run forward, backward and through a checkpoint
+    round trip; each dataset is loaded; each metric is run on synthetic outputs. Exits 1
+    if any check fails. PARAMS give entries their params, as model.NAME.KEY=VALUE or
+    dataset.NAME.KEY=VALUE (a dataset that needs one, such as a path, is otherwise skipped).
+
+    \b
+    Examples:
+      trainyard plugins check mlp
+      trainyard plugins check tabular dataset.table.path=data.csv dataset.table.label=y
+    """
+    from trainyard.conformance import (
+        check_plugin,
+        parse_param_overrides,
+        results_table,
+        summary_line,
+    )
+
+    model_params, dataset_params = parse_param_overrides(params)
+    results = check_plugin(name, model_params=model_params, dataset_params=dataset_params)
+    console = _console()
+    console.print(results_table(name, results))
+    failures = [r for r in results if r.failed]
+    from rich.markup import escape
+
+    for failure in failures:
+        console.print(f"[red]FAILED[/] {escape(str(failure))}", soft_wrap=True)
+    console.print(("[bold red]" if failures else "[bold green]") + summary_line(name, results) + "[/]",
+                  soft_wrap=True)
+    if failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

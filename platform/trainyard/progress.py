@@ -66,6 +66,8 @@ class TrainingView:
             m = event["metrics"]
             shown = "  ".join(f"{k} {_fmt(v)}" for k, v in m.items() if k.startswith("val_"))
             self.console.print(f"epoch {event['epoch'] + 1}/{epochs}  train_loss {_fmt(m['train_loss'])}  {shown}")
+        elif kind == "worker":
+            self.console.print(f"rank {event['rank']} on {event['host']} (node {event['node_id'][:8]}, {event['device']})")
         elif kind == "done_before":
             self.console.print(
                 f"run {self.cfg.name!r} already finished {event['epoch'] + 1} epochs; "

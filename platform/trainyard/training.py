@@ -288,6 +288,11 @@ def run_loop(loop_config: dict, session) -> None:
         if progress is not None and rank == 0:
             progress.push.remote(event)
 
+    if progress is not None:  # every rank says where it runs (workers.json in the run folder)
+        import socket
+
+        progress.push.remote({"type": "worker", "rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+                              "host": socket.gethostname(), "device": str(device)})
     if start_epoch >= cfg.train.epochs:
         emit({"type": "done_before", "epoch": start_epoch - 1})
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -534,11 +539,16 @@ def run_training(
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
     resumed_from = None
+    workers: dict[int, dict] = {}
     while True:
         thread.join(timeout=0.25)
         for event in ray.get(sink.drain.remote()):
             if event["type"] == "epoch_start" and event.get("resumed"):
                 resumed_from = event["epoch"]
+            if event["type"] == "worker":
+                workers[event["rank"]] = {k: v for k, v in event.items() if k != "type"}
+                if run_dir is not None:
+                    (run_dir / "workers.json").write_text(json.dumps([workers[r] for r in sorted(workers)], indent=1))
             if event["type"] == "epoch_end" and log is not None:
                 log.add(event["metrics"])
             if on_event is not None:

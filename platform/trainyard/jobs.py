@@ -1,0 +1,322 @@
+"""Submitting trainyard jobs to a Ray cluster through Ray's Jobs API, and following them.
+
+A submitted job carries everything it needs in its runtime_env ``working_dir``: the resolved
+job config (``job.yaml``), trainyard itself (core and built-in plugins) and the third-party
+plugin packages the config uses, each with its entry points, so the cluster runs exactly the
+code and plugins that validated the job here. Heavy dependencies (torch, Ray) are the
+cluster's own (see cluster.yaml's set-up commands).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainyard.errors import ConfigError, TrainyardError
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+#: Where the Jobs API address comes from when --address is not given.
+ADDRESS_ENV = ("TRAINYARD_JOBS_ADDRESS", "RAY_API_SERVER_ADDRESS")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+#: Environment variables a job carries from the submitting shell: plugin selection only
+#: (runtime_env is visible in the dashboard, so never secrets such as TRAINYARD_API_KEY).
+CARRIED_ENV = ("TRAINYARD_PLUGINS", "TRAINYARD_DISABLE_PLUGINS", "TRAINYARD_DISABLE_EXTERNAL_PLUGINS",
+               "TRAINYARD_DEBUG")
+_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".pytest_cache")
+
+
+class JobsError(TrainyardError):
+    """The Jobs API refused or could not be reached; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------------------
+# Address and token
+# --------------------------------------------------------------------------------------
+
+
+def jobs_address(address: str | None) -> str:
+    """The Jobs API URL: ``--address``, else TRAINYARD_JOBS_ADDRESS / RAY_API_SERVER_ADDRESS,
+    else the local head's dashboard. ``host:port`` gets ``http://``."""
+    if not address:
+        address = next((os.environ[k] for k in ADDRESS_ENV if os.environ.get(k)), DEFAULT_ADDRESS)
+    address = address.rstrip("/")
+    if address.startswith("ray://") or address == "auto":
+        raise JobsError(
+            f"--address {address!r} is a Ray client/GCS address; jobs go to the head's dashboard "
+            "(Jobs API), e.g. --address http://HEAD:8265"
+        )
+    if "://" not in address:
+        address = f"http://{address}"
+    if not re.fullmatch(r"https?://[^/:\s]+(:\d+)?(/.*)?", address):
+        raise JobsError(f"--address {address!r} is not a URL such as http://HEAD:8265")
+    return address
+
+
+@dataclass
+class Token:
+    value: str | None
+    source: str  # where it came from, for messages (never the token itself)
+
+
+def find_token() -> Token:
+    """Ray's token, looked up as Ray does: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH
+    names, then ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return Token(os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN")
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if named:
+        path = Path(named).expanduser()
+        try:
+            text = path.read_text().strip()
+        except OSError as exc:
+            raise JobsError(f"RAY_AUTH_TOKEN_PATH={named}: cannot read it ({exc.strerror or exc})") from None
+        if not text:
+            raise JobsError(f"RAY_AUTH_TOKEN_PATH={named}: the file is empty")
+        return Token(text, f"RAY_AUTH_TOKEN_PATH ({path})")
+    default = Path.home() / ".ray" / "auth_token"
+    if default.is_file() and default.read_text().strip():
+        return Token(default.read_text().strip(), str(default))
+    return Token(None, "none found")
+
+
+_TOKEN_HELP = ("set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it, or put it in "
+               "~/.ray/auth_token (on the head node, `ray get-auth-token` prints it)")
+
+
+class JobsClient:
+    """A thin layer over Ray's ``JobSubmissionClient`` that turns its failures into
+    messages naming the address, the token's source and what to do."""
+
+    def __init__(self, address: str | None = None):
+        self.address = jobs_address(address)
+        self.token = find_token()
+        headers = {"Authorization": f"Bearer {self.token.value}"} if self.token.value else {}
+        self._client = self._call(_make_client, self.address, headers)
+
+    def _call(self, fn, *args, **kwargs):
+        from ray.exceptions import AuthenticationError
+
+        try:
+            return fn(*args, **kwargs)
+        except AuthenticationError as exc:
+            text = str(exc)
+            if self.token.value is None or "required" in text.lower() or "missing" in text.lower():
+                raise JobsError(
+                    f"the Ray cluster at {self.address} requires an authentication token and "
+                    f"none was found: {_TOKEN_HELP}"
+                ) from None
+            raise JobsError(
+                f"the Ray cluster at {self.address} refused the authentication token from "
+                f"{self.token.source}: it is not this cluster's token ({_TOKEN_HELP})"
+            ) from None
+        except ConnectionError:
+            raise JobsError(
+                f"cannot reach Ray's Jobs API at {self.address}: is the head node running "
+                "with its dashboard (ray start --head --dashboard-host 0.0.0.0) and the port "
+                "open? (ray up cluster.yaml opens 8265)"
+            ) from None
+        except RuntimeError as exc:
+            text = str(exc)
+            missing = re.search(r"Job (\S+) does not exist", text)
+            if missing or "404" in text:
+                what = missing.group(1) if missing else "?"
+                raise JobsError(f"no job {what} on the cluster at {self.address} "
+                                "(`trainyard jobs list` shows the jobs)") from None
+            raise JobsError(f"the Jobs API at {self.address} answered: {text}") from None
+
+    # The operations the CLI uses -------------------------------------------------------
+
+    def submit(self, entrypoint: str, runtime_env: dict, submission_id: str | None,
+               metadata: dict) -> str:
+        return self._call(self._client.submit_job, entrypoint=entrypoint, runtime_env=runtime_env,
+                          submission_id=submission_id, metadata=metadata)
+
+    def list(self) -> list:
+        return self._call(self._client.list_jobs)
+
+    def info(self, job_id: str):
+        return self._call(self._client.get_job_info, job_id)
+
+    def logs(self, job_id: str) -> str:
+        return self._call(self._client.get_job_logs, job_id)
+
+    def stop(self, job_id: str) -> bool:
+        return self._call(self._client.stop_job, job_id)
+
+    def wait(self, job_id: str, timeout: float | None = None, poll: float = 1.0):
+        """Block until the job ends (or ``timeout`` seconds); returns its info."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            info = self.info(job_id)
+            if str(info.status) in TERMINAL:
+                return info
+            if deadline is not None and time.monotonic() > deadline:
+                return info
+            time.sleep(poll)
+
+    def follow(self, job_id: str) -> Iterator[str]:
+        """The job's log as it grows, until the job ends."""
+        sent = 0
+        while True:
+            info = self.info(job_id)  # read first, so the final logs are complete
+            text = self.logs(job_id)
+            if len(text) > sent:
+                yield text[sent:]
+                sent = len(text)
+            if str(info.status) in TERMINAL:
+                return
+            time.sleep(1.0)
+
+
+def _make_client(address: str, headers: dict):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address, headers=headers)
+
+
+# --------------------------------------------------------------------------------------
+# What a job carries
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Shipped:
+    distribution: str
+    version: str
+    packages: list[str]
+
+
+def _top_levels(dist: md.Distribution, extra: tuple[str, ...] = ()) -> list[str]:
+    names = list(extra)
+    text = dist.read_text("top_level.txt") or ""
+    names += [line.strip() for line in text.splitlines() if line.strip()]
+    names += [ep.value.split(":")[0].split(".")[0] for ep in dist.entry_points if ep.group == "trainyard"]
+    return list(dict.fromkeys(names))
+
+
+def _ship_distribution(dist_name: str, into: Path, extra: tuple[str, ...] = ()) -> Shipped:
+    """Copy an installed distribution's packages, and a dist-info with its entry points, into
+    ``into`` (which becomes the job's working_dir, on sys.path on every node)."""
+    import importlib.util
+
+    dist = md.distribution(dist_name)
+    name, version = dist.metadata["Name"], dist.version
+    packages = []
+    for top in _top_levels(dist, extra):
+        spec = importlib.util.find_spec(top)
+        if spec is None or spec.origin in (None, "built-in", "frozen"):
+            if spec is not None and spec.submodule_search_locations:
+                source = Path(next(iter(spec.submodule_search_locations)))
+            else:
+                raise JobsError(f"plugin distribution {name}: cannot find its package {top!r} to ship")
+        else:
+            source = Path(spec.origin)
+            source = source.parent if source.name == "__init__.py" else source
+        target = into / source.name
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=_IGNORE)
+        else:
+            shutil.copy2(source, target)
+        packages.append(top)
+    info = into / f"{re.sub(r'[-_.]+', '_', name)}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(dist.read_text("entry_points.txt") or "")
+    return Shipped(name, version, packages)
+
+
+def plugins_used(cfg: Any, registry: Any) -> list[str]:
+    """Names of the distributions of the third-party plugins ``cfg`` uses."""
+    used = {("model", cfg.model.name), ("dataset", cfg.data.name)}
+    used |= {("metric", m) for m in (cfg.train.metrics or [])}
+    infos = {p.name: p for p in registry.plugins}
+    dists = []
+    for kind, name in sorted(used):
+        if name not in registry.table(kind):
+            continue
+        info = infos.get(registry.owner(kind, name))
+        if info is not None and not info.builtin and info.distribution and info.distribution not in dists:
+            dists.append(info.distribution)
+    return dists
+
+
+def _check_storage(cfg: Any) -> None:
+    """A cluster job's storage must be reachable from every node and outlive the job."""
+    paths = [("storage_path", cfg.storage_path)]
+    if cfg.get("tune") is not None:
+        paths.append(("tune.registry", cfg.tune.registry))
+    for key, value in paths:
+        if "://" not in value and not Path(value).expanduser().is_absolute() and not value.startswith("~"):
+            raise ConfigError(
+                f"{key}: {value!r} is relative; on a cluster it would land in the job's temporary "
+                f"working folder. Give a bucket URI or a shared folder every node mounts, e.g. "
+                f"{key}=s3://my-bucket/trainyard or {key}=/mnt/shared/trainyard"
+            )
+
+
+@dataclass
+class StagedJob:
+    mode: str  # train | tune
+    entrypoint: str
+    runtime_env: dict
+    metadata: dict
+    shipped: list[Shipped]
+    folder: Path
+
+
+def stage(cfg: Any, mode: str = "auto", deploy: bool = False, serve_port: int = 8000,
+          pip: tuple[str, ...] = (), folder: Path | None = None) -> StagedJob:
+    """Validate ``cfg`` here and lay out what the job carries; nothing is sent."""
+    from omegaconf import OmegaConf
+
+    from trainyard.config import resolve
+    from trainyard.plugins import get_registry
+
+    registry = get_registry()
+    resolve(cfg, registry)  # every config error surfaces here, before anything is sent
+    if mode == "auto":
+        mode = "tune" if cfg.get("tune") is not None else "train"
+    if mode == "tune" and cfg.get("tune") is None:
+        raise ConfigError("tune: the config has no tune section, so it cannot be submitted as a search")
+    if deploy and mode != "tune":
+        raise ConfigError("--deploy deploys a search's winner; the job is a training run (no tune section)")
+    _check_storage(cfg)
+    if deploy and "://" in cfg.tune.registry:
+        raise ConfigError(
+            f"tune.registry: {cfg.tune.registry!r} is a URI; --deploy serves winners from a folder "
+            "every node mounts (e.g. tune.registry=/mnt/cluster_storage/winners)"
+        )
+    if mode == "tune":
+        from trainyard.tuning import validate_space
+
+        validate_space(cfg)
+
+    folder = Path(folder or tempfile.mkdtemp(prefix="trainyard-job-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "job.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    shipped = [_ship_distribution("trainyard", folder, extra=("trainyard",))]
+    for dist in plugins_used(cfg, registry):
+        shipped.append(_ship_distribution(dist, folder))
+    command = f"python -m trainyard.cli {mode} job.yaml --address auto"
+    if deploy:
+        registry_dir = f"{cfg.tune.registry.rstrip('/')}/{cfg.name}"
+        command += (f" && python -m trainyard.cli deploy {registry_dir} --name {cfg.name} "
+                    f"--address auto --host 0.0.0.0 --port {serve_port} --detach")
+    env = {k: os.environ[k] for k in CARRIED_ENV if os.environ.get(k)}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["COLUMNS"] = "120"  # rich's tables in the job log
+    runtime_env: dict = {"working_dir": str(folder), "env_vars": env}
+    if pip:
+        runtime_env["pip"] = list(pip)
+    metadata = {"trainyard_mode": mode, "trainyard_job": str(cfg.name),
+                "trainyard_plugins": ",".join(f"{s.distribution}=={s.version}" for s in shipped)}
+    return StagedJob(mode, command, runtime_env, metadata, shipped, folder)
+

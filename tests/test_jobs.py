@@ -1,0 +1,140 @@
+"""What `trainyard submit` sends, and how it finds the cluster and the token: pure logic, no Ray."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+from trainyard.config import load_config
+from trainyard.errors import ConfigError
+from trainyard.jobs import DEFAULT_ADDRESS, JobsError, find_token, jobs_address, stage
+
+from tests.conftest import CONFIGS, ROOT
+
+EXAMPLE_CONFIG = ROOT / "examples" / "trainyard-example-plugin" / "configs" / "wine_resmlp.yaml"
+
+
+def test_jobs_address(monkeypatch):
+    monkeypatch.delenv("TRAINYARD_JOBS_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    assert jobs_address(None) == DEFAULT_ADDRESS
+    assert jobs_address("head:8265") == "http://head:8265"
+    assert jobs_address("https://ray.example.com/") == "https://ray.example.com"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://other:8265")
+    assert jobs_address(None) == "http://other:8265"
+    monkeypatch.setenv("TRAINYARD_JOBS_ADDRESS", "http://mine:8265")
+    assert jobs_address(None) == "http://mine:8265"
+    for wrong in ("ray://head:10001", "auto", "http://a b:1"):
+        with pytest.raises(JobsError, match="address"):
+            jobs_address(wrong)
+
+
+def test_token_lookup_order(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert find_token().value is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    assert find_token().value == "from-home"
+    named = tmp_path / "token"
+    named.write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(named))
+    assert find_token().value == "from-path"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    token = find_token()
+    assert token.value == "from-env" and token.source == "RAY_AUTH_TOKEN"
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    named.write_text("")
+    with pytest.raises(JobsError, match="RAY_AUTH_TOKEN_PATH=.*empty"):
+        find_token()
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(JobsError, match="RAY_AUTH_TOKEN_PATH=.*cannot read"):
+        find_token()
+
+
+def _shared(tmp_path) -> list[str]:
+    return [f"storage_path={tmp_path / 'runs'}", f"tune.registry={tmp_path / 'winners'}"]
+
+
+def test_a_staged_job_carries_its_resolved_config_and_trainyard(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAINYARD_API_KEY", "secret")  # never carried: runtime_env is visible
+    monkeypatch.setenv("TRAINYARD_DISABLE_PLUGINS", "nothing")
+    cfg = load_config(CONFIGS / "mlp_breast_cancer.yaml", [f"storage_path={tmp_path}", "train.epochs=3"])
+    job = stage(cfg, folder=tmp_path / "job")
+    assert job.mode == "train"
+    assert job.entrypoint == "python -m trainyard.cli train job.yaml --address auto"
+    carried = load_config(job.folder / "job.yaml")
+    assert OmegaConf.to_container(carried) == OmegaConf.to_container(cfg)
+    assert (job.folder / "trainyard" / "cli.py").exists()
+    assert (job.folder / "trainyard_builtins" / "mlp.py").exists()
+    assert not list(job.folder.rglob("__pycache__"))
+    shipped = {d.metadata["Name"]: d for d in md.distributions(path=[str(job.folder)])}
+    assert "trainyard" in shipped
+    assert {ep.name for ep in shipped["trainyard"].entry_points.select(group="trainyard")} >= {"mlp", "cnn", "bert"}
+    env = job.runtime_env["env_vars"]
+    assert "TRAINYARD_API_KEY" not in env and env["TRAINYARD_DISABLE_PLUGINS"] == "nothing"
+    assert job.runtime_env["working_dir"] == str(job.folder)
+    assert job.metadata["trainyard_mode"] == "train"
+
+
+def test_a_search_with_deploy_runs_tune_then_deploys_the_registry(tmp_path):
+    cfg = load_config(CONFIGS / "tune_mlp.yaml", _shared(tmp_path))
+    job = stage(cfg, deploy=True, serve_port=8123, pip=("rich",), folder=tmp_path / "job")
+    assert job.mode == "tune"
+    assert job.entrypoint.startswith("python -m trainyard.cli tune job.yaml --address auto && ")
+    assert f"deploy {tmp_path / 'winners'}/tune_mlp --name tune_mlp" in job.entrypoint
+    assert "--port 8123 --detach" in job.entrypoint
+    assert job.runtime_env["pip"] == ["rich"]
+    train_only = stage(cfg, mode="train", folder=tmp_path / "job2")
+    assert train_only.entrypoint.startswith("python -m trainyard.cli train ")
+
+
+@pytest.mark.parametrize(("config", "overrides", "message"), [
+    ("mlp_breast_cancer", ["storage_path=runs"], r"storage_path: 'runs' is relative"),
+    ("tune_mlp", ["storage_path=/shared/runs", "tune.registry=winners"], r"tune.registry: 'winners' is relative"),
+    ("mlp_breast_cancer", ["storage_path=/shared/runs", "model.params.activation=nope"], r"model.params.activation"),
+    ("tune_mlp", ["storage_path=/shared", "tune.registry=/shared/w", "tune.space.train.lr.low=1"], r"tune.space"),
+])
+def test_bad_jobs_are_refused_while_staging(tmp_path, config, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        stage(load_config(CONFIGS / f"{config}.yaml", overrides), folder=tmp_path / "job")
+    assert not (tmp_path / "job").exists()  # nothing staged, nothing sent
+
+
+def test_train_config_cannot_be_submitted_as_a_search_or_deployed(tmp_path):
+    cfg = load_config(CONFIGS / "mlp_breast_cancer.yaml", [f"storage_path={tmp_path}"])
+    with pytest.raises(ConfigError, match="no tune section"):
+        stage(cfg, mode="tune", folder=tmp_path / "a")
+    with pytest.raises(ConfigError, match="--deploy"):
+        stage(cfg, deploy=True, folder=tmp_path / "b")
+    search = load_config(CONFIGS / "tune_mlp.yaml", [f"storage_path={tmp_path}", "tune.registry=s3://bucket/w"])
+    with pytest.raises(ConfigError, match="tune.registry: 's3://bucket/w' is a URI; --deploy"):
+        stage(search, deploy=True, folder=tmp_path / "c")
+
+
+def test_a_third_party_plugin_the_config_uses_travels_with_the_job(tmp_path):
+    try:
+        md.distribution("trainyard-example-plugin")
+    except md.PackageNotFoundError:
+        pytest.skip("the example plugin is not installed (python3 .ci/bootstrap.py installs it)")
+    cfg = load_config(EXAMPLE_CONFIG, _shared(tmp_path))
+    job = stage(cfg, folder=tmp_path / "job")
+    assert [s.distribution for s in job.shipped] == ["trainyard", "trainyard-example-plugin"]
+    assert "trainyard-example-plugin==0.1.0" in job.metadata["trainyard_plugins"]
+    # From the job folder alone (as on a node where it is not installed), the plugin is
+    # found through its entry point and imported from the folder.
+    probe = (
+        "import sys, importlib.metadata as md; sys.path.insert(0, sys.argv[1]);"
+        "d = next(d for d in md.distributions(path=[sys.argv[1]]) if d.metadata['Name'] == 'trainyard-example-plugin');"
+        "ep = next(iter(d.entry_points.select(group='trainyard')));"
+        "print(ep.load().__file__)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(job.folder)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().startswith(str(job.folder))
+    # A config of built-ins only carries no third-party package.
+    builtins_only = stage(load_config(CONFIGS / "tune_mlp.yaml", _shared(tmp_path)), folder=tmp_path / "job2")
+    assert [s.distribution for s in builtins_only.shipped] == ["trainyard"]
