@@ -6,7 +6,12 @@ trainyard Predictor and the same JSON contract (POST {"inputs": [row]}); the sam
 load generator drives each at concurrency 1, 16 and 64. Prints req/s, p50 and p99 for each
 and the ratios; trainyard is measured with Serve's batching on and off.
 
-    .venv/bin/python bench/serve_throughput.py [--seconds 5]
+    .venv/bin/python bench/serve_throughput.py [--seconds 5] [--ingress proxy,haproxy]
+        [--batching both|on|off] [--replicas N] [--first-endpoint]
+
+Each trainyard ingress mode runs in its own child process with its own embedded Ray (the
+mode is fixed when Ray starts). --first-endpoint also times `trainyard up
+configs/tune_mlp.yaml --exit-after-first` to its first answered request (target <= 60 s).
 
 Target: trainyard >= 0.8x the plain app's req/s at concurrency 16 and 64, p99 <= 2x.
 """
@@ -116,11 +121,72 @@ def wait_ready(url: str, timeout: float = 60) -> None:
     sys.exit(f"{url} did not come up")
 
 
+def serve_child(args) -> None:
+    """One trainyard ingress mode in this process (its own embedded Ray): print JSON."""
+    from ray import serve
+
+    from trainyard.serving import deploy, load_serve_config
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    row = json.loads(args.row)
+    results = {}
+    port = free_port()
+    for label, batch in (("batching", args.max_batch_size), ("no batching", 1)):
+        if args.batching != "both" and (args.batching == "on") != (batch > 1):
+            continue
+        model = {"winner": args.checkpoint, "name": "mlp", "max_batch_size": batch, "num_cpus": 1,
+                 "num_replicas": args.replicas}
+        if args.batch_wait_ms is not None:
+            model["batch_wait_ms"] = args.batch_wait_ms
+        cfg = load_serve_config(base={"port": port, "ingress": args.child, "models": [model]})
+        url = deploy(cfg)["mlp"]
+        wait_ready(url)
+        results[label] = {c: asyncio.run(drive(url + "/predict", row, c, args.seconds)) for c in levels}
+    serve.shutdown()
+    print("RESULTS " + json.dumps(results), flush=True)
+
+
+def first_endpoint(seconds_limit: float = 600) -> float | None:
+    """`trainyard up configs/tune_mlp.yaml --exit-after-first`: its own time to first answer."""
+    work = Path(tempfile.mkdtemp(prefix="trainyard-up-bench-"))
+    started = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "trainyard.cli", "up", str(ROOT / "configs/tune_mlp.yaml"),
+         f"storage_path={work / 'runs'}", f"tune.registry={work / 'winners'}",
+         "--port", str(free_port()), "--exit-after-first"],
+        check=False, capture_output=True, text=True, timeout=seconds_limit, env={**os.environ, "COLUMNS": "200"})
+    wall = time.perf_counter() - started
+    if out.returncode != 0:
+        print(out.stdout[-2000:] + out.stderr[-2000:])
+        return None
+    for line in out.stdout.splitlines():
+        if "time to first answered request" in line:
+            print(f"trainyard up configs/tune_mlp.yaml: {line.strip()} (wall, with interpreter start: {wall:.1f} s)")
+    return wall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--ingress", default="proxy,haproxy",
+                        help="trainyard ingress modes to measure, each on its own embedded Ray "
+                             "(proxy: Serve's own proxy; haproxy: HAProxy in front of replicas that "
+                             "serve HTTP themselves; auto: what trainyard picks)")
+    parser.add_argument("--batching", choices=("both", "on", "off"), default="both")
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--batch-wait-ms", type=float, default=None,
+                        help="Serve's batch wait (default: trainyard's default)")
+    parser.add_argument("--first-endpoint", action="store_true",
+                        help="also time `trainyard up configs/tune_mlp.yaml --exit-after-first`")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        serve_child(args)
+        return
     levels = [int(c) for c in args.concurrency.split(",")]
 
     work = Path(tempfile.mkdtemp(prefix="trainyard-serve-bench-"))
@@ -141,30 +207,35 @@ def main() -> None:
         plain.terminate()
         plain.wait()
 
-    from ray import serve
-
-    from trainyard.serving import deploy, load_serve_config
-
-    port = free_port()
-    for label, batch in (("trainyard, batching", 32), ("trainyard, no batching", 1)):
-        cfg = load_serve_config(base={"port": port, "models": [
-            {"winner": str(checkpoint), "name": "mlp", "max_batch_size": batch, "num_cpus": 1}]})
-        url = deploy(cfg)["mlp"]
-        wait_ready(url)
-        results[label] = {c: asyncio.run(drive(url + "/predict", row, c, args.seconds)) for c in levels}
-    serve.shutdown()
+    for mode in args.ingress.split(","):
+        child = subprocess.run(
+            [sys.executable, __file__, "--child", mode, "--checkpoint", str(checkpoint),
+             "--row", json.dumps(row), "--seconds", str(args.seconds), "--concurrency", args.concurrency,
+             "--batching", args.batching, "--replicas", str(args.replicas),
+             "--max-batch-size", str(args.max_batch_size),
+             *(["--batch-wait-ms", str(args.batch_wait_ms)] if args.batch_wait_ms is not None else [])],
+            check=False, capture_output=True, text=True)
+        lines = [x for x in child.stdout.splitlines() if x.startswith("RESULTS ")]
+        if child.returncode != 0 or not lines:
+            print(f"ingress {mode}: failed\n{child.stdout[-2000:]}{child.stderr[-3000:]}")
+            continue
+        for label, by_level in json.loads(lines[-1][8:]).items():
+            results[f"trainyard {mode}, {label}"] = {int(c): r for c, r in by_level.items()}
 
     base = results["plain FastAPI+uvicorn"]
-    print(f"MLP (breast_cancer) one row per request; {args.seconds:g} s per level; same load generator")
+    print(f"MLP (breast_cancer) one row per request; {args.seconds:g} s per level; same load generator; "
+          f"{args.replicas} replica(s)")
     for label, by_level in results.items():
         for c, r in by_level.items():
             ratio = ""
             if label != "plain FastAPI+uvicorn":
                 ratio = (f"  ratio req/s {r['rps'] / base[c]['rps']:.2f}x, "
                          f"p99 {r['p99'] / base[c]['p99']:.2f}x")
-            print(f"{label:24} c={c:<3} {r['rps']:8.0f} req/s  p50 {r['p50']:7.1f} ms  "
+            print(f"{label:34} c={c:<3} {r['rps']:8.0f} req/s  p50 {r['p50']:7.1f} ms  "
                   f"p99 {r['p99']:7.1f} ms  errors {r['errors']}{ratio}")
     print("target: >= 0.8x the plain app's req/s at c=16 and c=64, with p99 <= 2x")
+    if args.first_endpoint:
+        first_endpoint()
 
 
 if __name__ == "__main__":

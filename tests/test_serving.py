@@ -140,6 +140,7 @@ def _tensor(**overrides):
 BAD_REQUESTS = {
     "malformed JSON": (b'{"inputs": [', "application/json", 400, "malformed JSON"),
     "wrong content type": (json.dumps(_tensor()).encode(), "text/plain", 415, "content type"),
+    "unknown output": ({**_tensor(), "outputs": [{"name": "logits"}]}, None, 400, "no output named 'logits'"),
     "missing field": ({"inputs": [{"name": "x", "shape": [1, 30], "data": [0.5] * 30}]}, None, 400, "missing field(s): datatype"),
     "extra field": ({**_tensor(), "colour": "red"}, None, 400, "unknown field(s): colour"),
     "wrong shape": (_tensor(shape=[1, 29], data=[0.5] * 29), None, 400, "expected [N, 30]"),
@@ -278,3 +279,76 @@ def test_python_client_and_predict_command_answer_from_a_served_model(served):
     bad = subprocess.run([sys.executable, "-m", "trainyard.cli", "predict", "nope", "x",
                           "--url", served["base"]], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "no model named 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_tritons_own_http_client_works_unchanged_against_the_v2_routes(served):
+    """tritonclient (NVIDIA's Open Inference Protocol client, written by nobody here), used
+    as its documentation shows: no Content-Type, no redirects followed, binary tensor data
+    by default."""
+    import tritonclient.http as triton
+
+    inputs, info = served["samples"]["mlp"]
+    x = np.asarray(inputs, dtype=np.float32)
+    client = triton.InferenceServerClient(served["base"].removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    meta = client.get_model_metadata("mlp")
+    assert client.is_model_ready("mlp") and client.is_model_ready("mlp", meta["versions"][0])
+    assert not client.is_model_ready("mlp", "99")
+    assert meta["inputs"][0] == {"name": "input-0", "datatype": "FP32", "shape": [-1, 30]}
+    for binary in (True, False):
+        tensor = triton.InferInput("input-0", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=binary)
+        result = client.infer("mlp", [tensor], request_id="r7")
+        probs = result.as_numpy("probabilities")
+        assert probs.shape == (4, len(info.classes)) and np.allclose(probs.sum(1), 1, atol=1e-4)
+        assert {label.decode() if isinstance(label, bytes) else label
+                for label in result.as_numpy("label")} <= set(info.classes)
+        assert result.get_response()["id"] == "r7"
+    only = client.infer("mlp", [tensor], outputs=[triton.InferRequestedOutput("probabilities", binary_data=False)])
+    assert [o["name"] for o in only.get_response()["outputs"]] == ["probabilities"]
+    text = triton.InferInput("text", [2], "BYTES")
+    text.set_data_from_numpy(np.asarray(["Lovely film.", "Awful service."], dtype=object))
+    labels = client.infer("bert", [text]).as_numpy("label")
+    assert len(labels) == 2
+    with pytest.raises(Exception, match="no model named 'resnet'"):
+        client.get_model_metadata("resnet")
+
+
+def test_binary_tensor_data_requests_are_parsed_and_checked():
+    from trainyard.serving import RequestError, parse_binary_request
+
+    header = json.dumps({"inputs": [
+        {"name": "input-0", "shape": [1, 2], "datatype": "FP32", "parameters": {"binary_data_size": 8}},
+        {"name": "text", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}]}).encode()
+    raw = header + np.asarray([1.5, -2], dtype="<f4").tobytes() + (2).to_bytes(4, "little") + b"hi"
+    body = parse_binary_request(raw, str(len(header)), json.loads)
+    assert body["inputs"][0]["data"].tolist() == [1.5, -2.0] and "parameters" not in body["inputs"][0]
+    assert body["inputs"][1]["data"] == ["hi"]
+    cases = [(raw + b"x", len(header), "1 bytes after"), (raw[:-6] + (3).to_bytes(4, "little") + b"hi", len(header), "cut short"),
+             (raw[:-3], len(header), "binary_data_size: 6 does not fit"), (raw, 10**6, "does not fit")]
+    for bad, length, text in cases:
+        with pytest.raises(RequestError, match=text):
+            parse_binary_request(bad, str(length), json.loads)
+
+
+def test_ingress_mode_settings_for_an_embedded_ray(monkeypatch):
+    from trainyard.errors import TrainyardError
+    from trainyard.serving import haproxy_binary, ingress_env
+
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    assert ingress_env("proxy") == {}
+    monkeypatch.setenv("TRAINYARD_SERVE_INGRESS", "proxy")
+    assert ingress_env() == {}
+    monkeypatch.setenv("TRAINYARD_SERVE_INGRESS", "fast")
+    with pytest.raises(TrainyardError, match="must be one of auto, haproxy, proxy"):
+        ingress_env()
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/nonexistent/haproxy")
+    assert haproxy_binary() is None and ingress_env("auto") == {}
+    with pytest.raises(TrainyardError, match="no HAProxy binary"):
+        ingress_env("haproxy")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/bin/true")
+    env = ingress_env("auto")
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert env["RAY_SERVE_HAPROXY_STATS_PORT"].isdigit()  # a free port, not the fixed 8404
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # the user's own choice wins
+    assert ingress_env("haproxy") == {}

@@ -167,6 +167,9 @@ def report(run, output):
     click.echo(f"wrote {path}")
 
 
+_INGRESS_HELP = ("HTTP ingress of an embedded Ray: haproxy (Serve's HAProxy ingress, several times "
+                 "the request rate), proxy (Serve's Python proxy), auto (haproxy where Serve finds "
+                 "its binary). Default: TRAINYARD_SERVE_INGRESS, else auto. Ignored with --address.")
 _JOBS_ADDRESS_HELP = ("Ray's Jobs API on the head node, e.g. http://HEAD:8265 (default: "
                       "TRAINYARD_JOBS_ADDRESS or RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265). "
                       "The token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.")
@@ -344,9 +347,11 @@ def jobs_stop(job_id, address):
 @click.option("--config-out", default=None, type=click.Path(dir_okay=False),
               help="Write a Ray Serve config file for `serve deploy` instead of deploying.")
 @click.option("--detach", is_flag=True, help="Return once deployed instead of serving until Ctrl-C.")
+@click.option("--ingress", type=click.Choice(["auto", "haproxy", "proxy"]), default=None,
+              help=_INGRESS_HELP)
 def deploy(winners, config_file, names, version, address, host, port, replicas, max_replicas,
            num_cpus, num_gpus, max_batch_size, batch_wait_ms, max_body_bytes, api_key,
-           config_out, detach):
+           config_out, detach, ingress):
     """Serve WINNERS over HTTP with Ray Serve (Open Inference Protocol + plain JSON).
 
     A WINNER is a winners folder (winners/<run>), a tuning run (runs/<run>), a training run
@@ -376,6 +381,8 @@ def deploy(winners, config_file, names, version, address, host, port, replicas, 
                    "batch_wait_ms": batch_wait_ms} for i, w in enumerate(winners)]
         cfg = load_serve_config(base={"host": host, "port": port, "api_key": api_key,
                                       "max_body_bytes": max_body_bytes, "models": models})
+    if ingress:
+        cfg.ingress = ingress
     console = _console()
     if config_out:
         path = write_serve_config(cfg, config_out)
@@ -395,7 +402,9 @@ def deploy(winners, config_file, names, version, address, host, port, replicas, 
 @click.argument("overrides", nargs=-1)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--exit-after-first", is_flag=True, help="Stop once the first request is answered.")
-def up(config, overrides, port, exit_after_first):
+@click.option("--ingress", type=click.Choice(["auto", "haproxy", "proxy"]), default=None,
+              help=_INGRESS_HELP)
+def up(config, overrides, port, exit_after_first, ingress):
     """The whole path on an embedded local Ray: tune CONFIG, deploy the winner, answer a
     sample request, and keep serving.
 
@@ -412,6 +421,10 @@ def up(config, overrides, port, exit_after_first):
     from trainyard.tuning import run_tuning, sample_input, summary_table
 
     console = _console()
+    if ingress:  # the embedded Ray that tuning starts fixes Serve's ingress
+        from trainyard.serving import INGRESS_ENV
+
+        os.environ[INGRESS_ENV] = ingress
     cfg = load_config(config, list(overrides))
     if cfg.tune is None:
         raise TrainyardError(f"{config}: has no tune section (try configs/tune_mlp.yaml)")

@@ -19,6 +19,14 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     env = {k: v for k, v in os.environ.items() if k.startswith("TRAINYARD_")}
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        # A driver started by the Jobs API: the job's runtime_env (working_dir, env_vars)
+        # already reaches every worker, and Ray refuses to merge the same keys twice.
+        env = {}
+        # Seen with Ray 2.60: in a job driver whose runtime_env has a working_dir, importing
+        # torch after ray.init() aborts ("Intel oneMKL FATAL ERROR: Cannot load
+        # libtorch_cpu.so"); imported before, it is fine.
+        import torch  # noqa: F401
     kwargs: dict = dict(
         include_dashboard=False,
         log_to_driver=False,
@@ -28,10 +36,20 @@ def init_ray(address: str | None = None) -> None:
     if address:
         kwargs.pop("include_dashboard")
         _check_reachable(address)
+    # Serve's HTTP ingress is fixed when Ray starts: its settings go in the environment of
+    # the Ray processes an embedded start spawns (see trainyard.serving.ingress_env), and
+    # only theirs: this process and its children keep their own environment.
+    from trainyard.serving import ingress_env
+
+    serve_env = {k: v for k, v in ingress_env().items() if k not in os.environ} if not address else {}
+    os.environ.update(serve_env)
     try:
         ray.init(address=address or None, **kwargs)
     except ConnectionError as exc:
         raise TrainingError(f"cannot reach a Ray cluster at {address!r}: {exc}") from None
+    finally:
+        for key in serve_env:
+            os.environ.pop(key, None)
 
 
 def storage_root(storage_path: str) -> str:

