@@ -430,14 +430,18 @@ def run_tuning(
         ),
         failure_config=tune.FailureConfig(max_failures=max(cfg.checkpoint.max_failures, 0)),
     )
-    if resume and tune.Tuner.can_restore(str(run_dir)):
-        tuner = tune.Tuner.restore(
+    def restore(restart_errored: bool = False):
+        restored = tune.Tuner.restore(
             str(run_dir), trainable=trainable, resume_unfinished=True, resume_errored=False,
-            param_space=param_space(cfg),
+            restart_errored=restart_errored, param_space=param_space(cfg),
         )
         # Progress callbacks are not restored: attach ours to the restored run.
-        tuner._local_tuner._run_config.callbacks = [callback]
-        tuner._local_tuner._run_config.verbose = 0
+        restored._local_tuner._run_config.callbacks = [callback]
+        restored._local_tuner._run_config.verbose = 0
+        return restored
+
+    if resume and tune.Tuner.can_restore(str(run_dir)):
+        tuner = restore()
     else:
         tuner = tune.Tuner(
             trainable,
@@ -460,12 +464,21 @@ def run_tuning(
     reaper = PlacementGroupReaper() if cfg.scaling.num_workers > 1 else contextlib.nullcontext()
     with live, reaper:
         grid = tuner.fit()
+        if resume and any(_lost_checkpoint(r.error) for r in grid):
+            # A driver killed mid-search can leave Tune's last snapshot naming a trial
+            # checkpoint that num_to_keep has since deleted; Tune then fails that trial on
+            # resume. Start such unfinished trials again from scratch; finished ones stay.
+            grid = restore(restart_errored=True).fit()
     trials = _collect(grid, metric, mode, keys, cfg.train.epochs)
     winners = export_winners(trials, cfg, metric, mode)
     (Path(run_dir) / "trainyard_trials.json").write_text(json.dumps(
         {"metric": metric, "mode": mode, "max_t": cfg.train.epochs, "trials": trials,
          "winners": winners}, indent=2, default=str))
     return TuneOutcome(str(run_dir), metric, mode, trials, winners, _registry_dir(cfg))
+
+
+def _lost_checkpoint(error: BaseException | None) -> bool:
+    return error is not None and "does not exist on storage anymore" in str(error)
 
 
 def _find_run(resume: str, cfg: DictConfig | None) -> Path:
