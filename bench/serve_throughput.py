@@ -134,7 +134,8 @@ def serve_child(args) -> None:
     for label, batch in (("batching", args.max_batch_size), ("no batching", 1)):
         if args.batching != "both" and (args.batching == "on") != (batch > 1):
             continue
-        model = {"winner": args.checkpoint, "name": "mlp", "max_batch_size": batch, "num_cpus": 1,
+        model = {"winner": args.checkpoint, "name": "mlp", "max_batch_size": batch,
+                 "num_cpus": round(1 / args.replicas, 2),  # one CPU's worth, shared
                  "num_replicas": args.replicas}
         if args.batch_wait_ms is not None:
             model["batch_wait_ms"] = args.batch_wait_ms

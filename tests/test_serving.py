@@ -352,3 +352,19 @@ def test_ingress_mode_settings_for_an_embedded_ray(monkeypatch):
     assert env["RAY_SERVE_HAPROXY_STATS_PORT"].isdigit()  # a free port, not the fixed 8404
     monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # the user's own choice wins
     assert ingress_env("haproxy") == {}
+
+
+def test_replicas_the_cluster_can_never_hold_are_refused_at_once(served):
+    import time
+
+    from ray import serve
+
+    from trainyard.errors import TrainyardError
+    from trainyard.serving import deploy, load_serve_config
+
+    model = {"winner": str(served["root"] / "secured"), "name": "too_big", "num_replicas": 2, "num_cpus": 63.975}
+    started = time.monotonic()
+    with pytest.raises(TrainyardError, match=r"cannot hold the replicas \(CPU: the replicas need 128"):
+        deploy(load_serve_config(base={"port": served["port"], "models": [model]}))
+    assert time.monotonic() - started < 30
+    assert "too_big" not in serve.status().applications  # nothing was deployed

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from trainyard.serving import (
+    ROOT_CPUS,
     ModelSignature,
     RequestError,
     oip_to_raw,
@@ -249,7 +250,7 @@ class ModelServer:
 root_api = FastAPI(title="trainyard", description="Health routes and the list of served models.")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.05})  # light; not a whole CPU (Serve's default)
+@serve.deployment(ray_actor_options={"num_cpus": ROOT_CPUS})  # light; not a whole CPU (Serve's default)
 @serve.ingress(root_api)
 class Root:
     """Health routes, the model list, and a JSON 404 for models that are not served."""

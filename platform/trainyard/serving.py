@@ -503,6 +503,31 @@ def write_serve_config(cfg: Any, path: str | Path) -> Path:
     return path
 
 
+#: CPUs of the root application's one replica (serve_app.Root).
+ROOT_CPUS = 0.05
+
+
+def check_serve_fits(cfg: Any) -> None:
+    """Fail at once, naming what is short, when the cluster can never hold the replicas
+    (Serve would otherwise wait for them forever)."""
+    import ray
+
+    need = {"CPU": ROOT_CPUS, "GPU": 0.0}
+    for m in cfg.models:
+        replicas = m.min_replicas if m.max_replicas else m.num_replicas
+        need["CPU"] += replicas * m.num_cpus
+        need["GPU"] += replicas * m.num_gpus
+    total = ray.cluster_resources()
+    short = {k: (v, total.get(k, 0.0)) for k, v in need.items() if v > total.get(k, 0.0) + 1e-9}
+    if short and not os.environ.get("TRAINYARD_ALLOW_AUTOSCALE"):
+        what = "; ".join(f"{k}: the replicas need {v:g}, the cluster has {have:g}" for k, (v, have) in short.items())
+        raise TrainyardError(
+            f"the cluster cannot hold the replicas ({what}). Lower num_replicas/min_replicas or "
+            "num_cpus/num_gpus per replica (fractions are allowed), or set "
+            "TRAINYARD_ALLOW_AUTOSCALE=1 on an autoscaling cluster."
+        )
+
+
 def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
     """Serve each model of a serve config as its own application; return name -> URL.
 
@@ -519,6 +544,7 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
     if not address and not ray.is_initialized() and cfg.ingress != "auto":
         os.environ[INGRESS_ENV] = cfg.ingress  # read by init_ray when it starts Ray
     init_ray(address)
+    check_serve_fits(cfg)
     serve.start(http_options={"host": cfg.host, "port": int(cfg.port)})
     existing = [a for a in serve.status().applications if a != ROOT_APP]
     specs = application_specs(cfg, existing)
