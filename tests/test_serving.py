@@ -364,7 +364,7 @@ def test_replicas_the_cluster_can_never_hold_are_refused_at_once(served):
 
     model = {"winner": str(served["root"] / "secured"), "name": "too_big", "num_replicas": 2, "num_cpus": 63.975}
     started = time.monotonic()
-    with pytest.raises(TrainyardError, match=r"cannot hold the replicas \(CPU: the replicas need 128"):
+    with pytest.raises(TrainyardError, match=r"cannot hold the replicas \(CPU: needs 128, the cluster has"):
         deploy(load_serve_config(base={"port": served["port"], "models": [model]}))
     assert time.monotonic() - started < 30
     assert "too_big" not in serve.status().applications  # nothing was deployed

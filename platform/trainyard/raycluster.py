@@ -79,3 +79,20 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
             f"cannot reach a Ray cluster at {address!r} ({exc.strerror or exc}); "
             "is the head node running (ray start --head) and the port open?"
         ) from None
+
+
+AUTOSCALE_ENV = "TRAINYARD_ALLOW_AUTOSCALE"
+
+
+def check_capacity(need: dict[str, float], headline: str, advice: str, error: type = TrainingError) -> None:
+    """Fail at once, naming what is short, when the cluster's total resources can never
+    hold ``need`` (Ray would otherwise wait for them forever); an autoscaling cluster
+    (TRAINYARD_ALLOW_AUTOSCALE=1) may still grow to hold it."""
+    import ray
+
+    total = ray.cluster_resources()
+    short = {k: (v, total.get(k, 0.0)) for k, v in need.items() if v > total.get(k, 0.0) + 1e-9}
+    if short and not os.environ.get(AUTOSCALE_ENV):
+        what = "; ".join(f"{k}: needs {v:g}, the cluster has {have:g}" for k, (v, have) in short.items())
+        raise error(f"the cluster cannot hold {headline} ({what}). {advice}, or set "
+                    f"{AUTOSCALE_ENV}=1 on an autoscaling cluster.")

@@ -22,7 +22,7 @@ from trainyard.serving import (
     outputs_to_oip,
     parse_binary_request,
     raw_from_json,
-    select_outputs,
+    requested_outputs,
 )
 
 logger = logging.getLogger("trainyard.serve")
@@ -132,6 +132,7 @@ class ModelServer:
         self.predictor = load_predictor(checkpoint)
         info = self.predictor.info
         self.signature = ModelSignature(info.inputs, list(info.input_shape), info.task, list(info.classes))
+        self.output_names = tuple(o["name"] for o in self.signature.output_metadata())
         self.max_body = int(options.get("max_body_bytes", 1_000_000))
         self.max_items = int(options.get("max_items", 1024))
         self.api_key = options.get("api_key") or (
@@ -215,11 +216,14 @@ class ModelServer:
         try:
             body = await read_json(request, self.max_body, binary=True)
             raw = oip_to_raw(body, self.signature, self.max_items)
-            select_outputs(body, self.signature.output_metadata())  # names checked up front
+            wanted = requested_outputs(body, self.output_names)
         except RequestError as exc:
             return error(exc.status, str(exc))
         answers, outputs = await self.run(raw)
-        tensors = select_outputs(body, outputs_to_oip(answers, outputs, self.signature))
+        tensors = outputs_to_oip(answers, outputs, self.signature)
+        if wanted:
+            by_name = {t["name"]: t for t in tensors}
+            tensors = [by_name[n] for n in wanted]
         response = {"model_name": self.name, "model_version": self.version, "outputs": tensors}
         if isinstance(body.get("id"), str):
             response["id"] = body["id"]

@@ -231,21 +231,21 @@ def raw_from_json(body: Any, sig: ModelSignature, max_batch: int) -> Any:
     return array.astype(np.float32)
 
 
-def select_outputs(body: dict, tensors: list[dict]) -> list[dict]:
-    """The outputs a request names in its ``outputs`` list (all when it names none)."""
+def requested_outputs(body: dict, available: tuple[str, ...]) -> list[str] | None:
+    """The output names a request's ``outputs`` list asks for, checked against the model's
+    (None: all of them)."""
     wanted = body.get("outputs")
     if wanted is None:
-        return tensors
+        return None
     if not isinstance(wanted, list) or not all(isinstance(w, dict) and isinstance(w.get("name"), str)
                                                for w in wanted):
         raise RequestError("'outputs' must be a list of objects with a 'name'")
     names = [w["name"] for w in wanted]
-    by_name = {t["name"]: t for t in tensors}
-    unknown = [n for n in names if n not in by_name]
+    unknown = [n for n in names if n not in available]
     if unknown:
         raise RequestError(f"outputs: no output named {', '.join(map(repr, unknown))} "
-                           f"(this model has {', '.join(by_name)})")
-    return [by_name[n] for n in names] if names else tensors
+                           f"(this model has {', '.join(available)})")
+    return names or None
 
 
 def outputs_to_oip(answers: list[dict], outputs: Any, sig: ModelSignature) -> list[dict]:
@@ -508,24 +508,16 @@ ROOT_CPUS = 0.05
 
 
 def check_serve_fits(cfg: Any) -> None:
-    """Fail at once, naming what is short, when the cluster can never hold the replicas
-    (Serve would otherwise wait for them forever)."""
-    import ray
+    """Fail at once when the cluster can never hold the replicas (Serve would wait forever)."""
+    from trainyard.raycluster import check_capacity
 
     need = {"CPU": ROOT_CPUS, "GPU": 0.0}
     for m in cfg.models:
         replicas = m.min_replicas if m.max_replicas else m.num_replicas
         need["CPU"] += replicas * m.num_cpus
         need["GPU"] += replicas * m.num_gpus
-    total = ray.cluster_resources()
-    short = {k: (v, total.get(k, 0.0)) for k, v in need.items() if v > total.get(k, 0.0) + 1e-9}
-    if short and not os.environ.get("TRAINYARD_ALLOW_AUTOSCALE"):
-        what = "; ".join(f"{k}: the replicas need {v:g}, the cluster has {have:g}" for k, (v, have) in short.items())
-        raise TrainyardError(
-            f"the cluster cannot hold the replicas ({what}). Lower num_replicas/min_replicas or "
-            "num_cpus/num_gpus per replica (fractions are allowed), or set "
-            "TRAINYARD_ALLOW_AUTOSCALE=1 on an autoscaling cluster."
-        )
+    check_capacity(need, "the replicas", "Lower num_replicas/min_replicas or num_cpus/num_gpus per "
+                   "replica (fractions are allowed)", error=TrainyardError)
 
 
 def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:

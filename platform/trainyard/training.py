@@ -26,7 +26,7 @@ import ray.train.torch
 
 from trainyard.config import ResolvedJob, resolve
 from trainyard.errors import TrainingError
-from trainyard.raycluster import init_ray, storage_root
+from trainyard.raycluster import check_capacity, init_ray, storage_root
 
 FAULT_ENV = "TRAINYARD_FAULT_AT_EPOCH"
 
@@ -248,7 +248,6 @@ def run_loop(loop_config: dict, session) -> None:
     from omegaconf import OmegaConf
 
     from trainyard.checkpoint import read_trainer_state, unwrap, write_checkpoint
-
     from trainyard.plugins import get_registry
 
     cfg = OmegaConf.create(loop_config["config"])
@@ -591,18 +590,10 @@ def _check_resumable(run_dir: Path, cfg: Any) -> None:
 
 def check_fits(cfg: Any, resources: dict) -> None:
     """Fail at once, naming what is missing, when no placement can ever fit the workers."""
-
-    total = ray.cluster_resources()
-    need = {k: v * cfg.scaling.num_workers for k, v in resources.items()}
-    short = {k: (v, total.get(k, 0.0)) for k, v in need.items() if v > total.get(k, 0.0) + 1e-9}
-    if short and not os.environ.get("TRAINYARD_ALLOW_AUTOSCALE"):
-        what = "; ".join(f"{k}: needs {v:g}, cluster has {have:g}" for k, (v, have) in short.items())
-        raise TrainingError(
-            f"the cluster cannot fit {cfg.scaling.num_workers} worker(s) with "
-            f"{resources} each ({what}). Lower scaling.num_workers or the per-worker "
-            f"resources (fractions such as scaling.gpus_per_worker=0.25 are allowed), or set "
-            f"TRAINYARD_ALLOW_AUTOSCALE=1 on an autoscaling cluster."
-        )
+    n = cfg.scaling.num_workers
+    check_capacity({k: v * n for k, v in resources.items()}, f"{n} worker(s) with {resources} each",
+                   "Lower scaling.num_workers or the per-worker resources (fractions such as "
+                   "scaling.gpus_per_worker=0.25 are allowed)")
 
 
 @ray.remote(num_cpus=0)
