@@ -63,7 +63,7 @@ def make_checkpoint(folder: Path) -> tuple[Path, list]:
 
     from trainyard.checkpoint import write_checkpoint
     from trainyard.config import load_config, resolve
-    from trainyard.training import prepare_data
+    from trainyard.train.data import prepare_data
 
     cfg = load_config(ROOT / "configs/mlp_breast_cancer.yaml", ["name=bench_mlp"])
     job = resolve(cfg)
@@ -125,7 +125,8 @@ def serve_child(args) -> None:
     """One trainyard ingress mode in this process (its own embedded Ray): print JSON."""
     from ray import serve
 
-    from trainyard.serving import deploy, load_serve_config
+    from trainyard.serve.deploy import deploy
+    from trainyard.serve.config import load_serve_config
 
     levels = [int(c) for c in args.concurrency.split(",")]
     row = json.loads(args.row)

@@ -68,7 +68,8 @@ def plain_loop(args, data: Path) -> list[float]:
     import torch
 
     from trainyard.config import load_config, resolve
-    from trainyard.training import loss_fn, make_optimizer, prepare_data
+    from trainyard.train.loop import loss_fn, make_optimizer
+    from trainyard.train.data import prepare_data
 
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / "configs/mlp_breast_cancer.yaml", job_overrides(args, data, Path("/tmp")))

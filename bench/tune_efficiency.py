@@ -48,7 +48,7 @@ def make_config(args, work: Path, scheduler: str, seed: int):
 def search(args, work: Path, scheduler: str, seed: int) -> dict:
     from ray.tune import Callback
 
-    from trainyard.tuning import run_tuning
+    from trainyard.tune.driver import run_tuning
 
     class Clock(Callback):
         """When, after the search started, each trial reported what."""
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="search seeds; each gives one pair of runs")
     args = parser.parse_args()
 
-    from trainyard.raycluster import init_ray
+    from trainyard.runtime.cluster import init_ray
 
     init_ray()
     work = Path(tempfile.mkdtemp(prefix="trainyard-tune-bench-"))

@@ -15,7 +15,7 @@ def ray_cluster():
     """A real embedded Ray, started once by trainyard's own start-up path."""
     import ray
 
-    from trainyard.training import init_ray
+    from trainyard.runtime.cluster import init_ray
 
     init_ray()
     yield ray

@@ -210,7 +210,7 @@ def test_tune_job_deploys_its_winner_on_the_cluster(two_nodes, tmp_path):
     assert (shared / "winners" / "tune_mlp" / "winners.json").exists()
     # The winner answers over HTTP from the cluster's Serve, after the job's driver exited.
     from trainyard.client import Client
-    from trainyard.tuning import sample_input
+    from trainyard.train.data import sample_input
 
     sample = sample_input(shared / "winners" / "tune_mlp" / "rank_1")
     answer = Client(f"http://127.0.0.1:{two_nodes.serve_port}").predict("tune_mlp", [sample])[0]

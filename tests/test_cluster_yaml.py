@@ -254,7 +254,7 @@ def test_token_auth_on_every_node(config):
 
 
 def test_dashboard_and_serve_ports(config):
-    from trainyard.serving import ServeConfig
+    from trainyard.serve.config import ServeConfig
 
     start = " ".join(c for c in config["head_start_ray_commands"] if "ray start" in c)
     for flag in ("--head", "--port=6379", "--dashboard-host=0.0.0.0", "--dashboard-port=8265",

@@ -46,7 +46,7 @@ def minimal(**sections) -> dict:
 
 
 def test_shipped_serve_config_loads_with_its_schema():
-    from trainyard.serving import load_serve_config
+    from trainyard.serve.config import load_serve_config
 
     cfg = load_serve_config(SERVE_CONFIG)
     assert [m.name for m in cfg.models] == ["mlp", "cnn"]

@@ -21,7 +21,8 @@ from trainyard.checkpoint import load_predictor, read_trainer_state, write_check
 from trainyard.config import load_config, resolve, typed_params
 from trainyard.errors import TrainyardError
 from trainyard.plugins import get_registry
-from trainyard.training import compute_metrics, epoch_batches, prepare_data, split_validation
+from trainyard.train.loop import compute_metrics
+from trainyard.train.data import epoch_batches, prepare_data, split_validation
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -86,7 +86,7 @@ def test_example_is_discovered_through_its_installed_entry_point_not_registered_
 
 
 def test_train_job_with_the_example_model_dataset_and_metric_runs_on_ray(ray_cluster, tmp_path):
-    from trainyard.training import run_training
+    from trainyard.train.driver import run_training
 
     cfg = load_config(CONFIG, [f"storage_path={tmp_path}", "name=wine_train", "train.epochs=2"])
     result = run_training(cfg)
@@ -102,7 +102,7 @@ def test_train_job_with_the_example_model_dataset_and_metric_runs_on_ray(ray_clu
 
 @pytest.fixture(scope="module")
 def tuned(ray_cluster, tmp_path_factory):
-    from trainyard.tuning import run_tuning
+    from trainyard.tune.driver import run_tuning
 
     root = tmp_path_factory.mktemp("example_tune")
     cfg = load_config(CONFIG, [f"storage_path={root / 'runs'}", f"tune.registry={root / 'winners'}",
@@ -130,7 +130,8 @@ def served(tuned):
     """The winner served by trainyard's own deploy. Serve is one per Ray cluster: like
     test_serving, this module shuts it down when done, so the next module starts afresh."""
     from ray import serve
-    from trainyard.serving import deploy, load_serve_config
+    from trainyard.serve.deploy import deploy
+    from trainyard.serve.config import load_serve_config
 
     port = _free_port()
     cfg = load_serve_config(base={"port": port, "models": [

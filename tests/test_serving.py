@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import CONFIGS
 from trainyard.checkpoint import write_checkpoint
 from trainyard.config import load_config, resolve
-from trainyard.training import prepare_data, split_validation
+from trainyard.train.data import prepare_data, split_validation
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -44,7 +44,7 @@ def make_checkpoint(folder, config_name, name):
 
 
 def serve_config(port, models, version="1", **server):
-    from trainyard.serving import load_serve_config
+    from trainyard.serve.config import load_serve_config
 
     return load_serve_config(base={"port": port, **server, "models": [
         {"winner": w, "name": n, "version": version, "num_cpus": 0.1} for w, n in models]})
@@ -54,7 +54,7 @@ def serve_config(port, models, version="1", **server):
 def served(tmp_path_factory):
     from ray import serve
 
-    from trainyard.serving import deploy
+    from trainyard.serve.deploy import deploy
 
     root = tmp_path_factory.mktemp("serve")
     port = _free_port()
@@ -183,7 +183,7 @@ def test_api_key_is_required_where_configured_and_health_stays_open(served):
 
 
 def test_redeploying_a_served_model_drops_no_request(served):
-    from trainyard.serving import deploy
+    from trainyard.serve.deploy import deploy
 
     url = served["endpoints"]["mlp"] + "/infer"
     failures, answered, stop = [], [], threading.Event()
@@ -215,7 +215,7 @@ def test_config_out_writes_a_serve_config_that_serve_accepts(served, tmp_path):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from trainyard.serving import write_serve_config
+    from trainyard.serve.config import write_serve_config
 
     cfg = serve_config(8000, [(str(served["root"] / "cnn"), "digits"), (str(served["root"] / "bert"), "")])
     cfg.models[0].max_replicas = 4
@@ -233,7 +233,7 @@ def test_config_out_writes_a_serve_config_that_serve_accepts(served, tmp_path):
 
 def test_serve_config_errors_name_the_key(tmp_path):
     from trainyard.errors import ConfigError
-    from trainyard.serving import load_serve_config
+    from trainyard.serve.config import load_serve_config
 
     with pytest.raises(ConfigError, match=r"models\[0\]\.max_batch_size"):
         load_serve_config(base={"models": [{"winner": "x", "max_batch_size": 0}]})
@@ -315,7 +315,7 @@ def test_tritons_own_http_client_works_unchanged_against_the_v2_routes(served):
 
 
 def test_binary_tensor_data_requests_are_parsed_and_checked():
-    from trainyard.serving import RequestError, parse_binary_request
+    from trainyard.serve.protocol import RequestError, parse_binary_request
 
     header = json.dumps({"inputs": [
         {"name": "input-0", "shape": [1, 2], "datatype": "FP32", "parameters": {"binary_data_size": 8}},
@@ -333,7 +333,7 @@ def test_binary_tensor_data_requests_are_parsed_and_checked():
 
 def test_ingress_mode_settings_for_an_embedded_ray(monkeypatch):
     from trainyard.errors import TrainyardError
-    from trainyard.serving import haproxy_binary, ingress_env
+    from trainyard.runtime.ingress import haproxy_binary, ingress_env
 
     monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
     assert ingress_env("proxy") == {}
@@ -360,7 +360,8 @@ def test_replicas_the_cluster_can_never_hold_are_refused_at_once(served):
     from ray import serve
 
     from trainyard.errors import TrainyardError
-    from trainyard.serving import deploy, load_serve_config
+    from trainyard.serve.deploy import deploy
+    from trainyard.serve.config import load_serve_config
 
     model = {"winner": str(served["root"] / "secured"), "name": "too_big", "num_replicas": 2, "num_cpus": 63.975}
     started = time.monotonic()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ from omegaconf import OmegaConf
 
 from trainyard.checkpoint import load_predictor
 from trainyard.errors import TrainingError
-from trainyard.training import FAULT_ENV, run_training
+from trainyard.train.driver import run_training
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -43,7 +46,7 @@ def test_each_builtin_model_trained_on_two_workers_beats_chance(model, job_confi
     assert predictor.manifest["model"] == model
     assert predictor.manifest["model_plugin"] == model
     from trainyard.config import resolve
-    from trainyard.training import prepare_data
+    from trainyard.train.data import prepare_data
 
     data = prepare_data(resolve(cfg))
     raw = _raw_validation_inputs(cfg, 64)
@@ -56,7 +59,7 @@ def test_each_builtin_model_trained_on_two_workers_beats_chance(model, job_confi
 def _raw_validation_inputs(cfg, n):
     """Raw (unprocessed) inputs as a client would send them."""
     from trainyard.config import resolve
-    from trainyard.training import split_validation
+    from trainyard.train.data import split_validation
 
     job = resolve(cfg)
     data = job.dataset.load(job.data_params, cfg.seed)
@@ -80,18 +83,37 @@ def test_seeded_run_is_reproduced_and_two_workers_match_one(job_config):
             assert two[key] == pytest.approx(one[key], abs=2e-3), key
 
 
-def test_worker_failure_resumes_from_latest_checkpoint_not_epoch_zero(job_config, monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, "1")  # rank 0 dies in epoch index 2, after epoch 1 was saved
-    cfg = job_config("mlp_breast_cancer", "name=faulty", "train.epochs=4",
+def test_worker_killed_from_outside_resumes_from_latest_checkpoint_not_epoch_zero(job_config):
+    """SIGKILL to rank 0's process (found through the worker event behind workers.json), a
+    few seconds after epoch 1 was checkpointed: the workers restart from the latest
+    checkpoint and go on from the epoch after it."""
+    epochs = 10
+    cfg = job_config("mlp_breast_cancer", "name=faulty", f"train.epochs={epochs}",
                      "scaling.num_workers=2", "checkpoint.max_failures=1")
-    events = []
-    result = run_training(cfg, on_event=events.append)
+    events, pids, killed = [], {}, {}
 
-    assert (result.run_dir / ".injected_fault").exists()
+    def on_event(event: dict) -> None:
+        events.append(event)
+        if event["type"] == "worker":
+            pids.setdefault(event["rank"], []).append(event["pid"])
+        if event["type"] == "epoch_end" and event["epoch"] == 1:
+            killed["after"] = time.monotonic() + 2.0  # time for the controller to record it
+        if "after" in killed and "at" not in killed and time.monotonic() >= killed["after"]:
+            os.kill(pids[0][0], signal.SIGKILL)
+            killed["at"] = event.get("epoch")
+
+    result = run_training(cfg, on_event=on_event)
+
+    assert killed.get("at") is not None, "the run ended before the worker could be killed"
+    assert len(pids[0]) == 2 and pids[0][0] != pids[0][1]  # rank 0 ran again, in a new process
     starts = [e["epoch"] for e in events if e["type"] == "epoch_start"]
-    assert starts == [0, 1, 2, 3]  # after the failure it went on at 2, never back to 0
-    assert result.resumed_from == 2
-    assert [r["epoch"] for r in result.history] == [0, 1, 2, 3]
+    drop = next(i for i in range(1, len(starts)) if starts[i] <= starts[i - 1])
+    assert starts[:drop] == list(range(drop))
+    assert result.resumed_from == starts[drop] >= 2  # from a checkpoint, never from epoch 0
+    assert starts[drop:] == list(range(starts[drop], epochs))
+    assert [r["epoch"] for r in result.history] == list(range(epochs))
+    workers = json.loads((result.run_dir / "workers.json").read_text())
+    assert workers[0]["pid"] == pids[0][1]
 
 
 def test_run_started_again_with_the_same_name_resumes(job_config):

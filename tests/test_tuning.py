@@ -18,8 +18,8 @@ from tests.conftest import CONFIGS
 from trainyard.checkpoint import load_predictor
 from trainyard.config import load_config, resolve
 from trainyard.errors import TrainingError
-from trainyard.training import prepare_data
-from trainyard.tuning import run_tuning
+from trainyard.train.data import prepare_data
+from trainyard.tune.driver import run_tuning
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -65,7 +65,7 @@ def test_grid_covers_exactly_its_points_and_exports_a_winner_that_scores_what_it
     assert accuracy == pytest.approx(winner["value"], abs=1e-9)
 
     # The report is one HTML file with the plots, the trials and the winner's config.
-    from trainyard.report import write_report
+    from trainyard.ui.report import write_report
 
     page = write_report(outcome.run_dir).read_text()
     assert page.count("<svg") == 3 and winner["trial_id"] in page and "train:" in page

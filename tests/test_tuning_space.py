@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import CONFIGS
 from trainyard.config import load_config
 from trainyard.errors import ConfigError
-from trainyard.tuning import apply_values, param_space, validate_space
+from trainyard.tune.space import apply_values, param_space, validate_space
 
 
 def space_error(space: dict, **tune) -> str:

@@ -46,7 +46,7 @@ class TrainyardGroup(click.Group):
         try:
             return super().invoke(ctx)
         except TrainyardError as exc:
-            _fail(str(exc), 2 if type(exc).__name__ == "ConfigError" else 1)
+            _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
@@ -97,15 +97,15 @@ def train(config, overrides, address, dry_run):
         return
     import threading
 
-    from trainyard.raycluster import init_ray
+    from trainyard.runtime.cluster import init_ray
 
     # Import torch and Ray Train while Ray starts: the two overlap on a small machine.
-    importer = threading.Thread(target=__import__, args=("trainyard.training",), daemon=True)
+    importer = threading.Thread(target=__import__, args=("trainyard.train.driver",), daemon=True)
     importer.start()
     init_ray(address)
     importer.join()
-    from trainyard.progress import TrainingView
-    from trainyard.training import run_training
+    from trainyard.ui.training import TrainingView
+    from trainyard.train.driver import run_training
 
     view = TrainingView(console, cfg, START)
     with view:
@@ -141,7 +141,8 @@ def tune(config, overrides, address, resume):
         raise click.UsageError("give a CONFIG, or --resume RUN")
     cfg = load_config(config, list(overrides)) if config else None
     _warn_plugin_problems(console)
-    from trainyard.tuning import run_tuning, summary_table
+    from trainyard.tune.driver import run_tuning
+    from trainyard.ui.tune_table import summary_table
 
     outcome = run_tuning(cfg, address=address, resume=resume, console=console)
     console.print()
@@ -161,7 +162,7 @@ def tune(config, overrides, address, resume):
 @click.option("-o", "--output", default=None, help="HTML file to write (default: RUN/report.html).")
 def report(run, output):
     """Write one self-contained HTML report of the tuning run RUN."""
-    from trainyard.report import write_report
+    from trainyard.ui.report import write_report
 
     path = write_report(run, output)
     click.echo(f"wrote {path}")
@@ -363,8 +364,8 @@ def deploy(winners, config_file, names, version, address, host, port, replicas, 
       trainyard deploy --config configs/serve.yaml
       trainyard deploy winners/tune_mlp --config-out serve_config.yaml   # then: serve deploy
     """
-    from trainyard.serving import deploy as deploy_models
-    from trainyard.serving import load_serve_config, write_serve_config
+    from trainyard.serve.deploy import deploy as deploy_models
+    from trainyard.serve.config import load_serve_config, write_serve_config
 
     if config_file and winners:
         raise click.UsageError("give WINNERS or --config, not both")
@@ -414,31 +415,17 @@ def up(config, overrides, port, exit_after_first, ingress):
     """
     import json as _json
 
-    from trainyard.client import Client
     from trainyard.config import load_config
-    from trainyard.serving import deploy as deploy_models
-    from trainyard.serving import load_serve_config
-    from trainyard.tuning import run_tuning, sample_input, summary_table
+    from trainyard.pipeline import tune_and_serve
+    from trainyard.ui.tune_table import summary_table
 
     console = _console()
-    if ingress:  # the embedded Ray that tuning starts fixes Serve's ingress
-        from trainyard.serving import INGRESS_ENV
-
-        os.environ[INGRESS_ENV] = ingress
     cfg = load_config(config, list(overrides))
-    if cfg.tune is None:
-        raise TrainyardError(f"{config}: has no tune section (try configs/tune_mlp.yaml)")
     _warn_plugin_problems(console)
-    outcome = run_tuning(cfg, console=console)
-    console.print(summary_table(outcome))
-    if not outcome.winners:
-        raise TrainyardError("no trial finished, so there is no winner to deploy")
-    winner = outcome.winners[0]
-    serve_cfg = load_serve_config(base={"port": port, "models": [{"winner": winner["path"], "name": cfg.name}]})
-    endpoint = deploy_models(serve_cfg)[cfg.name]
-    sample = sample_input(winner["path"])
-    answer = Client(f"http://127.0.0.1:{port}").predict(cfg.name, [sample])[0]
+    up = tune_and_serve(cfg, port=port, ingress=ingress, console=console,
+                        on_tuned=lambda outcome: console.print(summary_table(outcome)))
     first = time.perf_counter() - START
+    winner, endpoint, answer, sample = up.winner, up.endpoint, up.answer, up.sample
     console.print(f"[green]serving[/] {cfg.name} (winner {winner['trial_id']}, {winner['metric']} "
                   f"{winner['value']:.4f}) at {endpoint}")
     console.print(f"sample request answered: {answer.get('label', answer.get('value'))} "

@@ -4,9 +4,14 @@
 class TrainyardError(Exception):
     """An error whose message is meant for the person running trainyard."""
 
+    #: The CLI's exit status for it.
+    exit_code = 1
+
 
 class ConfigError(TrainyardError):
     """A job config, override or plugin parameter is invalid. Names the key's full path."""
+
+    exit_code = 2
 
 
 class PluginError(TrainyardError):

@@ -295,7 +295,7 @@ def stage(cfg: Any, mode: str = "auto", deploy: bool = False, serve_port: int = 
             "every node mounts (e.g. tune.registry=/mnt/cluster_storage/winners)"
         )
     if mode == "tune":
-        from trainyard.tuning import validate_space
+        from trainyard.tune.space import validate_space
 
         validate_space(cfg)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 
 from trainyard.errors import TrainingError
+from trainyard.runtime.ingress import ingress_env
 
 
-def init_ray(address: str | None = None) -> None:
-    """Connect to ``address`` (a running cluster), or start an embedded local Ray."""
+def init_ray(address: str | None = None, ingress: str | None = None) -> None:
+    """Connect to ``address`` (a running cluster), or start an embedded local Ray whose Serve
+    takes HTTP through ``ingress`` (see ``trainyard.runtime.ingress``; fixed at start)."""
     import logging
 
     import ray
@@ -37,11 +39,9 @@ def init_ray(address: str | None = None) -> None:
         kwargs.pop("include_dashboard")
         _check_reachable(address)
     # Serve's HTTP ingress is fixed when Ray starts: its settings go in the environment of
-    # the Ray processes an embedded start spawns (see trainyard.serving.ingress_env), and
-    # only theirs: this process and its children keep their own environment.
-    from trainyard.serving import ingress_env
-
-    serve_env = {k: v for k, v in ingress_env().items() if k not in os.environ} if not address else {}
+    # the Ray processes an embedded start spawns, and only theirs: this process and its
+    # children keep their own environment.
+    serve_env = {k: v for k, v in ingress_env(ingress).items() if k not in os.environ} if not address else {}
     os.environ.update(serve_env)
     try:
         ray.init(address=address or None, **kwargs)
@@ -50,15 +50,6 @@ def init_ray(address: str | None = None) -> None:
     finally:
         for key in serve_env:
             os.environ.pop(key, None)
-
-
-def storage_root(storage_path: str) -> str:
-    """A storage path as Ray wants it: a URI as is, a local folder made absolute."""
-    if "://" in storage_path:
-        return storage_path
-    from pathlib import Path
-
-    return str(Path(storage_path).expanduser().resolve())
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -14,31 +14,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from trainyard.serving import (
-    ROOT_CPUS,
+from trainyard.serve.config import ROOT_CPUS
+from trainyard.serve.protocol import (
     ModelSignature,
     RequestError,
     oip_to_raw,
     outputs_to_oip,
     parse_binary_request,
+    parse_json,
     raw_from_json,
     requested_outputs,
 )
 
 logger = logging.getLogger("trainyard.serve")
-
-
-def _reject_constant(name: str) -> Any:
-    raise RequestError(f"{name} is not valid JSON here: NaN and Infinity are not accepted")
-
-
-def parse_json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except RequestError:
-        raise
-    except ValueError as exc:
-        raise RequestError(f"malformed JSON: {exc}") from None
 
 
 async def read_json(request: Request, max_bytes: int, binary: bool = False) -> Any:

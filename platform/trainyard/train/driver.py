@@ -1,0 +1,191 @@
+"""The training driver: start Ray Train's workers for a job, follow their progress, keep
+the run folder (config, metrics, where each worker ran), and report the outcome."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from trainyard.config import resolve
+from trainyard.errors import ConfigError, TrainingError
+from trainyard.runtime.cluster import init_ray
+from trainyard.runtime.resources import check_workers_fit, worker_resources
+from trainyard.runtime.storage import storage_root
+from trainyard.train.loop import train_loop_per_worker
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict]
+    checkpoint: Path | None
+    best: dict | None
+    monitor: str
+    resumed_from: int | None = None
+
+
+def make_trainer(cfg: Any, loop_config: dict, name: str, storage: str, callbacks: list | None = None):
+    """The TorchTrainer for a job: workers, resources, failures and checkpoints from ``cfg``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu, resources = worker_resources(cfg)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first worker's own error, not Ray's wrapping of it."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        first = next(iter(failures.values()))
+        return _root_cause(first)
+    cause = getattr(exc, "cause", None) or exc.__cause__
+    if cause is not None and cause is not exc:
+        return _root_cause(cause)
+    text = str(exc).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+class _MetricsLog:
+    """metrics.jsonl in the run folder, one line per epoch (a resumed epoch replaces its line)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: dict[int, dict] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.rows[row["epoch"]] = row
+
+    def add(self, row: dict) -> None:
+        self.rows[row["epoch"]] = row
+        self.path.write_text("".join(json.dumps(self.rows[e]) + "\n" for e in sorted(self.rows)))
+
+    @property
+    def history(self) -> list[dict]:
+        return [self.rows[e] for e in sorted(self.rows)]
+
+
+def run_training(
+    cfg: Any,
+    address: str | None = None,
+    on_event: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train the job ``cfg`` (a loaded config) on Ray Train; blocks until it ends."""
+    from omegaconf import OmegaConf
+
+    from trainyard.plugins import get_registry
+
+    registry = get_registry()
+    job = resolve(cfg, registry)  # every config error surfaces before Ray starts
+    storage = storage_root(cfg.storage_path)
+    run_dir = Path(storage) / cfg.name if "://" not in storage else None
+    init_ray(address)
+    check_workers_fit(cfg)
+
+    sink = ProgressSink.remote()
+    loop_config: dict = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "progress": sink,
+    }
+    if run_dir is not None:
+        _check_resumable(run_dir, cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    log = _MetricsLog(run_dir / "metrics.jsonl") if run_dir is not None else None
+
+    trainer = make_trainer(cfg, loop_config, cfg.name, storage)
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # reported to the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    resumed_from = None
+    workers: dict[int, dict] = {}
+    while True:
+        thread.join(timeout=0.25)
+        for event in ray.get(sink.drain.remote()):
+            if event["type"] == "epoch_start" and event.get("resumed"):
+                resumed_from = event["epoch"]
+            if event["type"] == "worker":
+                workers[event["rank"]] = {k: v for k, v in event.items() if k != "type"}
+                if run_dir is not None:
+                    (run_dir / "workers.json").write_text(json.dumps([workers[r] for r in sorted(workers)], indent=1))
+            if event["type"] == "epoch_end" and log is not None:
+                log.add(event["metrics"])
+            if on_event is not None:
+                on_event(event)
+        if not thread.is_alive():
+            break
+    ray.kill(sink)
+    if "error" in outcome:
+        raise TrainingError(f"training failed: {_root_cause(outcome['error'])}") from None
+    result = outcome["result"]
+    if result.error is not None:
+        raise TrainingError(f"training failed: {_root_cause(result.error)}")
+    history = log.history if log is not None else []
+    checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    best = None
+    monitor = f"val_{job.monitor}"
+    if history:
+        pick = max if job.monitor_mode == "max" else min
+        best = pick(history, key=lambda row: row[monitor])
+    return TrainResult(run_dir or Path(storage), history, checkpoint, best, monitor, resumed_from)
+
+
+def _check_resumable(run_dir: Path, cfg: Any) -> None:
+    """A run started again resumes; its model and data must be those it was trained on."""
+    from omegaconf import OmegaConf
+
+    previous = run_dir / "config.yaml"
+    if not previous.exists():
+        return
+    old = OmegaConf.load(previous)
+    for key in ("model", "data"):
+        if OmegaConf.to_container(old[key]) != OmegaConf.to_container(cfg[key]):
+            raise ConfigError(
+                f"{key}: run {cfg.name!r} already exists in {run_dir.parent} with a different "
+                f"{key} section, so it cannot resume; choose another name= or remove {run_dir}"
+            )
+
+
+@ray.remote(num_cpus=0)
+class ProgressSink:
+    """Collects progress events from rank 0 for the driver to render."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+
+    def push(self, event: dict) -> None:
+        self.events.append(event)
+
+    def drain(self) -> list[dict]:
+        events, self.events = self.events, []
+        return events
+

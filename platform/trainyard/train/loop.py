@@ -1,0 +1,309 @@
+"""The loop each worker runs: build the model, train an epoch, evaluate, checkpoint.
+
+The loop talks to its host through a :class:`Session`: a Ray Train worker
+(:class:`TrainSession`) or a one-worker Tune trial (``trainyard.tune.trial``). Every epoch
+draws one seeded permutation of the training set; worker ``r`` of ``W`` takes examples
+``r::W`` of each global batch, so the workers' shards are disjoint and the gradient DDP
+averages equals the one-process gradient of the global batch. Validation is sharded the
+same way and gathered before metrics are computed, so N workers report the one-process
+value.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from trainyard.batches import call_model, take, to_device
+from trainyard.config import ResolvedJob, resolve
+from trainyard.train.data import Prepared, epoch_batches, prepare_data
+
+
+class Session(Protocol):
+    """What the loop needs from the process it runs in."""
+
+    rank: int
+    world: int
+
+    def device(self) -> Any: ...
+
+    def prepare_model(self, model: Any, device: Any) -> Any: ...
+
+    def get_checkpoint(self) -> Any: ...
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
+
+
+class TrainSession:
+    """The loop's view of a Ray Train worker."""
+
+    def __init__(self):
+        import ray.train
+        import torch.distributed as dist
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.distributed = self.world > 1 and dist.is_available() and dist.is_initialized()
+
+    def device(self):
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def prepare_model(self, model, device):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model) if self.distributed else model.to(device)
+
+    def get_checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train's entry point on each worker."""
+    run_loop(loop_config, TrainSession())
+
+
+# --------------------------------------------------------------------------------------
+# Pieces of a step: optimizer, loss, precision, metrics
+# --------------------------------------------------------------------------------------
+
+
+def make_optimizer(cfg: Any, model: Any) -> Any:
+    import torch
+
+    t = cfg.train
+    params = model.parameters()
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def loss_fn(task: str) -> Callable:
+    """``loss(outputs, targets, reduction)``: cross-entropy or MSE, in fp32."""
+    import torch.nn.functional as F
+
+    if task == "classification":
+        return lambda out, y, reduction="mean": F.cross_entropy(out.float(), y, reduction=reduction)
+    return lambda out, y, reduction="mean": F.mse_loss(out.float().reshape(y.shape), y, reduction=reduction)
+
+
+def compute_metrics(job: ResolvedJob, info: Any, outputs: np.ndarray, targets: np.ndarray) -> dict:
+    return {f"val_{m.name}": float(m.fn(outputs, targets, info)) for m in job.metrics}
+
+
+def autocast_dtype(cfg: Any, device: Any) -> Any:
+    """The mixed-precision dtype for ``train.precision`` on ``device``; None for fp32."""
+    import torch
+
+    if device.type != "cuda" or cfg.train.precision == "fp32":
+        return None
+    if cfg.train.precision == "fp16":
+        return torch.float16
+    if cfg.train.precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trainee:
+    """What one worker trains with, made once before the first epoch."""
+
+    job: ResolvedJob
+    data: Prepared
+    model: Any
+    optimizer: Any
+    device: Any
+    amp_dtype: Any
+    scaler: Any
+    start_epoch: int
+
+
+def run_loop(loop_config: dict, session: Session) -> None:
+    """Train the job in ``loop_config["config"]``, reporting each epoch to ``session``."""
+    from omegaconf import OmegaConf
+
+    from trainyard.plugins import get_registry
+
+    cfg = OmegaConf.create(loop_config["config"])
+    registry = get_registry()
+    job = resolve(cfg, registry)
+    t = setup(job, session)
+    plugin = registry.owner("model", cfg.model.name)
+    progress = loop_config.get("progress")
+
+    def emit(event: dict) -> None:
+        if progress is not None and session.rank == 0:
+            progress.push.remote(event)
+
+    if progress is not None:  # every rank says where it runs (workers.json in the run folder)
+        progress.push.remote(_where(session.rank, t.device))
+    if t.start_epoch >= cfg.train.epochs:
+        emit({"type": "done_before", "epoch": t.start_epoch - 1})
+    for epoch in range(t.start_epoch, cfg.train.epochs):
+        trained = train_epoch(t, session, epoch, emit)
+        metrics = {**evaluate(job, t.model, t.data, t.device, session.rank, session.world, t.amp_dtype),
+                   **trained}
+        emit({"type": "epoch_end", "epoch": epoch, "metrics": metrics})
+        save_and_report(t, session, epoch, metrics, plugin)
+
+
+def _where(rank: int, device: Any) -> dict:
+    import os
+
+    import ray
+
+    return {"type": "worker", "rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+            "host": socket.gethostname(), "pid": os.getpid(), "device": str(device)}
+
+
+def setup(job: ResolvedJob, session: Session) -> Trainee:
+    """Data, model and optimizer on this worker, restored from the session's checkpoint."""
+    import torch
+
+    cfg = job.config
+    torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
+    data = prepare_data(job)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every worker, for any W
+    model = job.model.build(job.model_params, data.info, data.processor)
+    device = session.device()
+    start_epoch, optimizer_state = 0, None
+    checkpoint = session.get_checkpoint()
+    if checkpoint is not None:
+        from trainyard.checkpoint import read_trainer_state
+
+        with checkpoint.as_directory() as ckpt:
+            model.load_state_dict(torch.load(Path(ckpt, "model.pt"), map_location="cpu", weights_only=True))
+            if Path(ckpt, "optimizer.pt").exists():
+                optimizer_state = torch.load(Path(ckpt, "optimizer.pt"), map_location="cpu", weights_only=True)
+            start_epoch = read_trainer_state(ckpt)["epoch"] + 1
+    model = session.prepare_model(model, device)
+    optimizer = make_optimizer(cfg, model)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    amp_dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    return Trainee(job, data, model, optimizer, device, amp_dtype, scaler, start_epoch)
+
+
+def train_epoch(t: Trainee, session: Session, epoch: int, emit: Callable[[dict], None]) -> dict:
+    """One pass over the training split; the epoch's loss and samples/s."""
+    import torch
+
+    cfg, rank, world = t.job.config, session.rank, session.world
+    criterion = loss_fn(t.job.task)
+    on_gpu = t.device.type == "cuda"
+    grad_clip = cfg.train.grad_clip  # read once: a DictConfig lookup per step costs
+    t.model.train()
+    batches = epoch_batches(len(t.data.y_train), cfg.train.batch_size, cfg.seed, epoch, world)
+    emit({"type": "epoch_start", "epoch": epoch, "batches": len(batches),
+          "resumed": epoch == t.start_epoch and epoch > 0})
+    total_loss = torch.zeros((), device=t.device) if on_gpu else 0.0
+    seen, last_emit, started = 0, 0.0, time.perf_counter()
+    for step, global_idx in enumerate(batches):
+        local = global_idx[rank::world] if world > 1 else global_idx
+        x, y = take(t.data.x_train, local), t.data.y_train[local]
+        if on_gpu:
+            x, y = to_device(x, t.device), y.to(t.device, non_blocking=True)
+        if t.amp_dtype is None:  # no autocast context on the hot path when it would do nothing
+            out = call_model(t.model, x)
+        else:
+            with torch.autocast(t.device.type, dtype=t.amp_dtype):
+                out = call_model(t.model, x)
+        if len(local) * world == len(global_idx):
+            loss = criterion(out, y, "mean")  # equal shards: DDP's mean of means
+        else:
+            # Sum over the shard / global batch size * W: DDP's mean over workers then
+            # gives the one-process mean over the global batch.
+            loss = criterion(out, y, "sum") * (world / len(global_idx))
+        optimizer_step(t, loss, grad_clip)
+        # On a GPU the running loss stays a tensor: a float() per step would sync.
+        total_loss += loss.detach() * len(global_idx) if on_gpu else loss.item() * len(global_idx)
+        seen += len(global_idx)
+        now = time.perf_counter()
+        if now - last_emit > 0.5 or step == len(batches) - 1:
+            last_emit = now
+            emit({"type": "step", "epoch": epoch, "step": step + 1, "loss": float(total_loss) / max(seen, 1)})
+    train_time = time.perf_counter() - started
+    return {"epoch": epoch, "train_loss": float(total_loss) / max(seen, 1),
+            "train_samples_per_s": seen / train_time if train_time > 0 else 0.0}
+
+
+def optimizer_step(t: Trainee, loss: Any, grad_clip: float | None) -> None:
+    """Backward, clip and step, through the fp16 gradient scaler when there is one."""
+    import torch
+
+    t.optimizer.zero_grad(set_to_none=True)
+    if t.scaler is not None:
+        t.scaler.scale(loss).backward()
+        t.scaler.unscale_(t.optimizer)
+    else:
+        loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), grad_clip)
+    if t.scaler is not None:
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+    else:
+        t.optimizer.step()
+
+
+def evaluate(job, model, data, device, rank: int, world: int, amp_dtype=None) -> dict:
+    """Validation metrics over the whole validation set, identical for any W."""
+    import torch
+    import torch.distributed as dist
+
+    model.eval()
+    n = len(data.y_val)
+    index = torch.arange(rank, n, world)
+    outputs = []
+    with torch.inference_mode():
+        for chunk in torch.split(index, 512):
+            x = to_device(take(data.x_val, chunk), device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                outputs.append(call_model(model, x).float().cpu())
+    local = torch.cat(outputs).numpy() if outputs else np.zeros((0, data.info.num_outputs), np.float32)
+    if world > 1 and dist.is_initialized():
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (index.numpy(), local))
+        full = np.zeros((n, local.shape[1]), dtype=np.float32)
+        for idx, out in gathered:
+            full[idx] = out
+    else:
+        full = local
+    return compute_metrics(job, data.info, full, data.y_val.numpy())
+
+
+def save_and_report(t: Trainee, session: Session, epoch: int, metrics: dict, plugin: str) -> None:
+    """Rank 0 writes the epoch's checkpoint; every rank reports the epoch's metrics."""
+    if session.rank != 0:
+        session.report(metrics, None)
+        return
+    from trainyard.checkpoint import unwrap, write_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(tmp, job=t.job, model=unwrap(t.model), processor=t.data.processor,
+                         info=t.data.info, epoch=epoch, metrics=metrics, optimizer=t.optimizer,
+                         plugin=plugin)
+        session.report(metrics, tmp)

@@ -1,0 +1,225 @@
+"""The search driver: run (or resume) a tune section's search on Ray Tune, follow it in a
+live table, collect the trials and export the winners."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from trainyard.config import load_config, resolve
+from trainyard.errors import ConfigError
+from trainyard.runtime.cluster import init_ray
+from trainyard.runtime.resources import check_workers_fit
+from trainyard.runtime.storage import storage_root
+from trainyard.tune.reaper import PlacementGroupReaper
+from trainyard.tune.space import apply_values, param_space, validate_space
+from trainyard.tune.trial import trial_fn, trial_resources
+from trainyard.ui.tune_table import LiveTable, make_callback
+from trainyard.winners import export_winners, registry_dir
+
+
+@dataclass
+class TuneOutcome:
+    run_dir: str
+    metric: str
+    mode: str
+    trials: list[dict]
+    winners: list[dict]
+    registry_dir: str
+
+
+def _searcher(cfg: DictConfig, metric: str, mode: str):
+    t = cfg.tune
+    if t.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        import optuna
+
+        return OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+    from ray.tune.search import BasicVariantGenerator
+
+    # random and grid: Tune's own variant generator, seeded so a search repeats.
+    return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=t.max_concurrent_trials)
+
+
+def _scheduler(cfg: DictConfig):
+    t = cfg.tune
+    if t.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=cfg.train.epochs,
+        grace_period=min(t.grace_period, cfg.train.epochs),
+        reduction_factor=t.reduction_factor,
+    )
+
+
+def run_tuning(
+    cfg: DictConfig | None,
+    address: str | None = None,
+    resume: str | None = None,
+    console: Any = None,
+    callbacks: list | None = None,
+    ingress: str | None = None,
+) -> TuneOutcome:
+    """Run (or resume) the search in ``cfg.tune``; export the winners; return a summary.
+    ``ingress``: Serve's HTTP ingress, should this start an embedded Ray (see init_ray)."""
+    from ray import tune
+
+    if resume:
+        run_dir = _find_run(resume, cfg)
+        cfg = load_config(run_dir / "trainyard_tune.yaml")
+    else:
+        run_dir = None
+    if cfg.tune is None:
+        raise ConfigError("tune: this config has no tune section (see configs/tune_mlp.yaml)")
+    validate_space(cfg)
+    job = resolve(apply_values(cfg, {}))
+    metric = f"val_{cfg.tune.metric or job.monitor}"
+    metric_name = metric[4:]
+    if metric_name not in cfg.train.metrics and metric_name not in job.config.train.metrics:
+        raise ConfigError(f"tune.metric: {metric_name!r} is not one of train.metrics")
+    mode = cfg.tune.mode or next(m.mode for m in job.metrics if m.name == metric_name)
+    storage = storage_root(cfg.storage_path)
+    run_dir = run_dir or Path(storage) / cfg.name
+    init_ray(address, ingress=ingress)
+    check_workers_fit(cfg)  # one trial's workers must fit: never wait in PENDING
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "trainyard_tune.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+    # Ray's own per-iteration output gives way to the compact table below.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    keys = list(cfg.tune.space.keys())
+    live = LiveTable(console, metric, cfg.name)
+    callback = make_callback(metric, mode, keys, live.refresh)
+    live.callback = callback
+    base = OmegaConf.to_container(apply_values(cfg, {}), resolve=True)
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, job=base), trial_resources(cfg))
+    run_config = tune.RunConfig(
+        name=cfg.name,
+        storage_path=storage,
+        callbacks=[callback, *(callbacks or [])],
+        verbose=0,
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=cfg.checkpoint.num_to_keep,
+            checkpoint_score_attribute=metric,
+            checkpoint_score_order=mode,
+        ),
+        failure_config=tune.FailureConfig(max_failures=max(cfg.checkpoint.max_failures, 0)),
+    )
+    def restore(restart_errored: bool = False):
+        restored = tune.Tuner.restore(
+            str(run_dir), trainable=trainable, resume_unfinished=True, resume_errored=False,
+            restart_errored=restart_errored, param_space=param_space(cfg),
+        )
+        # Progress callbacks are not restored: attach ours to the restored run.
+        restored._local_tuner._run_config.callbacks = [callback]
+        restored._local_tuner._run_config.verbose = 0
+        return restored
+
+    if resume and tune.Tuner.can_restore(str(run_dir)):
+        tuner = restore()
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(cfg),
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=mode,
+                search_alg=_searcher(cfg, metric, mode),
+                scheduler=_scheduler(cfg),
+                num_samples=cfg.tune.num_samples,
+                max_concurrent_trials=cfg.tune.max_concurrent_trials,
+                time_budget_s=cfg.tune.time_budget_s,
+                trial_dirname_creator=lambda trial: trial.trial_id,
+                # One-worker trials run in their actor's process: reusing the actor
+                # saves a process start and a torch import per trial.
+                reuse_actors=cfg.scaling.num_workers == 1,
+            ),
+            run_config=run_config,
+        )
+    reaper = PlacementGroupReaper() if cfg.scaling.num_workers > 1 else contextlib.nullcontext()
+    with live, reaper:
+        grid = tuner.fit()
+        if resume and any(_lost_checkpoint(r.error) for r in grid):
+            # A driver killed mid-search can leave Tune's last snapshot naming a trial
+            # checkpoint that num_to_keep has since deleted; Tune then fails that trial on
+            # resume. Start such unfinished trials again from scratch; finished ones stay.
+            grid = restore(restart_errored=True).fit()
+    trials = _collect(grid, metric, mode, keys, cfg.train.epochs)
+    winners = export_winners(trials, cfg, metric, mode)
+    (Path(run_dir) / "trainyard_trials.json").write_text(json.dumps(
+        {"metric": metric, "mode": mode, "max_t": cfg.train.epochs, "trials": trials,
+         "winners": winners}, indent=2, default=str))
+    return TuneOutcome(str(run_dir), metric, mode, trials, winners, registry_dir(cfg))
+
+
+def _lost_checkpoint(error: BaseException | None) -> bool:
+    return error is not None and "does not exist on storage anymore" in str(error)
+
+
+def _find_run(resume: str, cfg: DictConfig | None) -> Path:
+    path = Path(resume).expanduser()
+    if (path / "trainyard_tune.yaml").is_file():
+        return path.resolve()
+    storage = cfg.storage_path if cfg is not None else "runs"
+    candidate = Path(storage).expanduser().resolve() / resume
+    if (candidate / "trainyard_tune.yaml").is_file():
+        return candidate
+    raise ConfigError(f"--resume: no tuning run found at {str(path)!r} or {str(candidate)!r}")
+
+
+def _collect(grid: Any, metric: str, mode: str, keys: list[str], max_t: int) -> list[dict]:
+    """One dict per trial; STOPPED marks a trial the scheduler ended early."""
+    trials = []
+    for result in grid:
+        history = []
+        frame = result.metrics_dataframe
+        if frame is not None and metric in frame:
+            history = [
+                {"iteration": int(r["training_iteration"]), metric: float(r[metric]),
+                 **{k: float(r[k]) for k in ("train_loss",) if k in frame}}
+                for _, r in frame.iterrows()
+            ]
+        values = [h[metric] for h in history if not math.isnan(h[metric])]
+        pick = max if mode == "max" else min
+        checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+        best_checkpoint = None
+        if getattr(result, "best_checkpoints", None):
+            ordered = sorted(
+                (c for c in result.best_checkpoints if metric in c[1]),
+                key=lambda c: c[1][metric], reverse=(mode == "max"),
+            )
+            if ordered:
+                best_checkpoint = ordered[0][0].path
+        trials.append({
+            "trial_id": Path(result.path).name if result.path else "?",
+            "params": {k: (result.config or {}).get(k) for k in keys},
+            "state": "ERROR" if result.error else (
+                "STOPPED" if len(history) < max_t else "TERMINATED"),
+            "error": _short_error(result.error),
+            "iterations": len(history),
+            "final": values[-1] if values else None,
+            "best": pick(values) if values else None,
+            "history": history,
+            "checkpoint": best_checkpoint or checkpoint,
+            "path": result.path,
+        })
+    return trials
+
+
+def _short_error(error: Any) -> str:
+    if error is None:
+        return ""
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
+

@@ -1,0 +1,90 @@
+"""The search space of a tune section: validated against the job schema and the plugins'
+param schemas before anything starts, applied to a trial's config, and handed to Tune."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from trainyard.config import load_config, resolve
+from trainyard.errors import ConfigError
+
+DIMENSION_TYPES = ("loguniform", "uniform", "randint", "choice", "grid")
+
+def _dimension_samples(key: str, dim: Any) -> list:
+    """The values a dimension can take at its edges, to check against the schema."""
+    kind = dim.type
+    where = f"tune.space.{key}"
+    if kind not in DIMENSION_TYPES:
+        raise ConfigError(f"{where}.type: {kind!r} is not one of {', '.join(DIMENSION_TYPES)}")
+    if kind in ("choice", "grid"):
+        if dim["values"] is None or len(dim["values"]) == 0:
+            raise ConfigError(f"{where}.values: {kind} needs a non-empty list of values")
+        return list(OmegaConf.to_container(dim["values"]) if isinstance(dim["values"], DictConfig) else dim["values"])
+    for bound in ("low", "high"):
+        if getattr(dim, bound) is None:
+            raise ConfigError(f"{where}.{bound}: {kind} needs low and high")
+    if dim.low >= dim.high:
+        raise ConfigError(f"{where}: low ({dim.low:g}) must be below high ({dim.high:g})")
+    if kind == "loguniform" and dim.low <= 0:
+        raise ConfigError(f"{where}.low: loguniform needs a positive low (got {dim.low:g})")
+    if kind == "randint":
+        if dim.low != int(dim.low) or dim.high != int(dim.high):
+            raise ConfigError(f"{where}: randint needs integer low and high")
+        return [int(dim.low), int(dim.high) - 1]
+    return [dim.low, dim.high]
+
+
+def validate_space(cfg: DictConfig) -> dict[str, list]:
+    """Check every dimension against the job schema and the plugins' param schemas."""
+    space = cfg.tune.space
+    if not space:
+        raise ConfigError("tune.space: empty; give at least one dimension, e.g. train.lr")
+    samples: dict[str, list] = {}
+    for key, dim in space.items():
+        values = _dimension_samples(key, dim)
+        current = OmegaConf.select(cfg, key, default="__missing__")
+        if current == "__missing__" and not key.startswith(("model.params.", "data.params.")):
+            raise ConfigError(f"tune.space.{key}: {key} is not a config key")
+        if isinstance(current, int) and not isinstance(current, bool) and dim.type in ("uniform", "loguniform"):
+            raise ConfigError(
+                f"tune.space.{key}: {key} is an integer; use randint, choice or grid, not {dim.type}"
+            )
+        for value in values:
+            try:
+                resolve(apply_values(cfg, {key: value}))
+            except ConfigError as exc:
+                raise ConfigError(f"tune.space.{key}: value {value!r} is invalid: {exc}") from None
+        samples[key] = values
+    return samples
+
+
+def apply_values(cfg: DictConfig, values: dict[str, Any]) -> DictConfig:
+    """The job config with the trial's values in place, re-validated."""
+    base = OmegaConf.to_container(cfg, resolve=True)
+    base.pop("tune", None)
+    merged = OmegaConf.create(base)
+    for key, value in values.items():
+        OmegaConf.update(merged, key, value, force_add=True)
+    return load_config(base=merged)
+
+
+def param_space(cfg: DictConfig) -> dict:
+    from ray import tune
+
+    space = {}
+    for key, dim in cfg.tune.space.items():
+        values = OmegaConf.to_container(dim["values"]) if dim["values"] is not None else None
+        if dim.type == "loguniform":
+            space[key] = tune.loguniform(dim.low, dim.high)
+        elif dim.type == "uniform":
+            space[key] = tune.uniform(dim.low, dim.high)
+        elif dim.type == "randint":
+            space[key] = tune.randint(int(dim.low), int(dim.high))
+        elif dim.type == "choice":
+            space[key] = tune.choice(values)
+        else:
+            space[key] = tune.grid_search(values)
+    return space
+

@@ -1,0 +1,1 @@
+"""What a person sees: the training view, the live trial table, and the HTML report."""
