@@ -1,0 +1,151 @@
+"""The checks of a dataset: its params type (a dataset that needs a param, such as a file
+path, is skipped unless it is given), it loads, and what it loads is what its spec and
+:class:`~trainyard.hookspecs.DataInfo` declare. Each step is one function of the
+:class:`DatasetRun` the earlier ones filled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from trainyard import hookspecs
+from trainyard.conformance.params import params_detail, typed
+from trainyard.conformance.results import CheckFailed, CheckResult
+from trainyard.conformance.runner import Plugin, run_steps
+
+
+@dataclass
+class DatasetRun:
+    """One dataset checked: what each step makes for the next."""
+
+    spec: hookspecs.DatasetSpec
+    overrides: dict
+    params: Any = None
+    task: str | None = None
+    data: hookspecs.LoadedData | None = None
+
+
+def check_dataset(plugin: Plugin, spec: hookspecs.DatasetSpec, overrides: dict) -> list[CheckResult]:
+    """Every check of the dataset ``spec``."""
+    run = DatasetRun(spec, overrides)
+    return run_steps(plugin, "dataset", spec.name, [
+        ("params", lambda: check_params(plugin, run)),
+        ("load", lambda: check_load(run)),
+        ("contents", lambda: check_contents(run)),
+    ])
+
+
+def check_params(plugin: Plugin, run: DatasetRun) -> str:
+    """The user's params (or the defaults) type, and give one of the known tasks."""
+    spec = run.spec
+    run.params = typed(spec.params, run.overrides, "dataset", spec.name, plugin.name)
+    task = spec.task(run.params) if callable(spec.task) else spec.task
+    if task not in hookspecs.TASKS:
+        raise CheckFailed(f"task(params) gave {task!r}; expected one of {hookspecs.TASKS}")
+    run.task = task
+    return params_detail(run.params)
+
+
+def check_load(run: DatasetRun) -> str:
+    """``load`` gives a LoadedData."""
+    data = run.spec.load(run.params, 0)
+    if not isinstance(data, hookspecs.LoadedData):
+        raise CheckFailed(f"load returned a {type(data).__name__}, expected a trainyard.LoadedData")
+    run.data = data
+    val = f", {len(data.val)} validation" if data.val is not None else ""
+    return f"{len(data.train)} training examples{val}"
+
+
+def check_contents(run: DatasetRun) -> str:
+    """The loaded DataInfo agrees with the spec, and each split with the DataInfo."""
+    data = run.data
+    info = data.info
+    _check_info(run.spec, run.task, info)
+    for split_name, split in (("train", data.train), ("val", data.val)):
+        if split is None:
+            continue
+        problem = split_problem(split, info)
+        if problem:
+            raise CheckFailed(f"the {split_name} split: {problem}")
+    shape = f", input_shape {info.input_shape}" if info.input_shape else ""
+    classes = f", {len(info.classes)} classes" if info.classes else ""
+    return f"{info.task}, {info.inputs}{shape}{classes}"
+
+
+def _check_info(spec: hookspecs.DatasetSpec, task: str, info: Any) -> None:
+    """The loaded DataInfo is one, with the spec's inputs and task (and classes to classify)."""
+    if not isinstance(info, hookspecs.DataInfo):
+        raise CheckFailed(f"LoadedData.info is a {type(info).__name__}, expected a trainyard.DataInfo")
+    if info.inputs != spec.inputs:
+        raise CheckFailed(f"the spec declares inputs {spec.inputs!r} but the loaded "
+                          f"DataInfo says {info.inputs!r}")
+    if info.task != task:
+        raise CheckFailed(f"the spec declares task {task!r} but the loaded DataInfo says {info.task!r}")
+    if task == "classification" and len(info.classes) < 2:
+        raise CheckFailed(f"a classification set needs at least two classes in "
+                          f"DataInfo.classes (got {info.classes})")
+
+
+def split_problem(split: Any, info: hookspecs.DataInfo) -> str | None:
+    """What is wrong with a split given the DataInfo, or None."""
+    import numpy as np
+
+    if not isinstance(split, hookspecs.Split):
+        return f"is a {type(split).__name__}, expected a trainyard.Split"
+    try:
+        n_inputs = len(split.inputs)
+    except TypeError:
+        return f"inputs is a {type(split.inputs).__name__}, which has no length"
+    targets = np.asarray(split.targets)
+    if n_inputs != len(targets):
+        return f"{n_inputs} inputs but {len(targets)} targets"
+    if n_inputs == 0:
+        return "is empty"
+    inputs_problem = _text_problem if info.inputs == "text" else _array_problem
+    return inputs_problem(split.inputs, info) or _targets_problem(targets, info)
+
+
+def _text_problem(inputs: Any, info: hookspecs.DataInfo) -> str | None:
+    """What is wrong with text inputs, or None."""
+    if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
+        return "text inputs must be a list of strings"
+    if info.input_shape:
+        return f"DataInfo.input_shape must be [] for text (got {info.input_shape})"
+    return None
+
+
+def _array_problem(inputs: Any, info: hookspecs.DataInfo) -> str | None:
+    """What is wrong with array inputs (features, images), or None."""
+    import numpy as np
+
+    x = np.asarray(inputs)
+    shape = list(info.input_shape)
+    rows = [list(x.shape[1:])]
+    if info.inputs == "image" and len(shape) == 3 and shape[0] == 1:
+        rows.append([1, *x.shape[1:]])  # H x W arrays for one channel
+    if shape not in rows:
+        return (f"inputs of shape {list(x.shape)} do not match DataInfo.input_shape "
+                f"{shape} (expected [N, {', '.join(map(str, shape))}])")
+    if not np.issubdtype(x.dtype, np.number):
+        return f"inputs must be numeric (got dtype {x.dtype})"
+    return None
+
+
+def _targets_problem(targets: Any, info: hookspecs.DataInfo) -> str | None:
+    """What is wrong with a split's targets (an array) for the task, or None."""
+    import numpy as np
+
+    if info.task == "classification":
+        if not np.issubdtype(targets.dtype, np.integer):
+            return f"classification targets must be class indices (integers), got dtype {targets.dtype}"
+        if targets.min() < 0 or targets.max() >= len(info.classes):
+            return (f"targets run from {targets.min()} to {targets.max()}, outside the "
+                    f"{len(info.classes)} classes of DataInfo.classes")
+        return None
+    if not np.issubdtype(targets.dtype, np.number) or not np.isfinite(targets).all():
+        return "regression targets must be finite numbers"
+    width = targets.shape[1] if targets.ndim == 2 else 1
+    if targets.ndim > 2 or width != info.num_outputs:
+        return (f"targets of shape {list(targets.shape)} do not match the "
+                f"{info.num_outputs} target(s) of DataInfo.target_names")
+    return None
