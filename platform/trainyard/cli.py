@@ -12,6 +12,7 @@ import sys  # noqa: E402
 import click  # noqa: E402
 
 from trainyard.errors import TrainyardError  # noqa: E402
+from trainyard.runtime.ingress import INGRESS_MODES  # noqa: E402
 
 
 def _console():
@@ -348,7 +349,7 @@ def jobs_stop(job_id, address):
 @click.option("--config-out", default=None, type=click.Path(dir_okay=False),
               help="Write a Ray Serve config file for `serve deploy` instead of deploying.")
 @click.option("--detach", is_flag=True, help="Return once deployed instead of serving until Ctrl-C.")
-@click.option("--ingress", type=click.Choice(["auto", "haproxy", "proxy"]), default=None,
+@click.option("--ingress", type=click.Choice(INGRESS_MODES), default=None,
               help=_INGRESS_HELP)
 def deploy(winners, config_file, names, version, address, host, port, replicas, max_replicas,
            num_cpus, num_gpus, max_batch_size, batch_wait_ms, max_body_bytes, api_key,
@@ -403,7 +404,7 @@ def deploy(winners, config_file, names, version, address, host, port, replicas, 
 @click.argument("overrides", nargs=-1)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--exit-after-first", is_flag=True, help="Stop once the first request is answered.")
-@click.option("--ingress", type=click.Choice(["auto", "haproxy", "proxy"]), default=None,
+@click.option("--ingress", type=click.Choice(INGRESS_MODES), default=None,
               help=_INGRESS_HELP)
 def up(config, overrides, port, exit_after_first, ingress):
     """The whole path on an embedded local Ray: tune CONFIG, deploy the winner, answer a

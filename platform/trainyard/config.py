@@ -10,16 +10,27 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainyard.errors import ConfigError, PluginError
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# The choices of a key are its type: OmegaConf refuses any other value, naming the key.
+Optimizer = Literal["adam", "adamw", "sgd"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+DimensionType = Literal["loguniform", "uniform", "randint", "choice", "grid"]
+Search = Literal["random", "grid", "optuna"]
+Scheduler = Literal["asha", "none"]
+Mode = Literal["", "max", "min"]
+#: Kept a plain string: YAML reads a bare true/false as a boolean.
 USE_GPU = ("auto", "true", "false")
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The values a Literal choice type allows."""
+    return get_args(literal)
 
 
 @dataclass
@@ -47,16 +58,16 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     #: adam, adamw or sgd (with momentum).
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     momentum: float = 0.9
     weight_decay: float = 0.0
     #: auto (bf16 autocast on a GPU that supports it, else fp32), fp32, bf16 or fp16.
     #: Mixed precision only applies on GPU; CPU runs use fp32.
-    precision: str = "auto"
+    precision: Precision = "auto"
     #: Clip the gradient norm to this value; null for no clipping.
     grad_clip: float | None = None
-    #: Validation metrics by name; empty means the task's defaults
-    #: (classification: loss, accuracy, f1; regression: loss, mse, mae).
+    #: Validation metrics by name; empty means the metric plugins' defaults for the task
+    #: (with the built-ins, classification: loss, accuracy, f1; regression: loss, mse, mae).
     metrics: list[str] = field(default_factory=list)
     #: Metric that picks the best checkpoint; empty means the first metric.
     monitor: str = ""
@@ -90,7 +101,7 @@ class Dimension:
 
     #: loguniform | uniform (floats, low..high) | randint (integers, low..high-1) |
     #: choice (random among values) | grid (every value, each in its own trial)
-    type: str = MISSING
+    type: DimensionType = MISSING
     low: Optional[float] = None
     high: Optional[float] = None
     values: Optional[list[Any]] = None
@@ -105,11 +116,11 @@ class TuneConfig:
     #: Metric to optimise (a name from train.metrics); empty: train.monitor.
     metric: str = ""
     #: max or min; empty: the metric's own direction.
-    mode: str = ""
+    mode: Mode = ""
     #: random | grid (every combination of grid dimensions) | optuna (TPE).
-    search: str = "random"
+    search: Search = "random"
     #: asha (stop weak trials early) | none.
-    scheduler: str = "asha"
+    scheduler: Scheduler = "asha"
     #: Trials to sample (for grid: repetitions of the whole grid).
     num_samples: int = 8
     max_concurrent_trials: int = 2
@@ -171,6 +182,10 @@ def _describe(exc: OmegaConfBaseException, prefix: str = "") -> ConfigError:
         message = "missing required value"
     elif "Value '" in message and "could not be converted" in message:
         message = "wrong type: " + message
+    elif message.startswith("Invalid value") and "expected one of" in message:
+        allowed = message.split("expected one of", 1)[1].strip().strip("[]").replace("'", "")
+        got = message.split("'", 2)[1] if message.count("'") >= 2 else "?"
+        message = f"must be one of {allowed} (got {got!r})"
     return ConfigError(f"{key}: {message}" if key else message)
 
 
@@ -192,18 +207,15 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         raise ConfigError(f"override: {str(exc).splitlines()[0]}") from None
 
 
-def load_config(
-    path: str | Path | None = None,
-    overrides: list[str] | None = None,
-    base: dict | DictConfig | None = None,
-) -> DictConfig:
-    """Schema + YAML file (or ``base``) + overrides, type-checked. Raises ConfigError."""
-    schema = OmegaConf.structured(JobConfig)
+def merge_config(schema: type, path: str | Path | None = None, overrides: list[str] | None = None,
+                 base: Any = None, what: str = "config file") -> DictConfig:
+    """``schema`` (a dataclass) + YAML file + ``base`` + ``key=value`` overrides, type-checked,
+    every required value present. Job and serve configs both load through here."""
     layers: list[Any] = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            raise ConfigError(f"{what} {str(path)!r} does not exist")
         try:
             loaded = OmegaConf.load(path)
         except Exception as exc:
@@ -216,7 +228,7 @@ def load_config(
     if overrides:
         layers.append(parse_overrides(overrides))
     try:
-        cfg = schema
+        cfg = OmegaConf.structured(schema)
         for layer in layers:
             cfg = OmegaConf.merge(cfg, layer)
         missing = sorted(OmegaConf.missing_keys(cfg))
@@ -224,6 +236,24 @@ def load_config(
         raise _describe(exc) from None
     if missing:
         raise ConfigError(f"{missing[0]}: missing required value")
+    return cfg
+
+
+def check_rules(cfg: DictConfig, rules: list[tuple[bool, str, str]]) -> None:
+    """Raise for the first ``(ok, key, message)`` rule that fails, naming the key and its value."""
+    for ok, key, message in rules:
+        if not ok:
+            value = OmegaConf.select(cfg, key.split(" ")[0])
+            raise ConfigError(f"{key}: {message} (got {value!r})")
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict | DictConfig | None = None,
+) -> DictConfig:
+    """Schema + YAML file (or ``base``) + overrides, type-checked. Raises ConfigError."""
+    cfg = merge_config(JobConfig, path, overrides, base)
     _check_values(cfg)
     return cfg
 
@@ -236,8 +266,6 @@ def _check_values(cfg: DictConfig) -> None:
         (t.batch_size >= 1, "train.batch_size", "must be at least 1"),
         (t.lr >= 0, "train.lr", "must not be negative"),
         (t.weight_decay >= 0, "train.weight_decay", "must not be negative"),
-        (t.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}"),
-        (t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}"),
         (t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be positive or null"),
         (t.torch_threads >= 0, "train.torch_threads", "must not be negative"),
         (s.num_workers >= 1, "scaling.num_workers", "must be at least 1"),
@@ -256,9 +284,6 @@ def _check_values(cfg: DictConfig) -> None:
     if cfg.tune is not None:
         u = cfg.tune
         rules += [
-            (u.search in ("random", "grid", "optuna"), "tune.search", "must be random, grid or optuna"),
-            (u.scheduler in ("asha", "none"), "tune.scheduler", "must be asha or none"),
-            (u.mode in ("", "max", "min"), "tune.mode", "must be max or min"),
             (u.num_samples >= 1, "tune.num_samples", "must be at least 1"),
             (u.max_concurrent_trials >= 1, "tune.max_concurrent_trials", "must be at least 1"),
             (u.time_budget_s is None or u.time_budget_s > 0, "tune.time_budget_s", "must be positive or null"),
@@ -271,10 +296,7 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError("tune.search: grid needs every tune.space dimension to be of type grid")
         if u.search == "optuna" and "grid" in kinds:
             raise ConfigError("tune.search: optuna cannot search grid dimensions; use choice")
-    for ok, key, message in rules:
-        if not ok:
-            value = OmegaConf.select(cfg, key.split(" ")[0])
-            raise ConfigError(f"{key}: {message} (got {value!r})")
+    check_rules(cfg, rules)
     s.use_gpu = str(s.use_gpu).lower()
 
 
@@ -324,9 +346,9 @@ def resolve(cfg: DictConfig, registry: Any = None) -> ResolvedJob:
             f"model.name: model {model.name!r} takes {'/'.join(model.inputs)} inputs, but "
             f"dataset {dataset.name!r} gives {dataset.inputs} inputs"
         )
-    if not cfg.train.metrics:
-        defaults = ["loss", "accuracy", "f1"] if task == "classification" else ["loss", "mse", "mae"]
-        cfg.train.metrics = [m for m in defaults if m in registry.metrics]
+    if not cfg.train.metrics:  # the metric plugins say which are reported by default
+        cfg.train.metrics = [m.name for m in registry.metrics.values()
+                             if m.default and m.task in ("any", task)]
     metrics = []
     for i, name in enumerate(cfg.train.metrics):
         metric = lookup("metric", name, f"train.metrics[{i}]")
@@ -337,7 +359,8 @@ def resolve(cfg: DictConfig, registry: Any = None) -> ResolvedJob:
             )
         metrics.append(metric)
     if not metrics:
-        raise ConfigError("train.metrics: no metric plugin is installed")
+        raise ConfigError(f"train.metrics: no installed metric plugin reports a default metric for "
+                          f"{task}; name the metrics to report in train.metrics")
     if cfg.train.monitor and cfg.train.monitor not in cfg.train.metrics:
         raise ConfigError(
             f"train.monitor: {cfg.train.monitor!r} is not one of train.metrics "

@@ -228,6 +228,8 @@ class MetricSpec:
     :param task: ``classification``, ``regression`` or ``any``.
     :param mode: ``max`` if higher is better, else ``min``.
     :param description: one line for ``trainyard plugins``.
+    :param default: reported when a job's ``train.metrics`` is empty and the metric serves
+        the dataset's task; the first default metric is then the monitored one.
     """
 
     name: str
@@ -235,6 +237,7 @@ class MetricSpec:
     task: str = "any"
     mode: str = "max"
     description: str = ""
+    default: bool = False
 
 
 # ---------------------------------------------------------------------------------------

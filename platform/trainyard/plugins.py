@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -160,7 +161,17 @@ def _is_hookimpl(obj: Any, attr: str) -> bool:
 
 
 def _spec_names() -> list[str]:
-    return [kind_hook for kind_hook, _ in KINDS.values()]
+    """The hooks of the contract, as pluggy reads them from the hookspecs module."""
+    return sorted(name for name, caller in vars(_spec_manager().hook).items()
+                  if getattr(caller, "spec", None) is not None)
+
+
+@functools.cache
+def _spec_manager() -> pluggy.PluginManager:
+    # A manager holding only the specs: the names exist before any plugin loads.
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
 
 
 def _describe_validation_error(exc: pluggy.PluginValidationError, name: str) -> str:

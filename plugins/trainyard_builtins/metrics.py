@@ -61,9 +61,12 @@ def mae(outputs, targets, info):
 
 @hookimpl
 def register_metrics(register):
-    register(MetricSpec("loss", loss, "any", "min", "Cross-entropy (classification) or MSE"))
-    register(MetricSpec("accuracy", accuracy, "classification", "max", "Share of correct labels"))
+    # The defaults (a job with no train.metrics): loss, accuracy, f1 or loss, mse, mae.
+    register(MetricSpec("loss", loss, "any", "min", "Cross-entropy (classification) or MSE", default=True))
+    register(MetricSpec("accuracy", accuracy, "classification", "max", "Share of correct labels",
+                        default=True))
     for kind in ("precision", "recall", "f1"):
-        register(MetricSpec(kind, _prf(kind), "classification", "max", f"Macro-averaged {kind}"))
-    register(MetricSpec("mse", mse, "regression", "min", "Mean squared error"))
-    register(MetricSpec("mae", mae, "regression", "min", "Mean absolute error"))
+        register(MetricSpec(kind, _prf(kind), "classification", "max", f"Macro-averaged {kind}",
+                            default=kind == "f1"))
+    register(MetricSpec("mse", mse, "regression", "min", "Mean squared error", default=True))
+    register(MetricSpec("mae", mae, "regression", "min", "Mean absolute error", default=True))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from typing import Literal, get_args
 
 from trainyard.errors import TrainyardError
 
 #: The user's default ingress for an embedded Ray, when neither a flag nor a serve config says.
 INGRESS_ENV = "TRAINYARD_SERVE_INGRESS"
-INGRESS_MODES = ("auto", "haproxy", "proxy")
+Ingress = Literal["auto", "haproxy", "proxy"]
+INGRESS_MODES: tuple[str, ...] = get_args(Ingress)
 
 
 def haproxy_binary() -> str | None:

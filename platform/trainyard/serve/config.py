@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from trainyard.errors import TrainyardError
-from trainyard.runtime.ingress import INGRESS_MODES
+from trainyard.runtime.ingress import Ingress
 from trainyard.winners import model_name_for, resolve_checkpoint
 
 #: The root application (health routes, model list, 404s), and its one replica's CPUs.
@@ -54,7 +54,7 @@ class ServeConfig:
     #: How HTTP reaches the replicas on an embedded Ray: auto (haproxy where Ray Serve finds
     #: an HAProxy binary, else proxy), haproxy, or proxy (Serve's own Python proxy).
     #: Fixed when the embedded Ray starts; see ``ingress_env``.
-    ingress: str = "auto"
+    ingress: Ingress = "auto"
     models: list[ServedModel] = field(default_factory=list)
 
 
@@ -65,47 +65,26 @@ API_KEY_ENV = "TRAINYARD_API_KEY"
 def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None,
                       base: dict | None = None) -> Any:
     """A serve config, type-checked like job configs; errors name the key's path."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from trainyard.config import _describe, parse_overrides
+    from trainyard.config import check_rules, merge_config
     from trainyard.errors import ConfigError
 
-    cfg = OmegaConf.structured(ServeConfig)
-    try:
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"serve config {str(path)!r} does not exist")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        if base is not None:
-            cfg = OmegaConf.merge(cfg, base)
-        if overrides:
-            cfg = OmegaConf.merge(cfg, parse_overrides(overrides))
-        missing = sorted(OmegaConf.missing_keys(cfg))
-    except OmegaConfBaseException as exc:
-        raise _describe(exc) from None
-    if missing:
-        raise ConfigError(f"{missing[0]}: missing required value")
+    cfg = merge_config(ServeConfig, path, overrides, base, what="serve config")
     if not cfg.models:
         raise ConfigError("models: give at least one model to serve")
-    if cfg.ingress not in INGRESS_MODES:
-        raise ConfigError(f"ingress: must be one of {', '.join(INGRESS_MODES)} (got {cfg.ingress!r})")
-    if not 0 < cfg.port < 65536:
-        raise ConfigError(f"port: must be 1-65535 (got {cfg.port})")
+    rules = [(0 < cfg.port < 65536, "port", "must be 1-65535")]
     for i, m in enumerate(cfg.models):
         key = f"models[{i}]"
-        rules = [
-            (m.num_replicas >= 1, "num_replicas", "must be at least 1"),
-            (m.max_replicas == 0 or m.max_replicas >= m.min_replicas >= 0, "max_replicas",
+        rules += [
+            (m.num_replicas >= 1, f"{key}.num_replicas", "must be at least 1"),
+            (m.max_replicas == 0 or m.max_replicas >= m.min_replicas >= 0, f"{key}.max_replicas",
              "must be at least min_replicas"),
-            (m.num_cpus >= 0 and m.num_gpus >= 0, "num_cpus", "resources must not be negative"),
-            (m.max_batch_size >= 1, "max_batch_size", "must be at least 1"),
-            (m.batch_wait_ms >= 0, "batch_wait_ms", "must not be negative"),
-            ("/" not in m.name, "name", "must not contain '/'"),
+            (m.num_cpus >= 0, f"{key}.num_cpus", "must not be negative"),
+            (m.num_gpus >= 0, f"{key}.num_gpus", "must not be negative"),
+            (m.max_batch_size >= 1, f"{key}.max_batch_size", "must be at least 1"),
+            (m.batch_wait_ms >= 0, f"{key}.batch_wait_ms", "must not be negative"),
+            ("/" not in m.name, f"{key}.name", "must not contain '/'"),
         ]
-        for ok, field_name, message in rules:
-            if not ok:
-                raise ConfigError(f"{key}.{field_name}: {message}")
+    check_rules(cfg, rules)
     if not cfg.api_key:
         cfg.api_key = os.environ.get(API_KEY_ENV, "")
     return cfg

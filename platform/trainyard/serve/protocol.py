@@ -30,6 +30,13 @@ class ModelSignature:
     task: str
     classes: list[str]
 
+    def item_shape(self, ndim: int) -> list[int]:
+        """The shape of one example in a batch of ``ndim`` dimensions: the model's input
+        shape, or ``H x W`` for a one-channel image sent without its channel axis."""
+        if self.inputs == "image" and ndim == 3 and self.input_shape[0] == 1:
+            return list(self.input_shape[1:])
+        return list(self.input_shape)
+
     def input_metadata(self) -> list[dict]:
         if self.inputs == "text":
             return [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
@@ -143,9 +150,7 @@ def oip_to_raw(body: Any, sig: ModelSignature, max_batch: int) -> Any:
         return list(flat)
     if datatype not in OIP_FLOAT_TYPES | OIP_INT_TYPES:
         raise RequestError(f"inputs[0].datatype: {datatype!r} is not a numeric OIP datatype")
-    expected = [*sig.input_shape]
-    if sig.inputs == "image" and len(shape) == 3 and expected[0] == 1:
-        expected = expected[1:]
+    expected = sig.item_shape(len(shape))
     if list(shape[1:]) != expected:
         raise RequestError(f"inputs[0].shape: expected [N, {', '.join(map(str, expected))}], got {shape}")
     try:
@@ -179,9 +184,7 @@ def raw_from_json(body: Any, sig: ModelSignature, max_batch: int) -> Any:
         array = np.asarray(items, dtype=np.float64)
     except (TypeError, ValueError):
         raise RequestError(f"'inputs' must be a list of arrays of shape {sig.input_shape}") from None
-    expected = list(sig.input_shape)
-    if sig.inputs == "image" and array.ndim == 3 and expected[0] == 1:
-        expected = expected[1:]
+    expected = sig.item_shape(array.ndim)
     if list(array.shape[1:]) != expected:
         raise RequestError(f"each input must have shape {expected}, got {list(array.shape[1:])}")
     _finite(array, "inputs")
