@@ -73,28 +73,11 @@ def run_tuning(
 ) -> TuneOutcome:
     """Run (or resume) the search in ``cfg.tune``; export the winners; return a summary.
     ``ingress``: Serve's HTTP ingress, should this start an embedded Ray (see init_ray)."""
-    from ray import tune
-
-    if resume:
-        run_dir = _find_run(resume, cfg)
-        cfg = load_config(run_dir / "trainyard_tune.yaml")
-    else:
-        run_dir = None
-    if cfg.tune is None:
-        raise ConfigError("tune: this config has no tune section (see configs/tune_mlp.yaml)")
-    validate_space(cfg)
-    job = resolve(apply_values(cfg, {}))
-    metric = f"val_{cfg.tune.metric or job.monitor}"
-    metric_name = metric[4:]
-    if metric_name not in cfg.train.metrics and metric_name not in job.config.train.metrics:
-        raise ConfigError(f"tune.metric: {metric_name!r} is not one of train.metrics")
-    mode = cfg.tune.mode or next(m.mode for m in job.metrics if m.name == metric_name)
-    storage = storage_root(cfg.storage_path)
-    run_dir = run_dir or Path(storage) / cfg.name
+    cfg, run_dir, metric, mode = _search(cfg, resume)
     init_ray(address, ingress=ingress)
     check_workers_fit(cfg)  # one trial's workers must fit: never wait in PENDING
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "trainyard_tune.yaml").write_text(OmegaConf.to_yaml(cfg))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "trainyard_tune.yaml").write_text(OmegaConf.to_yaml(cfg))
 
     # Ray's own per-iteration output gives way to the compact table below.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -102,51 +85,8 @@ def run_tuning(
     live = LiveTable(console, metric, cfg.name)
     callback = make_callback(metric, mode, keys, live.refresh)
     live.callback = callback
-    base = OmegaConf.to_container(apply_values(cfg, {}), resolve=True)
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, job=base), trial_resources(cfg))
-    run_config = tune.RunConfig(
-        name=cfg.name,
-        storage_path=storage,
-        callbacks=[callback, *(callbacks or [])],
-        verbose=0,
-        checkpoint_config=tune.CheckpointConfig(
-            num_to_keep=cfg.checkpoint.num_to_keep,
-            checkpoint_score_attribute=metric,
-            checkpoint_score_order=mode,
-        ),
-        failure_config=tune.FailureConfig(max_failures=max(cfg.checkpoint.max_failures, 0)),
-    )
-    def restore(restart_errored: bool = False):
-        restored = tune.Tuner.restore(
-            str(run_dir), trainable=trainable, resume_unfinished=True, resume_errored=False,
-            restart_errored=restart_errored, param_space=param_space(cfg),
-        )
-        # Progress callbacks are not restored: attach ours to the restored run.
-        restored._local_tuner._run_config.callbacks = [callback]
-        restored._local_tuner._run_config.verbose = 0
-        return restored
-
-    if resume and tune.Tuner.can_restore(str(run_dir)):
-        tuner = restore()
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(cfg),
-            tune_config=tune.TuneConfig(
-                metric=metric,
-                mode=mode,
-                search_alg=_searcher(cfg, metric, mode),
-                scheduler=_scheduler(cfg),
-                num_samples=cfg.tune.num_samples,
-                max_concurrent_trials=cfg.tune.max_concurrent_trials,
-                time_budget_s=cfg.tune.time_budget_s,
-                trial_dirname_creator=lambda trial: trial.trial_id,
-                # One-worker trials run in their actor's process: reusing the actor
-                # saves a process start and a torch import per trial.
-                reuse_actors=cfg.scaling.num_workers == 1,
-            ),
-            run_config=run_config,
-        )
+    tuners = _Tuners(cfg, run_dir, metric, mode, [callback, *(callbacks or [])])
+    tuner = tuners.restored() if resume and tuners.can_restore() else tuners.new()
     reaper = PlacementGroupReaper() if cfg.scaling.num_workers > 1 else contextlib.nullcontext()
     with live, reaper:
         grid = tuner.fit()
@@ -154,13 +94,95 @@ def run_tuning(
             # A driver killed mid-search can leave Tune's last snapshot naming a trial
             # checkpoint that num_to_keep has since deleted; Tune then fails that trial on
             # resume. Start such unfinished trials again from scratch; finished ones stay.
-            grid = restore(restart_errored=True).fit()
+            grid = tuners.restored(restart_errored=True).fit()
     trials = _collect(grid, metric, mode, keys, cfg.train.epochs)
     winners = export_winners(trials, cfg, metric, mode)
-    (Path(run_dir) / "trainyard_trials.json").write_text(json.dumps(
+    (run_dir / "trainyard_trials.json").write_text(json.dumps(
         {"metric": metric, "mode": mode, "max_t": cfg.train.epochs, "trials": trials,
          "winners": winners}, indent=2, default=str))
     return TuneOutcome(str(run_dir), metric, mode, trials, winners, registry_dir(cfg))
+
+
+def _search(cfg: DictConfig | None, resume: str | None) -> tuple[DictConfig, Path, str, str]:
+    """The search's config (a resumed one's own), run folder, metric and mode; every
+    config error surfaces here, before Ray starts."""
+    run_dir = None
+    if resume:
+        run_dir = _find_run(resume, cfg)
+        cfg = load_config(run_dir / "trainyard_tune.yaml")
+    if cfg.tune is None:
+        raise ConfigError("tune: this config has no tune section (see configs/tune_mlp.yaml)")
+    validate_space(cfg)
+    job = resolve(apply_values(cfg, {}))
+    metric_name = cfg.tune.metric or job.monitor
+    if metric_name not in cfg.train.metrics and metric_name not in job.config.train.metrics:
+        raise ConfigError(f"tune.metric: {metric_name!r} is not one of train.metrics")
+    mode = cfg.tune.mode or next(m.mode for m in job.metrics if m.name == metric_name)
+    run_dir = Path(run_dir or Path(storage_root(cfg.storage_path)) / cfg.name)
+    return cfg, run_dir, f"val_{metric_name}", mode
+
+
+class _Tuners:
+    """Tune's Tuner for a search: a new one, or one restored from the run folder."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, metric: str, mode: str, callbacks: list):
+        from ray import tune
+
+        self.cfg, self.run_dir, self.metric, self.mode, self.callbacks = cfg, run_dir, metric, mode, callbacks
+        base = OmegaConf.to_container(apply_values(cfg, {}), resolve=True)
+        self.trainable = tune.with_resources(tune.with_parameters(trial_fn, job=base), trial_resources(cfg))
+
+    def can_restore(self) -> bool:
+        from ray import tune
+
+        return tune.Tuner.can_restore(str(self.run_dir))
+
+    def new(self):
+        from ray import tune
+
+        cfg, t = self.cfg, self.cfg.tune
+        return tune.Tuner(
+            self.trainable,
+            param_space=param_space(cfg),
+            tune_config=tune.TuneConfig(
+                metric=self.metric, mode=self.mode,
+                search_alg=_searcher(cfg, self.metric, self.mode),
+                scheduler=_scheduler(cfg),
+                num_samples=t.num_samples,
+                max_concurrent_trials=t.max_concurrent_trials,
+                time_budget_s=t.time_budget_s,
+                trial_dirname_creator=lambda trial: trial.trial_id,
+                # One-worker trials run in their actor's process: reusing the actor
+                # saves a process start and a torch import per trial.
+                reuse_actors=cfg.scaling.num_workers == 1,
+            ),
+            run_config=tune.RunConfig(
+                name=cfg.name,
+                storage_path=storage_root(cfg.storage_path),
+                callbacks=self.callbacks,
+                verbose=0,
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=cfg.checkpoint.num_to_keep,
+                    checkpoint_score_attribute=self.metric,
+                    checkpoint_score_order=self.mode,
+                ),
+                failure_config=tune.FailureConfig(max_failures=max(cfg.checkpoint.max_failures, 0)),
+            ),
+        )
+
+    def restored(self, restart_errored: bool = False):
+        from ray import tune
+
+        tuner = tune.Tuner.restore(
+            str(self.run_dir), trainable=self.trainable, resume_unfinished=True, resume_errored=False,
+            restart_errored=restart_errored, param_space=param_space(self.cfg),
+        )
+        # Tune restores the run config it pickled, whose progress callbacks lost their live
+        # view; Tuner.restore takes no run config, so ours go on through the internal tuner.
+        run_config = tuner._local_tuner.get_run_config()
+        run_config.callbacks = list(self.callbacks)
+        run_config.verbose = 0
+        return tuner
 
 
 def _lost_checkpoint(error: BaseException | None) -> bool:
