@@ -84,11 +84,7 @@ def write_checkpoint(
         "task": job.task,
         "run": job.config.name,
     }
-    params = getattr(job, "model_params", _UNKNOWN)
-    if params is not _UNKNOWN:
-        recorded = _params_to_json(params)
-        if recorded is not _UNKNOWN:
-            manifest["model_params"] = recorded
+    manifest["model_params"] = _params_to_json(job.model_params)
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
     (directory / "job.yaml").write_text(OmegaConf.to_yaml(job.config))
     (directory / "data_info.json").write_text(json.dumps(info.to_dict(), indent=2))
@@ -126,11 +122,11 @@ class Predictor:
         """Raw inputs to the model's raw output tensor."""
         import torch
 
+        from trainyard.batches import call_model, to_device
+
         batch = self.processor.encode(inputs)
         with torch.inference_mode():
-            if isinstance(batch, dict):
-                return self.model(**{k: v.to(self.device) for k, v in batch.items()})
-            return self.model(batch.to(self.device))
+            return call_model(self.model, to_device(batch, self.device))
 
 
 def load_predictor(directory: str | Path, device: str = "cpu", registry: Any = None) -> Predictor:
@@ -174,9 +170,6 @@ def load_predictor(directory: str | Path, device: str = "cpu", registry: Any = N
 # Params and the plugin's version in the manifest
 # ---------------------------------------------------------------------------------------
 
-_UNKNOWN = object()  # params that cannot be recorded (the checkpoint then loads as format 1)
-
-
 def _plugin_version(registry: Any, plugin: str, model: str) -> str:
     """The distribution version of the plugin providing ``model``; "" if unknown."""
     try:
@@ -195,26 +188,13 @@ def _plugin_version(registry: Any, plugin: str, model: str) -> str:
 
 
 def _params_to_json(params: Any) -> Any:
-    """Typed model params (a dataclass instance, or None) as plain JSON: every field,
-    defaults included. ``_UNKNOWN`` if they are of a kind that cannot be recorded."""
+    """Typed model params (the plugin's dataclass instance, or None) as plain JSON: every
+    field, defaults included; anything JSON lacks (a Path, say) as its text, which the
+    schema types back on load."""
     if params is None:
         return None
-    if dataclasses.is_dataclass(params) and not isinstance(params, type):
-        try:
-            data: Any = OmegaConf.to_container(
-                OmegaConf.structured(params), resolve=True, enum_to_str=True
-            )
-        except Exception:
-            data = dataclasses.asdict(params)
-    elif isinstance(params, Mapping):
-        data = dict(params)
-    else:
-        return _UNKNOWN
-    try:
-        # Anything JSON lacks (a Path, say) as its text, which the schema types back.
-        return json.loads(json.dumps(data, default=str))
-    except (TypeError, ValueError):
-        return _UNKNOWN
+    data = OmegaConf.to_container(OmegaConf.structured(params), resolve=True, enum_to_str=True)
+    return json.loads(json.dumps(data, default=str))
 
 
 def _model_params(
