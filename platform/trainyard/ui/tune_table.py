@@ -6,10 +6,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
-
-if TYPE_CHECKING:
-    from trainyard.tune.driver import TuneOutcome
+from typing import Any, Callable
 
 @dataclass
 class TrialRow:
@@ -165,8 +162,9 @@ class LiveTable:
             self.live.stop()
 
 
-def summary_table(outcome: "TuneOutcome", limit: int = 10):
-    """The top trials, best first; failed trials last."""
+def summary_table(outcome: Any, limit: int = 10):
+    """The top trials of a search's outcome (``trainyard.tune.driver.TuneOutcome``), best
+    first; failed trials last."""
     from rich.table import Table
 
     ok = [t for t in outcome.trials if t["best"] is not None]
