@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import subprocess
 import sys
+import warnings
 
 import pytest
 from omegaconf import OmegaConf
@@ -138,3 +139,45 @@ def test_a_third_party_plugin_the_config_uses_travels_with_the_job(tmp_path):
     # A config of built-ins only carries no third-party package.
     builtins_only = stage(load_config(CONFIGS / "tune_mlp.yaml", _shared(tmp_path)), folder=tmp_path / "job2")
     assert [s.distribution for s in builtins_only.shipped] == ["trainyard"]
+
+
+def test_a_name_that_could_reach_a_shell_is_refused_naming_the_rule(tmp_path):
+    for name in ("x;touch pwned;#", "a/b", "$(id)", "-rf", "a b", "x" * 65):
+        with pytest.raises(ConfigError, match=r"^name: must be 1-64 characters"):
+            load_config(CONFIGS / "tune_mlp.yaml", [*_shared(tmp_path), f"name={name}"])
+    load_config(CONFIGS / "tune_mlp.yaml", [*_shared(tmp_path), "name=run-2.v1_b"])
+
+
+def test_every_value_in_the_job_entrypoint_is_quoted_for_the_shell(tmp_path):
+    """The entrypoint runs through a real shell (as Ray runs it on the head), with a stub
+    `python` first on PATH: a registry path holding shell syntax stays one argument."""
+    marker = tmp_path / "pwned"
+    registry = f"{tmp_path}/w;touch {marker};#"
+    cfg = load_config(CONFIGS / "tune_mlp.yaml", [f"storage_path={tmp_path / 'runs'}",
+                                                   f"tune.registry={registry}"])
+    job = stage(cfg, deploy=True, folder=tmp_path / "job")
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    args_log = tmp_path / "args"
+    (stubs / "python").write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done >> {args_log}\n')
+    (stubs / "python").chmod(0o755)
+    subprocess.run(["/bin/sh", "-c", job.entrypoint], cwd=job.folder, check=True,
+                   env={"PATH": f"{stubs}:/usr/bin:/bin"})
+    assert not marker.exists()
+    assert f"{registry}/tune_mlp" in args_log.read_text().splitlines()
+
+
+def test_a_token_bound_for_a_remote_head_over_plain_http_is_warned_about(monkeypatch):
+    from trainyard.jobs import InsecureTokenWarning, Token, token_travels_safely, warn_if_exposed
+
+    assert token_travels_safely("http://127.0.0.1:8265") and token_travels_safely("https://head:8265")
+    assert token_travels_safely("http://localhost:8265")
+    assert not token_travels_safely("http://head.example.com:8265")
+    token = Token("secret-token-value", "RAY_AUTH_TOKEN")
+    with pytest.warns(InsecureTokenWarning, match="plain HTTP") as caught:
+        warn_if_exposed(token, "http://head.example.com:8265")
+    assert all("secret-token-value" not in str(w.message) for w in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_exposed(token, "https://head.example.com:8265")
+        warn_if_exposed(Token(None, "none found"), "http://head.example.com:8265")

@@ -16,6 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainyard.errors import ConfigError, PluginError
+from trainyard.names import RULE_TEXT, name_problem
 
 # The choices of a key are its type: OmegaConf refuses any other value, naming the key.
 Optimizer = Literal["adam", "adamw", "sgd"]
@@ -261,7 +262,7 @@ def load_config(
 def _check_values(cfg: DictConfig) -> None:
     t, s, c = cfg.train, cfg.scaling, cfg.checkpoint
     rules = [
-        (cfg.name.strip() != "" and "/" not in cfg.name, "name", "must be a non-empty name without '/'"),
+        (name_problem(cfg.name) is None, "name", f"must be {RULE_TEXT}"),
         (t.epochs >= 1, "train.epochs", "must be at least 1"),
         (t.batch_size >= 1, "train.batch_size", "must be at least 1"),
         (t.lr >= 0, "train.lr", "must not be negative"),

@@ -12,9 +12,11 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import re
+import shlex
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +89,31 @@ def find_token() -> Token:
     return Token(None, "none found")
 
 
+class InsecureTokenWarning(UserWarning):
+    """Ray's token is about to cross the network unencrypted."""
+
+
+def token_travels_safely(address: str) -> bool:
+    """A token sent to ``address`` stays on this machine or is encrypted on the way."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(address)
+    if parsed.scheme == "https":
+        return True
+    host = (parsed.hostname or "").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def warn_if_exposed(token: Token, address: str) -> None:
+    """Warn (never naming the token) when ``token`` would cross the network unencrypted."""
+    if token.value and not token_travels_safely(address):
+        warnings.warn(
+            f"the Ray token from {token.source} goes to {address} over plain HTTP, readable by "
+            "anyone on the path; reach the head through an SSH tunnel (ray dashboard "
+            "cluster.yaml, then --address http://127.0.0.1:8265) or HTTPS",
+            InsecureTokenWarning, stacklevel=3)
+
+
 _TOKEN_HELP = ("set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it, or put it in "
                "~/.ray/auth_token (on the head node, `ray get-auth-token` prints it)")
 
@@ -99,6 +126,7 @@ class JobsClient:
         self.address = jobs_address(address)
         self.token = find_token()
         headers = {"Authorization": f"Bearer {self.token.value}"} if self.token.value else {}
+        warn_if_exposed(self.token, self.address)
         self._client = self._call(_make_client, self.address, headers)
 
     def _call(self, fn, *args, **kwargs):
@@ -305,11 +333,13 @@ def stage(cfg: Any, mode: str = "auto", deploy: bool = False, serve_port: int = 
     shipped = [_ship_distribution("trainyard", folder, extra=("trainyard",))]
     for dist in plugins_used(cfg, registry):
         shipped.append(_ship_distribution(dist, folder))
-    command = f"python -m trainyard.cli {mode} job.yaml --address auto"
+    # Ray runs the entrypoint through a shell on the head: every value in it is quoted.
+    command = shlex.join(["python", "-m", "trainyard.cli", mode, "job.yaml", "--address", "auto"])
     if deploy:
         registry_dir = f"{cfg.tune.registry.rstrip('/')}/{cfg.name}"
-        command += (f" && python -m trainyard.cli deploy {registry_dir} --name {cfg.name} "
-                    f"--address auto --host 0.0.0.0 --port {serve_port} --detach")
+        command += " && " + shlex.join([
+            "python", "-m", "trainyard.cli", "deploy", registry_dir, "--name", cfg.name,
+            "--address", "auto", "--host", "0.0.0.0", "--port", str(serve_port), "--detach"])
     env = {k: os.environ[k] for k in CARRIED_ENV if os.environ.get(k)}
     env["PYTHONUNBUFFERED"] = "1"
     env["COLUMNS"] = "120"  # rich's tables in the job log
