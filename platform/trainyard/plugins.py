@@ -3,7 +3,9 @@
 Plugins are found through the entry-point group ``trainyard``, the built-ins included,
 loaded lazily and exactly once per process. Loading is wrapped per plugin: one plugin
 that fails to import, targets another contract version, or implements a hook that does
-not exist is dropped and reported, and the others still load.
+not exist is dropped and reported, and the others still load. A plugin calling
+``sys.exit`` while it is imported, registered or its hooks run is reported the same way
+("called sys.exit(...)"), instead of ending the process silently.
 
 Environment:
 
@@ -122,8 +124,22 @@ def _contract_problem(module: Any) -> str | None:
     )
 
 
+def _exit_text(exc: SystemExit) -> str:
+    """How a plugin's ``sys.exit`` is reported: ``called sys.exit(3)``."""
+    return f"called sys.exit({'' if exc.code is None else repr(exc.code)})"
+
+
 def _register_checked(pm: pluggy.PluginManager, obj: Any, name: str) -> str | None:
     """Register ``obj``; on any contract violation unregister it and return why."""
+    try:
+        return _register_checked_inner(pm, obj, name)
+    except SystemExit as exc:  # plugin code run while reading its attributes
+        if pm.get_plugin(name) is obj:
+            pm.unregister(name=name)
+        return f"{_exit_text(exc)} while being registered"
+
+
+def _register_checked_inner(pm: pluggy.PluginManager, obj: Any, name: str) -> str | None:
     problem = _contract_problem(obj)
     if problem:
         return problem
@@ -233,9 +249,8 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         except BaseException as exc:  # a plugin's import may raise anything, even SystemExit
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            _load_problems.append(
-                PluginProblem(ep.name, f"error importing {ep.value}: {type(exc).__name__}: {exc}")
-            )
+            why = _exit_text(exc) if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+            _load_problems.append(PluginProblem(ep.name, f"error importing {ep.value}: {why}"))
             continue
         problem = _register_checked(pm, module, ep.name)
         if problem:
@@ -372,6 +387,8 @@ def _check_and_call(
         results = caller(register=register)
     except Exception as exc:
         return f"{hook_name} raised {type(exc).__name__}: {exc}"
+    except SystemExit as exc:  # not KeyboardInterrupt: Ctrl-C still stops trainyard
+        return f"{hook_name} {_exit_text(exc)}; a plugin's hooks must not end the process"
     if problems:
         return f"{hook_name}: {problems[0]}"
     returned = [r for r in results if r is not None]

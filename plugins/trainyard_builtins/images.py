@@ -6,10 +6,15 @@ MNIST and Fashion-MNIST are read from the IDX files (``train-images-idx3-ubyte``
 each optionally ``.gz``); CIFAR-10 from the python pickles (``data_batch_1`` ...
 ``data_batch_5``, ``test_batch``, ``batches.meta``, optionally inside
 ``cifar-10-batches-py/``). Images are yielded as float32 ``[N, C, H, W]`` in [0, 1].
+
+The CIFAR pickles are read with a restricted unpickler (:func:`load_cifar_pickle`): it
+builds numpy arrays and plain containers and refuses every other global, so a crafted
+``data_batch_1`` cannot run code when loaded.
 """
 
 from __future__ import annotations
 
+import builtins
 import gzip
 import pickle
 import struct
@@ -37,6 +42,77 @@ class FolderParams:
             raise ValueError("path: give the folder holding the dataset's files")
         if self.limit < 0:
             raise ValueError("limit must not be negative")
+
+
+def _numpy_globals() -> dict[tuple[str, str], object]:
+    """The numpy globals a pickled array (or numpy scalar) refers to, under the module
+    names numpy 1.x (``numpy.core``) and 2.x (``numpy._core``) write."""
+    core = np._core if hasattr(np, "_core") else np.core
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = core.multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = core.multiarray.scalar
+        # pickle protocol 5 writes arrays as _frombuffer(buffer, dtype, shape, order)
+        allowed[(f"{package}.numeric", "_frombuffer")] = core.numeric._frombuffer
+    return allowed
+
+
+#: Plain data types a pickled dict of arrays, lists and bytes may name; never functions.
+SAFE_BUILTINS = frozenset({"dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray",
+                           "str", "int", "float", "complex", "bool"})
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle naming a global that a dataset file has no business naming."""
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that admits only numpy's array reconstruction and plain builtin types:
+    enough for a CIFAR batch, nothing that runs code (no ``os.system``, no ``eval``)."""
+
+    def __init__(self, file, path: Path | str, **kwargs):
+        super().__init__(file, **kwargs)
+        self.path = path
+        self.allowed = _numpy_globals()
+
+    def find_class(self, module: str, name: str):
+        if module == "__builtin__":  # the Python 2 name, which protocols 0-2 write
+            module = "builtins"
+        if module == "builtins" and name in SAFE_BUILTINS:
+            return getattr(builtins, name)
+        if (module, name) in self.allowed:
+            return self.allowed[(module, name)]
+        if (module, name) == ("_codecs", "encode"):
+            # Python 3 writes bytes at pickle protocol 2 as _codecs.encode(text, "latin1").
+            return self._latin1_encode
+        raise UnsafePickleError(
+            f"{self.path}: refusing to unpickle the global {module}.{name}: a CIFAR-10 batch "
+            "holds only numpy arrays, lists and bytes (is this file what it claims to be?)"
+        )
+
+    def _latin1_encode(self, text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+            raise UnsafePickleError(
+                f"{self.path}: refusing to unpickle _codecs.encode with the codec {encoding!r}: "
+                "pickled bytes use only 'latin1'"
+            )
+        return text.encode("latin1", errors)
+
+
+def load_cifar_pickle(path: Path) -> dict:
+    """Read one CIFAR-10 python pickle (``data_batch_N``, ``test_batch``, ``batches.meta``)
+    with :class:`RestrictedUnpickler`; a dict, its keys as bytes (as CIFAR writes them)."""
+    with open(path, "rb") as f:
+        try:
+            entry = RestrictedUnpickler(f, path, encoding="bytes").load()
+        except UnsafePickleError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"{path}: not a CIFAR-10 python pickle ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: not a CIFAR-10 python pickle (holds a {type(entry).__name__}, not a dict)")
+    # Python 3 writers may use str keys; CIFAR's own files use bytes.
+    return {k.encode() if isinstance(k, str) else k: v for k, v in entry.items()}
 
 
 def _open(path: Path):
@@ -100,8 +176,10 @@ def load_cifar10(params: FolderParams, seed):
         raise FileNotFoundError(f"{folder}: no CIFAR-10 batches (data_batch_1 ...) found")
 
     def batch(path):
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
+        entry = load_cifar_pickle(path)
+        missing = [k.decode() for k in (b"data", b"labels") if k not in entry]
+        if missing:
+            raise ValueError(f"{path}: a CIFAR-10 batch needs the keys 'data' and 'labels'; missing {missing}")
         x = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         return x.astype(np.float32) / 255.0, np.asarray(entry[b"labels"], dtype=np.int64)
 
@@ -110,8 +188,9 @@ def load_cifar10(params: FolderParams, seed):
     val = Split(*batch(folder / "test_batch")) if (folder / "test_batch").is_file() else None
     classes = [f"class_{i}" for i in range(10)]
     if (folder / "batches.meta").is_file():
-        with open(folder / "batches.meta", "rb") as f:
-            meta = pickle.load(f, encoding="bytes")
+        meta = load_cifar_pickle(folder / "batches.meta")
+        if b"label_names" not in meta:
+            raise ValueError(f"{folder / 'batches.meta'}: has no 'label_names'")
         classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]]
     info = DataInfo("classification", "image", classes, [3, 32, 32])
     return LoadedData(info, _limit(train, params.limit), val)

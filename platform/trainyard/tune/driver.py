@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,15 +190,75 @@ def _lost_checkpoint(error: BaseException | None) -> bool:
     return error is not None and "does not exist on storage anymore" in str(error)
 
 
+TRUST_RUN_DIR_ENV = "TRAINYARD_TRUST_RUN_DIR"
+
+
 def _find_run(resume: str, cfg: DictConfig | None) -> Path:
+    """The run folder ``--resume RUN`` names (a path, or a run name under the storage
+    path), once :func:`check_run_dir_trusted` has passed it."""
     path = Path(resume).expanduser()
     if (path / "trainyard_tune.yaml").is_file():
-        return path.resolve()
+        return check_run_dir_trusted(path.resolve())
     storage = cfg.storage_path if cfg is not None else "runs"
     candidate = Path(storage).expanduser().resolve() / resume
     if (candidate / "trainyard_tune.yaml").is_file():
-        return candidate
+        return check_run_dir_trusted(candidate)
     raise ConfigError(f"--resume: no tuning run found at {str(path)!r} or {str(candidate)!r}")
+
+
+def _run_state_files(run_dir: Path) -> list[Path]:
+    """What resuming reads from a run folder: the folder itself, its entries (Tune's
+    ``tuner.pkl``, ``experiment_state-*.json`` holding pickled trials, searcher state,
+    ``trainyard_tune.yaml``, the trial folders) and the pickles in the trial folders."""
+    entries = sorted(run_dir.iterdir())
+    pickles = [p for d in entries if d.is_dir() and not d.is_symlink() for p in sorted(d.glob("*.pkl"))]
+    tuner = [run_dir / "tuner.pkl"] if (run_dir / "tuner.pkl").exists() else []
+    return [run_dir, *tuner, *(e for e in entries if e.name != "tuner.pkl"), *pickles]
+
+
+def check_run_dir_trusted(run_dir: str | Path, trust: bool | None = None) -> Path:
+    """Refuse to resume from a run folder someone else could have written.
+
+    Resuming unpickles Tune's ``tuner.pkl`` (and the pickled trial and searcher state next
+    to it), and a pickle is code that runs when it is loaded. So the folder and what it
+    holds must be owned by the current user (or root) and not writable by group or
+    others. ``trust=True``, or ``TRAINYARD_TRUST_RUN_DIR=1`` when ``trust`` is None, skips
+    the check. Returns ``run_dir``; raises a one-line ConfigError naming what is wrong.
+    """
+    run_dir = Path(run_dir)
+    if trust is None:
+        trust = os.environ.get(TRUST_RUN_DIR_ENV, "") not in ("", "0")
+    if trust or not hasattr(os, "geteuid"):  # no POSIX owners (Windows): nothing to check
+        return run_dir
+    me = os.geteuid()
+    for path in _run_state_files(run_dir):
+        try:
+            st = path.stat()  # a link is judged by what it points to: that is what is read
+        except OSError as exc:
+            raise ConfigError(f"--resume: cannot check {str(path)!r}: {exc}") from exc
+        why = None
+        if st.st_uid not in (me, 0):
+            why = f"is owned by {_user(st.st_uid)}, not by you ({_user(me)})"
+        elif st.st_mode & 0o022:
+            who = " and ".join(w for bit, w in ((0o020, "group"), (0o002, "others")) if st.st_mode & bit)
+            why = f"is writable by {who} (mode {stat.filemode(st.st_mode)})"
+        if why:
+            what = "it" if path == run_dir else repr(str(path.relative_to(run_dir)))
+            raise ConfigError(
+                f"--resume: refusing the run folder {str(run_dir)!r}: {what} {why}; resuming "
+                "unpickles Tune's tuner.pkl, which runs code, so the folder must be yours alone "
+                f"(chown it, chmod -R go-w it, or set {TRUST_RUN_DIR_ENV}=1 if you trust it)"
+            )
+    return run_dir
+
+
+def _user(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
 
 
 def _collect(grid: Any, metric: str, mode: str, keys: list[str], max_t: int) -> list[dict]:

@@ -1,7 +1,9 @@
 """``trainyard report RUN``: one self-contained HTML file for a tuning run.
 
 Plots are inline SVG, drawn here, so the file opens offline in any browser with nothing
-else next to it.
+else next to it. Every value read from the run (trial ids, params, states, errors, names,
+paths) goes through :func:`_e` (``html.escape``, quotes included) before it reaches the page:
+a param value or an error message holding markup shows as text and never runs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,15 @@ from trainyard.errors import TrainyardError
 WIDTH, HEIGHT, PAD = 520, 300, 48
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
           "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def _e(value: Any) -> str:
+    """``value`` as HTML text, safe in element text and in quoted attribute values."""
+    return html.escape(str(value), quote=True)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _scale(values: list[float], log: bool, lo_px: float, hi_px: float):
@@ -48,20 +59,20 @@ def _frame(title: str, xlabel: str, ylabel: str, xr, yr, xlog: bool, body: str) 
         ticks.append(f'<text x="{PAD - 6}" y="{y + 4:.1f}" text-anchor="end">{fy:.3g}</text>')
         ticks.append(f'<line x1="{PAD}" x2="{WIDTH - PAD}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
     return (
-        f'<figure><figcaption>{html.escape(title)}</figcaption>'
+        f'<figure><figcaption>{_e(title)}</figcaption>'
         f'<svg width="{WIDTH}" height="{HEIGHT}" font-size="11" font-family="sans-serif">'
         + "".join(ticks)
         + f'<rect x="{PAD}" y="{PAD}" width="{WIDTH - 2 * PAD}" height="{HEIGHT - 2 * PAD}" fill="none" stroke="#999"/>'
         + body
-        + f'<text x="{WIDTH / 2}" y="{HEIGHT - 8}" text-anchor="middle">{html.escape(xlabel)}</text>'
-        + f'<text x="12" y="{HEIGHT / 2}" transform="rotate(-90 12 {HEIGHT / 2})" text-anchor="middle">{html.escape(ylabel)}</text>'
+        + f'<text x="{WIDTH / 2}" y="{HEIGHT - 8}" text-anchor="middle">{_e(xlabel)}</text>'
+        + f'<text x="12" y="{HEIGHT / 2}" transform="rotate(-90 12 {HEIGHT / 2})" text-anchor="middle">{_e(ylabel)}</text>'
         + "</svg></figure>"
     )
 
 
 def scatter(trials: list[dict], key: str, metric: str) -> str:
     points = [(t["params"][key], t["best"], t) for t in trials
-              if isinstance(t["params"].get(key), (int, float)) and t["best"] is not None]
+              if _number(t["params"].get(key)) and _number(t["best"])]
     if not points:
         return ""
     xs = [p[0] for p in points]
@@ -70,7 +81,7 @@ def scatter(trials: list[dict], key: str, metric: str) -> str:
     fy, yr = _scale([p[1] for p in points], False, HEIGHT - PAD, PAD)
     dots = "".join(
         f'<circle cx="{fx(x):.1f}" cy="{fy(y):.1f}" r="5" fill="{"#d62728" if t["state"] == "STOPPED" else "#1f77b4"}" '
-        f'opacity="0.8"><title>{html.escape(t["trial_id"])}: {key}={x:.4g}, {metric}={y:.4f} ({t["state"].lower()})</title></circle>'
+        f'opacity="0.8"><title>{_e(t["trial_id"])}: {_e(key)}={x:.4g}, {_e(metric)}={y:.4f} ({_e(str(t["state"]).lower())})</title></circle>'
         for x, y, t in points
     )
     return _frame(f"best {metric} against {key}", key + (" (log)" if log else ""), metric, xr, yr, log, dots)
@@ -90,7 +101,7 @@ def curves(trials: list[dict], metric: str) -> str:
         dash = ' stroke-dasharray="5,3"' if t["state"] == "STOPPED" else ""
         lines.append(
             f'<polyline points="{pts}" fill="none" stroke="{COLORS[i % len(COLORS)]}" stroke-width="2"{dash}>'
-            f'<title>{html.escape(t["trial_id"])} ({t["state"].lower()})</title></polyline>'
+            f'<title>{_e(t["trial_id"])} ({_e(str(t["state"]).lower())})</title></polyline>'
         )
     return _frame(f"learning curves: {metric} per epoch (dashed: stopped early by the scheduler)",
                   "epoch", metric, xr, yr, False, "".join(lines))
@@ -109,7 +120,7 @@ def write_report(run: str | Path, output: str | Path | None = None) -> Path:
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.4g}"
-        return html.escape(str(v)) if v is not None else "-"
+        return _e(v) if v is not None else "-"
 
     rows = []
     ordered = sorted(trials, key=lambda t: (t["best"] is None, -(t["best"] or 0) if data["mode"] == "max" else (t["best"] or 0)))
@@ -117,29 +128,30 @@ def write_report(run: str | Path, output: str | Path | None = None) -> Path:
         note = {"STOPPED": "stopped early by the scheduler", "ERROR": t["error"], "TERMINATED": "ran all epochs"}
         rows.append("<tr>" + "".join(f"<td>{cell(x)}</td>" for x in [
             t["trial_id"], *[t["params"].get(k) for k in keys], t["iterations"], t["best"], t["final"],
-            t["state"].lower(), note.get(t["state"], "")]) + "</tr>")
+            str(t["state"]).lower(), note.get(t["state"], "")]) + "</tr>")
     winner_html = "<p>No trial finished.</p>"
     if winners:
         w = winners[0]
         job = Path(w["path"], "job.yaml")
         config = job.read_text() if job.is_file() else "(config not found)"
+        value = f"{w['value']:.4f}" if _number(w["value"]) else _e(w["value"])
         winner_html = (
-            f"<p>Trial <b>{html.escape(w['trial_id'])}</b>: {html.escape(metric)} = <b>{w['value']:.4f}</b>, "
-            f"exported to <code>{html.escape(w['path'])}</code>.</p><pre>{html.escape(config)}</pre>"
+            f"<p>Trial <b>{_e(w['trial_id'])}</b>: {_e(metric)} = <b>{value}</b>, "
+            f"exported to <code>{_e(w['path'])}</code>.</p><pre>{_e(config)}</pre>"
         )
     stopped = sum(t["state"] == "STOPPED" for t in trials)
     failed = sum(t["state"] == "ERROR" for t in trials)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>trainyard report: {html.escape(run_dir.name)}</title>
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>trainyard report: {_e(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1150px}}figure{{display:inline-block;margin:0 1em 1em 0}}
 figcaption{{font-weight:bold;margin-bottom:4px}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
 pre{{background:#f6f6f6;padding:1em}}</style></head><body>
-<h1>Tuning run {html.escape(run_dir.name)}</h1>
-<p>{len(trials)} trials; metric <b>{html.escape(metric)}</b> ({data['mode']}); {stopped} stopped early by the scheduler; {failed} failed.</p>
+<h1>Tuning run {_e(run_dir.name)}</h1>
+<p>{len(trials)} trials; metric <b>{_e(metric)}</b> ({_e(data['mode'])}); {stopped} stopped early by the scheduler; {failed} failed.</p>
 <h2>Winner</h2>{winner_html}
 <h2>Metric against the hyperparameters</h2>{''.join(charts)}
-<h2>Trials</h2><table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in ['trial', *keys, 'epochs', 'best', 'final', 'state', 'note'])}</tr>
+<h2>Trials</h2><table><tr>{''.join(f'<th>{_e(h)}</th>' for h in ['trial', *keys, 'epochs', 'best', 'final', 'state', 'note'])}</tr>
 {''.join(rows)}</table>
-<p>TensorBoard logs: <code>tensorboard --logdir {html.escape(str(run_dir.resolve()))}</code></p>
+<p>TensorBoard logs: <code>tensorboard --logdir {_e(run_dir.resolve())}</code></p>
 </body></html>"""
     out = Path(output) if output else run_dir / "report.html"
     out.write_text(page)
