@@ -1,4 +1,5 @@
-"""Validation metrics: loss, accuracy, macro precision/recall/F1, MSE and MAE.
+"""Validation metrics: loss, accuracy, macro precision/recall/F1, ROC AUC, log loss, MSE,
+MAE and R².
 
 Each gets the whole validation set (trainyard gathers the workers' outputs first), so a
 value from N workers equals the one-process value.
@@ -49,6 +50,39 @@ def _regression_pair(outputs, targets):
     return outputs.reshape(targets.shape), targets
 
 
+def _probabilities(outputs):
+    """Softmax of the logits, in float64 (so each row sums to 1 as scikit-learn checks)."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def roc_auc(outputs, targets, info):
+    """ROC AUC of the softmax probabilities: of the positive class (index 1) for two
+    classes, one-vs-rest macro-averaged over all of ``info.classes`` for more. NaN when
+    the validation split lacks one of the classes (AUC is then undefined)."""
+    from sklearn import metrics
+
+    targets = np.asarray(targets).astype(np.int64)
+    labels = _labels(info)
+    if len(labels) < 2 or not np.isin(labels, targets).all():
+        return float("nan")
+    probs = _probabilities(outputs)
+    if len(labels) == 2:
+        return float(metrics.roc_auc_score(targets, probs[:, 1]))
+    return float(metrics.roc_auc_score(targets, probs, multi_class="ovr", average="macro",
+                                       labels=labels))
+
+
+def log_loss(outputs, targets, info):
+    """Cross-entropy of the softmax probabilities as scikit-learn computes it (its
+    probabilities clipped away from 0), over all of ``info.classes``."""
+    from sklearn import metrics
+
+    return float(metrics.log_loss(np.asarray(targets).astype(np.int64), _probabilities(outputs),
+                                  labels=_labels(info)))
+
+
 def mse(outputs, targets, info):
     o, t = _regression_pair(outputs, targets)
     return float(((o - t) ** 2).mean())
@@ -57,6 +91,14 @@ def mse(outputs, targets, info):
 def mae(outputs, targets, info):
     o, t = _regression_pair(outputs, targets)
     return float(np.abs(o - t).mean())
+
+
+def r2(outputs, targets, info):
+    """Coefficient of determination, averaged over the targets (1 is perfect)."""
+    from sklearn import metrics
+
+    o, t = _regression_pair(outputs, targets)
+    return float(metrics.r2_score(t, o))
 
 
 @hookimpl
@@ -68,5 +110,12 @@ def register_metrics(register):
     for kind in ("precision", "recall", "f1"):
         register(MetricSpec(kind, _prf(kind), "classification", "max", f"Macro-averaged {kind}",
                             default=kind == "f1"))
+    # Opt-in (train.metrics / tune.metric), never defaults.
+    register(MetricSpec("roc_auc", roc_auc, "classification", "max",
+                        "ROC AUC of softmax probabilities (multiclass: one-vs-rest macro); "
+                        "nan if the validation split lacks a class"))
+    register(MetricSpec("log_loss", log_loss, "classification", "min",
+                        "Log loss of softmax probabilities (scikit-learn)"))
     register(MetricSpec("mse", mse, "regression", "min", "Mean squared error", default=True))
     register(MetricSpec("mae", mae, "regression", "min", "Mean absolute error", default=True))
+    register(MetricSpec("r2", r2, "regression", "max", "Coefficient of determination R²"))

@@ -4,6 +4,11 @@ Plots are inline SVG, drawn here, so the file opens offline in any browser with 
 else next to it. Every value read from the run (trial ids, params, states, errors, names,
 paths) goes through :func:`_e` (``html.escape``, quotes included) before it reaches the page:
 a param value or an error message holding markup shows as text and never runs.
+
+For a classification run the page also shows the winner's confusion matrix on its
+validation split: the winner's checkpoint is loaded on the CPU and the job's dataset
+loaded and split as in training. When that cannot be done here (a regression task, no
+winner, a dataset or checkpoint not loadable on this machine) one line says why instead.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ def _e(value: Any) -> str:
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return _number(value) and math.isfinite(value)
 
 
 def _scale(values: list[float], log: bool, lo_px: float, hi_px: float):
@@ -92,12 +101,15 @@ def curves(trials: list[dict], metric: str) -> str:
     if not series:
         return ""
     its = [h["iteration"] for t in series for h in t["history"]]
-    vals = [h[metric] for t in series for h in t["history"] if not math.isnan(h[metric])]
+    vals = [h[metric] for t in series for h in t["history"] if _finite(h.get(metric))]
+    if not vals:  # a metric that was NaN at every epoch (say roc_auc, a class missing)
+        return ""
     fx, xr = _scale(its, False, PAD, WIDTH - PAD)
     fy, yr = _scale(vals, False, HEIGHT - PAD, PAD)
     lines = []
     for i, t in enumerate(series):
-        pts = " ".join(f"{fx(h['iteration']):.1f},{fy(h[metric]):.1f}" for h in t["history"])
+        pts = " ".join(f"{fx(h['iteration']):.1f},{fy(h[metric]):.1f}" for h in t["history"]
+                       if _finite(h.get(metric)))
         dash = ' stroke-dasharray="5,3"' if t["state"] == "STOPPED" else ""
         lines.append(
             f'<polyline points="{pts}" fill="none" stroke="{COLORS[i % len(COLORS)]}" stroke-width="2"{dash}>'
@@ -105,6 +117,123 @@ def curves(trials: list[dict], metric: str) -> str:
         )
     return _frame(f"learning curves: {metric} per epoch (dashed: stopped early by the scheduler)",
                   "epoch", metric, xr, yr, False, "".join(lines))
+
+
+# --------------------------------------------------------------------------------------
+# The winner's confusion matrix
+# --------------------------------------------------------------------------------------
+
+
+class _NoMatrix(Exception):
+    """Why the confusion matrix cannot be shown: the panel's one line."""
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as one short line."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def validation_split(checkpoint: str | Path) -> Any:
+    """The validation split of a checkpoint's job, as training held it out: its
+    ``job.yaml`` resolved, the dataset loaded and split with the job's seed."""
+    from trainyard.config import load_config, resolve
+    from trainyard.train.data import split_validation
+
+    job = resolve(load_config(Path(checkpoint) / "job.yaml"))
+    data = job.dataset.load(job.data_params, job.config.seed)
+    if data.val is not None:
+        return data.val
+    return split_validation(data, job.config.data.val_fraction, job.config.seed)[1]
+
+
+def winner_confusion(checkpoint: str | Path, batch: int = 512) -> tuple[list[str], Any]:
+    """``(classes, matrix)``: scikit-learn's confusion matrix (rows true, columns predicted,
+    in the order of the checkpoint's classes) of the checkpoint's predictions on its
+    validation split, predicted on the CPU. Raises :class:`_NoMatrix` saying why not."""
+    from trainyard.hookspecs import DataInfo
+
+    folder = Path(checkpoint)
+    if "://" in str(checkpoint) or not folder.is_dir():
+        raise _NoMatrix(f"the winner's checkpoint {checkpoint} is not a folder on this machine")
+    try:
+        info = DataInfo.from_dict(json.loads((folder / "data_info.json").read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise _NoMatrix(f"the winner's checkpoint has no readable data_info.json ({_why(exc)})") from None
+    if info.task != "classification":
+        raise _NoMatrix(f"the task is {info.task}, not classification")
+    if not info.classes:
+        raise _NoMatrix("the winner's checkpoint names no classes")
+    try:
+        val = validation_split(folder)
+    except Exception as exc:  # noqa: BLE001 - a plugin's or the data's error, shown as the reason
+        raise _NoMatrix(f"the validation data could not be loaded here ({_why(exc)})") from None
+    if len(val) == 0:
+        raise _NoMatrix("the validation split is empty")
+    try:
+        import numpy as np
+
+        from trainyard.checkpoint import load_predictor
+
+        predictor = load_predictor(folder, device="cpu")
+        preds = []
+        for start in range(0, len(val), batch):
+            outputs = predictor.forward(val.inputs[start:start + batch])
+            preds.append(outputs.detach().float().cpu().numpy().argmax(axis=1))
+        predicted = np.concatenate(preds)
+    except Exception as exc:  # noqa: BLE001 - the model plugin's error, shown as the reason
+        raise _NoMatrix(f"the winner could not predict its validation split here ({_why(exc)})") from None
+    from sklearn.metrics import confusion_matrix
+
+    labels = list(range(len(info.classes)))
+    return list(info.classes), confusion_matrix(np.asarray(val.targets).astype(np.int64), predicted,
+                                                labels=labels)
+
+
+def confusion_table(classes: list[str], matrix: Any) -> str:
+    """The matrix as an HTML table (``id="confusion"``): one row per true class, one column
+    per predicted class, each cell a count shaded by its share of the row."""
+    head = "".join(f'<th class="pred">{_e(c)}</th>' for c in classes)
+    rows = []
+    for i, name in enumerate(classes):
+        total = int(matrix[i].sum())
+        cells = []
+        for j, count in enumerate(matrix[i]):
+            count = int(count)
+            share = count / total if total else 0.0
+            color = "#2ca02c" if i == j else "#1f77b4"
+            text = "#fff" if share > 0.6 else "#000"
+            style = f"background:{color}{round(share * 255):02x};color:{text}" if count else ""
+            cells.append(
+                f'<td class="cm" style="{style}" title="true {_e(name)}, predicted {_e(classes[j])}: '
+                f'{count} of {total} ({share:.0%})">{count}</td>'
+            )
+        rows.append(f'<tr><th class="true">{_e(name)}</th>{"".join(cells)}<td>{total}</td></tr>')
+    return (
+        '<table id="confusion"><tr><th>true \\ predicted</th>' + head + "<th>total</th></tr>"
+        + "".join(rows) + "</table>"
+    )
+
+
+def confusion_panel(winners: list[dict]) -> str:
+    """The winner's confusion matrix with a caption, or one line saying why there is none."""
+    try:
+        if not winners:
+            raise _NoMatrix("no trial finished, so there is no winner")
+        w = winners[0]
+        classes, matrix = winner_confusion(w["path"])
+    except _NoMatrix as why:
+        return f'<p class="why">No confusion matrix: {_e(why)}.</p>'
+    except Exception as exc:  # noqa: BLE001 - the report is written whatever the panel meets
+        return f'<p class="why">No confusion matrix: {_e(_why(exc))}.</p>'
+    n = int(matrix.sum())
+    correct = int(matrix.trace())
+    return (
+        f"<p>Trial <b>{_e(w['trial_id'])}</b> on its validation split: {n} examples, "
+        f"{correct} correct ({correct / n:.1%}). Rows: the true class; columns: the predicted "
+        "class; shade: share of the row.</p>" + confusion_table(classes, matrix)
+    )
 
 
 def write_report(run: str | Path, output: str | Path | None = None) -> Path:
@@ -139,6 +268,7 @@ def write_report(run: str | Path, output: str | Path | None = None) -> Path:
             f"<p>Trial <b>{_e(w['trial_id'])}</b>: {_e(metric)} = <b>{value}</b>, "
             f"exported to <code>{_e(w['path'])}</code>.</p><pre>{_e(config)}</pre>"
         )
+    confusion = confusion_panel(winners)
     stopped = sum(t["state"] == "STOPPED" for t in trials)
     failed = sum(t["state"] == "ERROR" for t in trials)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>trainyard report: {_e(run_dir.name)}</title>
@@ -148,6 +278,7 @@ pre{{background:#f6f6f6;padding:1em}}</style></head><body>
 <h1>Tuning run {_e(run_dir.name)}</h1>
 <p>{len(trials)} trials; metric <b>{_e(metric)}</b> ({_e(data['mode'])}); {stopped} stopped early by the scheduler; {failed} failed.</p>
 <h2>Winner</h2>{winner_html}
+<h2>Confusion matrix of the winner</h2>{confusion}
 <h2>Metric against the hyperparameters</h2>{''.join(charts)}
 <h2>Trials</h2><table><tr>{''.join(f'<th>{_e(h)}</th>' for h in ['trial', *keys, 'epochs', 'best', 'final', 'state', 'note'])}</tr>
 {''.join(rows)}</table>
