@@ -268,3 +268,43 @@ def test_dashboard_and_serve_ports(config):
         assert rule["ToPort"] == port and rule["IpProtocol"] == "tcp"
         cidrs = [r["CidrIp"] for r in rule["IpRanges"]]
         assert cidrs and "0.0.0.0/0" not in cidrs, f"port {port}: open to a CIDR, not the world"
+
+
+# --------------------------------------------------------------------------------------
+# Secrets and permissions
+# --------------------------------------------------------------------------------------
+
+KEY_FILE = "~/.trainyard/api_key"
+
+
+def test_every_node_sets_the_api_key_from_the_operators_secret(config, prepared):
+    from trainyard.serve.config import ServeConfig
+
+    # The secret is a file on the operator's machine, copied to every node like Ray's token;
+    # no key is in cluster.yaml.
+    assert config["file_mounts"][KEY_FILE] == KEY_FILE
+    variable = ServeConfig().api_key_env  # what `trainyard deploy` and the replicas read
+    assert variable == "TRAINYARD_API_KEY"
+    export = f"""echo 'export {variable}="$(cat {KEY_FILE})"' >> ~/.trainyard_env"""
+    assert variable not in node_env(config), "no literal key value"
+    assert not re.search(rf"{variable}=(?!\"\$\(cat )", CLUSTER_YAML.read_text())
+    for kind in ("head_setup_commands", "worker_setup_commands"):  # the common commands, merged
+        commands = prepared[kind]
+        check = _index(commands, rf"test -s {re.escape(KEY_FILE)}")
+        assert "exit 1" in commands[check], "set-up stops when the secret is missing or empty"
+        assert f"chmod 600 {KEY_FILE}" in commands[check]
+        assert commands.index(export) > check, f"{kind}: exports {variable} from the secret"
+    # ray start sources ~/.trainyard_env, so the raylet, and each replica it starts, has it.
+    for kind in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert "source ~/.trainyard_env" in next(c for c in config[kind] if "ray start" in c)
+
+
+def test_the_shared_folder_is_not_world_writable(config):
+    mount = " ".join(config["initialization_commands"])
+    modes = re.findall(rf"chmod (?:-R )?([0-7]{{3,4}}) {SHARED_MOUNT}\b", mount)
+    assert modes, "the shared folder's mode is set"
+    for mode in modes:
+        others = int(mode[-1])
+        assert others == 0, f"chmod {mode}: the shared folder is open to other users"
+    assert not re.search(rf"chmod \S*[oa]\+\w*w\w* {SHARED_MOUNT}", mount)
+    assert re.search(rf"chown \d+:\d+ {SHARED_MOUNT}\b", mount), "owned by the nodes' user"

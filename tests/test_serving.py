@@ -217,7 +217,8 @@ def test_config_out_writes_a_serve_config_that_serve_accepts(served, tmp_path):
 
     from trainyard.serve.config import write_serve_config
 
-    cfg = serve_config(8000, [(str(served["root"] / "cnn"), "digits"), (str(served["root"] / "bert"), "")])
+    cfg = serve_config(8000, [(str(served["root"] / "cnn"), "digits"), (str(served["root"] / "bert"), "")],
+                       api_key="s3cret")  # the file serves on 0.0.0.0: without a key it is refused
     cfg.models[0].max_replicas = 4
     path = write_serve_config(cfg, tmp_path / "serve.yaml")
     document = yaml.safe_load(path.read_text())

@@ -33,6 +33,16 @@ def _warn_plugin_problems(console) -> None:
         console.print(f"[yellow]warning:[/] {problem} (not loaded)")
 
 
+def _warn_key_on_command_line(ctx, param: str = "api_key") -> None:
+    """A key typed as an option shows in `ps` and in the shell's history."""
+    from click.core import ParameterSource
+
+    if ctx.get_parameter_source(param) == ParameterSource.COMMANDLINE:
+        click.echo(click.style("warning: ", fg="yellow", bold=True) + "--api-key shows the key to "
+                   "other users (ps) and in your shell history; prefer TRAINYARD_API_KEY or "
+                   "--api-key-file FILE", err=True)
+
+
 def _serve_until_interrupted(console) -> None:
     """Keep the embedded Ray (and what it serves) alive until Ctrl-C."""
     console.print("serving until Ctrl-C")
@@ -344,25 +354,37 @@ def jobs_stop(job_id, address):
 @click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--batch-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0))
 @click.option("--max-body-bytes", default=1_000_000, show_default=True, type=click.IntRange(1))
-@click.option("--api-key", default="", help="Require this key (Authorization: Bearer KEY); "
-              "default: TRAINYARD_API_KEY if set.")
+@click.option("--api-key", default="", help="Require this key (Authorization: Bearer KEY). It shows "
+              "in ps and shell history: prefer TRAINYARD_API_KEY (used when set) or --api-key-file.")
+@click.option("--api-key-file", default=None, type=click.Path(dir_okay=False),
+              help="Require the key in this file (absolute path; with --address, a file on every "
+                   "node). Replicas read it themselves.")
+@click.option("--insecure", is_flag=True,
+              help="Allow serving on a host other than 127.0.0.1/::1/localhost with no API key "
+                   "(every route open).")
 @click.option("--config-out", default=None, type=click.Path(dir_okay=False),
               help="Write a Ray Serve config file for `serve deploy` instead of deploying.")
 @click.option("--detach", is_flag=True, help="Return once deployed instead of serving until Ctrl-C.")
 @click.option("--ingress", type=click.Choice(INGRESS_MODES), default=None,
               help=_INGRESS_HELP)
-def deploy(winners, config_file, names, version, address, host, port, replicas, max_replicas,
-           num_cpus, num_gpus, max_batch_size, batch_wait_ms, max_body_bytes, api_key,
-           config_out, detach, ingress):
+@click.pass_context
+def deploy(ctx, winners, config_file, names, version, address, host, port, replicas, max_replicas,
+           num_cpus, num_gpus, max_batch_size, batch_wait_ms, max_body_bytes, api_key, api_key_file,
+           insecure, config_out, detach, ingress):
     """Serve WINNERS over HTTP with Ray Serve (Open Inference Protocol + plain JSON).
 
     A WINNER is a winners folder (winners/<run>), a tuning run (runs/<run>), a training run
     or one of its checkpoints. Several WINNERS are served side by side.
 
+    Inference routes need an API key when TRAINYARD_API_KEY is set, or with --api-key-file
+    or --api-key; a replica that cannot find its key refuses to start. Serving on a host
+    other than loopback without a key is refused unless --insecure.
+
     \b
     Examples:
       trainyard deploy winners/tune_mlp
       trainyard deploy --config configs/serve.yaml
+      TRAINYARD_API_KEY=... trainyard deploy winners/tune_mlp --host 0.0.0.0
       trainyard deploy winners/tune_mlp --config-out serve_config.yaml   # then: serve deploy
     """
     from trainyard.serve.deploy import deploy as deploy_models
@@ -381,14 +403,24 @@ def deploy(winners, config_file, names, version, address, host, port, replicas, 
                    "num_replicas": replicas, "min_replicas": replicas, "max_replicas": max_replicas,
                    "num_cpus": num_cpus, "num_gpus": num_gpus, "max_batch_size": max_batch_size,
                    "batch_wait_ms": batch_wait_ms} for i, w in enumerate(winners)]
-        cfg = load_serve_config(base={"host": host, "port": port, "api_key": api_key,
+        cfg = load_serve_config(base={"host": host, "port": port,
                                       "max_body_bytes": max_body_bytes, "models": models})
+    _warn_key_on_command_line(ctx)
+    if api_key:
+        cfg.api_key = api_key
+    if api_key_file:
+        cfg.api_key_file = api_key_file
+    if insecure:
+        cfg.insecure = True
     if ingress:
         cfg.ingress = ingress
     console = _console()
     if config_out:
         path = write_serve_config(cfg, config_out)
         console.print(f"wrote {path}; on a cluster: serve deploy {path}")
+        if cfg.api_key and not cfg.api_key_file:
+            console.print(f"its replicas read the key from {cfg.api_key_env} on their nodes (the key "
+                          "is not in the file): set it there")
         return
     endpoints = deploy_models(cfg, address)
     for name, url in endpoints.items():
@@ -443,8 +475,12 @@ def up(config, overrides, port, exit_after_first, ingress):
 @click.argument("model")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="Where trainyard serves.")
-@click.option("--api-key", envvar="TRAINYARD_API_KEY", default=None, help="Default: TRAINYARD_API_KEY.")
-def predict(model, inputs, url, api_key):
+@click.option("--api-key", envvar="TRAINYARD_API_KEY", default=None,
+              help="Default: TRAINYARD_API_KEY (prefer it: an option shows in ps and shell history).")
+@click.option("--api-key-file", default=None, type=click.Path(dir_okay=False),
+              help="Read the API key from this file.")
+@click.pass_context
+def predict(ctx, model, inputs, url, api_key, api_key_file):
     """Ask the served MODEL about INPUTS and print labels and scores.
 
     Each INPUT is a JSON value (a feature row such as '[1.5, 2, ...]', an image array) or,
@@ -461,6 +497,13 @@ def predict(model, inputs, url, api_key):
 
     from trainyard.client import Client
 
+    _warn_key_on_command_line(ctx)
+    if api_key_file:
+        try:
+            with open(api_key_file, encoding="utf-8") as f:
+                api_key = f.read().strip()
+        except OSError as exc:
+            raise click.BadParameter(f"{api_key_file}: {exc.strerror or exc}", param_hint="--api-key-file") from None
     values: list = []
     for item in inputs:
         if item.startswith("@"):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trainyard.errors import ConfigError, TrainyardError
+from trainyard.plugins import SWITCHES
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 #: Where the Jobs API address comes from when --address is not given.
@@ -30,8 +31,7 @@ ADDRESS_ENV = ("TRAINYARD_JOBS_ADDRESS", "RAY_API_SERVER_ADDRESS")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 #: Environment variables a job carries from the submitting shell: plugin selection only
 #: (runtime_env is visible in the dashboard, so never secrets such as TRAINYARD_API_KEY).
-CARRIED_ENV = ("TRAINYARD_PLUGINS", "TRAINYARD_DISABLE_PLUGINS", "TRAINYARD_DISABLE_EXTERNAL_PLUGINS",
-               "TRAINYARD_DEBUG")
+CARRIED_ENV = SWITCHES  # the plugin switches travel with a job
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".pytest_cache")
 
 

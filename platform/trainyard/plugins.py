@@ -35,6 +35,11 @@ from trainyard.errors import PluginError
 from trainyard.markers import PROJECT
 
 ENTRY_POINT_GROUP = "trainyard"
+#: The environment switches that decide which plugins load (module docstring), with the
+#: CLI's debug switch: what a job or an embedded Ray carries to its workers so that every
+#: process loads the same plugins.
+SWITCHES = ("TRAINYARD_PLUGINS", "TRAINYARD_DISABLE_PLUGINS", "TRAINYARD_DISABLE_EXTERNAL_PLUGINS",
+            "TRAINYARD_DEBUG")
 BUILTIN_DISTRIBUTION = "trainyard"
 
 KINDS = {

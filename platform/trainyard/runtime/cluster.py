@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 import os
+import re
 
 from trainyard.errors import TrainingError
-from trainyard.runtime.ingress import ingress_env
+from trainyard.runtime.ingress import HAPROXY_FORCED, ingress_env
+
+#: Names of variables that hold secrets: never put in a runtime_env (Ray shows runtime_envs
+#: in its dashboard and state API, and Serve copies the driver's into every deployment).
+SECRET_NAME = re.compile(r"(^|_)(API_?KEY|KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)$", re.IGNORECASE)
+
+#: What the embedded Ray's Serve was started with (HAProxy's ports, private folder, ...):
+#: set by init_ray when it starts an embedded Ray, for diagnostics and tests.
+SERVE_ENV: dict[str, str] = {}
+
+
+def carried_env(environ: dict | None = None) -> dict[str, str]:
+    """The variables an embedded Ray's driver carries to its workers (runtime_env): the
+    plugin switches that decide which plugins load there (``trainyard.plugins.SWITCHES``),
+    never a secret such as TRAINYARD_API_KEY. Replicas read an API key by reference (the
+    variable's name or a file path in their options), from their own node's environment."""
+    from trainyard.plugins import SWITCHES
+
+    environ = os.environ if environ is None else environ
+    return {k: environ[k] for k in SWITCHES if environ.get(k) and not SECRET_NAME.search(k)}
 
 
 def init_ray(address: str | None = None, ingress: str | None = None) -> None:
@@ -20,7 +40,7 @@ def init_ray(address: str | None = None, ingress: str | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if ray.is_initialized():
         return
-    env = {k: v for k, v in os.environ.items() if k.startswith("TRAINYARD_")}
+    env = carried_env()
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
         # A driver started by the Jobs API: the job's runtime_env (working_dir, env_vars)
         # already reaches every worker, and Ray refuses to merge the same keys twice.
@@ -41,7 +61,10 @@ def init_ray(address: str | None = None, ingress: str | None = None) -> None:
     # Serve's HTTP ingress is fixed when Ray starts: its settings go in the environment of
     # the Ray processes an embedded start spawns, and only theirs: this process and its
     # children keep their own environment.
-    serve_env = {k: v for k, v in ingress_env(ingress).items() if k not in os.environ} if not address else {}
+    # A user's own setting wins, except HAProxy's binary: the wrapper trainyard writes runs it.
+    wanted = ingress_env(ingress) if not address else {}
+    serve_env = {k: v for k, v in wanted.items() if k not in os.environ or k in HAPROXY_FORCED}
+    saved = {k: os.environ[k] for k in serve_env if k in os.environ}
     os.environ.update(serve_env)
     try:
         ray.init(address=address or None, **kwargs)
@@ -50,6 +73,9 @@ def init_ray(address: str | None = None, ingress: str | None = None) -> None:
     finally:
         for key in serve_env:
             os.environ.pop(key, None)
+        os.environ.update(saved)
+    SERVE_ENV.clear()
+    SERVE_ENV.update({k: serve_env.get(k, os.environ.get(k, v)) for k, v in wanted.items()})
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

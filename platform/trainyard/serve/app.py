@@ -5,16 +5,18 @@ Imported only where Serve runs (it pulls in FastAPI and Ray Serve).
 
 
 import asyncio
+import hmac
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from trainyard.serve.config import ROOT_CPUS
+from trainyard.serve.config import API_KEY_MARK, MAX_FORWARD_EXAMPLES, ROOT_CPUS
 from trainyard.serve.protocol import (
     ModelSignature,
     RequestError,
@@ -91,16 +93,143 @@ def json_response(document: dict) -> Response:
                     media_type="application/json")
 
 
-def _check_key(request: Request, api_key: str | None) -> JSONResponse | None:
+class ApiKeyMissing(RuntimeError):
+    """A replica told to require an API key found none: it refuses to start (fails closed)."""
+
+
+def load_api_key(options: dict) -> bytes | None:
+    """The API key a replica requires, read by reference: from the file ``api_key_file`` or
+    the environment variable ``api_key_env`` names, on the replica's own node; None when the
+    options name neither (an open deployment). A named source that is missing or empty raises
+    ApiKeyMissing, naming it (never the key): the replica does not start, rather than serve
+    every route with no key. Surrounding whitespace (a file's last newline) is ignored."""
+    path, name = options.get("api_key_file"), options.get("api_key_env")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                key = f.read().strip()
+        except (OSError, UnicodeError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise ApiKeyMissing(f"{API_KEY_MARK} cannot read the key file {path} on this replica's "
+                                f"node ({reason}); it must exist on every node that runs a "
+                                "replica") from None
+        if not key:
+            raise ApiKeyMissing(f"{API_KEY_MARK} the key file {path} is empty")
+        return key.encode("utf-8")
+    if name:
+        key = os.environ.get(name, "").strip()
+        if not key:
+            raise ApiKeyMissing(f"{API_KEY_MARK} the environment variable {name} is not set (or "
+                                "empty) on this replica's node; set it on every node that runs "
+                                "replicas (before Ray starts there), or deploy with --api-key-file")
+        return key.encode("utf-8")
+    return None
+
+
+def _check_key(request: Request, api_key: bytes | None) -> JSONResponse | None:
     if not api_key:
         return None
     given = request.headers.get("authorization", "")
     token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
     if not token:
         return error(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")
-    if token != api_key:
+    # Header values arrive decoded as Latin-1: encoding them back gives the bytes sent.
+    # Compared in constant time, so the answer's timing does not leak the key.
+    if not hmac.compare_digest(token.strip().encode("latin-1", "replace"), api_key):
         return error(403, "wrong API key")
     return None
+
+
+class BatchRunner:
+    """Requests' inputs through a predictor, each request isolated from the others it is
+    batched with.
+
+    Each request's inputs are already validated and shaped ``[n, *input_shape]`` (text: a
+    list of valid strings). Requests run together in forward passes of at most
+    ``max_examples`` examples (a request larger than that is split over several). When a
+    batch of several requests still fails, each of them is run again alone, so only the one
+    that fails alone is answered with an error (a ``RequestError``, a 4xx), and a request whose
+    outputs are not finite gets a 422 instead of a broken answer.
+    """
+
+    def __init__(self, predictor: Any, max_examples: int = MAX_FORWARD_EXAMPLES):
+        self.predictor = predictor
+        self.max_examples = max(1, int(max_examples))
+
+    def forward_many(self, batches: list[Any]) -> list[Any]:
+        """One result per request: ``(answers, outputs)``, or a RequestError."""
+        results: list[Any] = [None] * len(batches)
+        for group in self._groups([len(b) for b in batches]):
+            try:
+                for i, result in zip(group, self._forward([batches[i] for i in group])):
+                    results[i] = result
+                continue
+            except Exception as exc:
+                if len(group) == 1:
+                    results[group[0]] = self._failure(exc)
+                    continue
+                logger.warning("a batch of %d requests failed (%s: %s); running them one by one",
+                               len(group), type(exc).__name__, exc)
+            for i in group:
+                try:
+                    results[i] = self._forward([batches[i]])[0]
+                except Exception as exc:
+                    results[i] = self._failure(exc)
+        return results
+
+    def _groups(self, sizes: list[int]) -> list[list[int]]:
+        """Requests packed in order into groups of at most ``max_examples`` examples (a
+        larger request is a group of its own, split into forward passes by ``_forward``)."""
+        groups: list[list[int]] = []
+        current: list[int] = []
+        total = 0
+        for i, size in enumerate(sizes):
+            if current and total + size > self.max_examples:
+                groups.append(current)
+                current, total = [], 0
+            current.append(i)
+            total += size
+        if current:
+            groups.append(current)
+        return groups
+
+    def _forward(self, batches: list[Any]) -> list[Any]:
+        import numpy as np
+        import torch
+
+        sizes = [len(b) for b in batches]
+        if isinstance(batches[0], list):  # text: one flat list of strings
+            merged: Any = [text for batch in batches for text in batch]
+        else:
+            merged = batches[0] if len(batches) == 1 else np.concatenate(batches)
+        step = self.max_examples
+        parts = [self.predictor.forward(merged[start:start + step]).float().cpu()
+                 for start in range(0, sum(sizes), step)]
+        outputs = parts[0] if len(parts) == 1 else torch.cat(parts)
+        answers = self.predictor.processor.decode(outputs)
+        results, start = [], 0
+        for size in sizes:
+            part = outputs[start:start + size]
+            if bool(torch.isfinite(part).all()):
+                results.append((answers[start:start + size], part.numpy()))
+            else:
+                results.append(RequestError("the model's output for these inputs is not finite "
+                                            "(NaN or Infinity); are they far outside the range "
+                                            "it was trained on?", 422))
+            start += size
+        return results
+
+    @staticmethod
+    def _failure(exc: Exception) -> RequestError:
+        if isinstance(exc, RequestError):
+            return exc
+        text = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, MemoryError) or "out of memory" in text.lower():
+            logger.error("a request ran out of memory in the model: %s", text[:300])
+            return RequestError("the model ran out of memory on this request; send fewer inputs "
+                                "at a time", 503)
+        logger.warning("a request failed in the model: %s", text[:300])
+        return RequestError(f"the model could not process these inputs ({text[:300]})", 422)
 
 
 model_api = FastAPI(title="trainyard model", description="Open Inference Protocol (KServe V2) "
@@ -116,6 +245,9 @@ class ModelServer:
     def __init__(self, name: str, version: str, checkpoint: str, options: dict):
         from trainyard.checkpoint import load_predictor
 
+        # First, before the model loads: a replica that should require a key and finds none
+        # fails at once (Serve reports the deployment unhealthy; `trainyard deploy` names why).
+        self.api_key = load_api_key(options)
         self.name, self.version = name, version
         self.predictor = load_predictor(checkpoint)
         info = self.predictor.info
@@ -123,44 +255,35 @@ class ModelServer:
         self.output_names = tuple(o["name"] for o in self.signature.output_metadata())
         self.max_body = int(options.get("max_body_bytes", 1_000_000))
         self.max_items = int(options.get("max_items", 1024))
-        self.api_key = options.get("api_key") or (
-            os.environ.get(options["api_key_env"]) if options.get("api_key_env") else None) or None
+        self.runner = BatchRunner(self.predictor, int(options.get("max_forward_examples", MAX_FORWARD_EXAMPLES)))
+        # Forward passes run here, one at a time, off the event loop: health, metadata and
+        # new requests are answered (and batched) while a large forward pass runs.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainyard-forward")
         max_batch = int(options.get("max_batch_size", 32))
         self.predict_batch.set_max_batch_size(max_batch)
         self.predict_batch.set_batch_wait_timeout_s(float(options.get("batch_wait_timeout_s", 0.005)))
         self.batching = max_batch > 1
         self.ongoing = 0  # requests in this replica, from arrival to answer
 
-    async def run(self, raw: Any) -> tuple[list[dict], Any]:
-        """One request's inputs through the model. A request alone in the replica (or with
-        batching off) skips Serve's batch queue, whose wait would only add latency: nothing
-        could join its batch. With others in flight, they share forward passes."""
+    async def run(self, raw: Any) -> Any:
+        """One request's inputs through the model: ``(answers, outputs)``, or a RequestError
+        for this request alone. A request alone in the replica (or with batching off) skips
+        Serve's batch queue, whose wait would only add latency: nothing could join its batch.
+        With others in flight, they share forward passes."""
         if self.batching and self.ongoing <= 1:
             await asyncio.sleep(0)  # requests already received get to the handler first
         if not self.batching or self.ongoing <= 1:
-            return self.forward_many([raw])[0]
+            return (await self._forward([raw]))[0]
         return await self.predict_batch(raw)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict_batch(self, batches: list[Any]) -> list[tuple[list[dict], Any]]:
-        """Requests that arrive together run as one forward pass (Serve's batching)."""
-        return self.forward_many(batches)
+    async def predict_batch(self, batches: list[Any]) -> list[Any]:
+        """Requests that arrive together share forward passes (Serve's batching)."""
+        return await self._forward(batches)
 
-    def forward_many(self, batches: list[Any]) -> list[tuple[list[dict], Any]]:
-        import numpy as np
-
-        sizes = [len(b) for b in batches]
-        if isinstance(batches[0], list):  # text: one flat list of strings
-            merged = [text for batch in batches for text in batch]
-        else:
-            merged = np.concatenate(batches)
-        outputs = self.predictor.forward(merged).float().cpu()
-        answers = self.predictor.processor.decode(outputs)
-        results, start = [], 0
-        for size in sizes:
-            results.append((answers[start:start + size], outputs[start:start + size].numpy()))
-            start += size
-        return results
+    async def _forward(self, batches: list[Any]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.runner.forward_many, batches)
 
     def _metadata(self) -> dict:
         return {
@@ -207,7 +330,10 @@ class ModelServer:
             wanted = requested_outputs(body, self.output_names)
         except RequestError as exc:
             return error(exc.status, str(exc))
-        answers, outputs = await self.run(raw)
+        result = await self.run(raw)
+        if isinstance(result, RequestError):
+            return error(result.status, str(result))
+        answers, outputs = result
         tensors = outputs_to_oip(answers, outputs, self.signature)
         if wanted:
             by_name = {t["name"]: t for t in tensors}
@@ -234,7 +360,10 @@ class ModelServer:
             raw = raw_from_json(await read_json(request, self.max_body), self.signature, self.max_items)
         except RequestError as exc:
             return error(exc.status, str(exc))
-        answers, _ = await self.run(raw)
+        result = await self.run(raw)
+        if isinstance(result, RequestError):
+            return error(result.status, str(result))
+        answers, _ = result
         return json_response({"model_name": self.name, "model_version": self.version,
                               "predictions": answers})
 

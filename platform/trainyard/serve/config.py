@@ -3,7 +3,9 @@ for, in Serve's own config-file shape (deployed here, or written for ``serve dep
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,12 +13,21 @@ from typing import Any
 from omegaconf import MISSING
 
 from trainyard.errors import TrainyardError
+from trainyard.names import check_name
 from trainyard.runtime.ingress import Ingress
 from trainyard.winners import model_name_for, resolve_checkpoint
 
 #: The root application (health routes, model list, 404s), and its one replica's CPUs.
 ROOT_APP = "trainyard"
 ROOT_CPUS = 0.05
+#: Most examples in one forward pass: requests batched together (up to max_batch_size of
+#: them, each up to max_items examples) run in passes of at most this many.
+MAX_FORWARD_EXAMPLES = 1024
+#: Starts the reason a replica gives when it refuses to start for want of its API key;
+#: ``trainyard deploy`` finds that line in Serve's report by it.
+API_KEY_MARK = "trainyard API key:"
+#: The environment variable that holds the API key, unless a serve config names another.
+API_KEY_ENV = "TRAINYARD_API_KEY"
 
 @dataclass
 class ServedModel:
@@ -37,6 +48,8 @@ class ServedModel:
     #: Serve's dynamic batching: requests arriving together run as one forward pass.
     max_batch_size: int = 32
     batch_wait_ms: float = 5.0
+    #: Most examples in one forward pass; a larger batch runs as several passes.
+    max_forward_examples: int = MAX_FORWARD_EXAMPLES
 
 
 @dataclass
@@ -45,8 +58,19 @@ class ServeConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    #: Inference routes need this key (also from TRAINYARD_API_KEY); empty: open.
+    #: Inference routes need a key when one of the three below gives one; with none, they
+    #: are open, which only a loopback host (127.0.0.1, ::1, localhost) or insecure allows.
+    #: The key itself. It reaches the replicas by reference only: written to a file only you
+    #: can read (for an embedded Ray), never into Serve's deployment args. Prefer the next two.
     api_key: str = ""
+    #: The environment variable that holds the key where you deploy and on every node that
+    #: runs replicas; a replica whose node lacks it refuses to start.
+    api_key_env: str = API_KEY_ENV
+    #: Or a file that holds the key (absolute path), readable on every replica's node.
+    api_key_file: str = ""
+    #: Serve on a host other than loopback with no API key: every route open to anyone who
+    #: reaches the port.
+    insecure: bool = False
     #: Requests over this size get 413 before the body is read whole.
     max_body_bytes: int = 1_000_000
     #: Most examples in one request.
@@ -58,8 +82,48 @@ class ServeConfig:
     models: list[ServedModel] = field(default_factory=list)
 
 
-#: Where replicas read the API key when the config gives none.
-API_KEY_ENV = "TRAINYARD_API_KEY"
+#: Hosts that only this machine reaches: serving there needs no API key.
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def has_api_key(cfg: Any) -> bool:
+    """Whether the served models will require a key: one given directly, a key file, or the
+    key variable set where you deploy."""
+    return bool(cfg.api_key or cfg.api_key_file or os.environ.get(cfg.api_key_env))
+
+
+def check_exposure(cfg: Any, host: str) -> None:
+    """Refuse to serve on a host other than loopback with no API key, unless insecure."""
+    if has_api_key(cfg) or cfg.insecure or is_loopback(host):
+        return
+    raise TrainyardError(
+        f"refusing to serve on {host} without an API key (anyone who reaches the port could use "
+        f"every model): set {cfg.api_key_env}, or give --api-key-file FILE, or pass --insecure "
+        "to serve with no key")
+
+
+def auth_options(cfg: Any, key_file: str | None = None) -> dict[str, str]:
+    """What tells the replicas where their key is (never the key): ``api_key_file`` (the
+    config's key file, else ``key_file``, where deploy wrote a key given directly) or
+    ``api_key_env``; empty for open models. A key given directly with no file to carry it (a
+    Serve config written for a cluster) is read from ``api_key_env`` on the nodes."""
+    if cfg.api_key_file:
+        return {"api_key_file": os.path.abspath(os.path.expanduser(cfg.api_key_file))}
+    if cfg.api_key and key_file:
+        return {"api_key_file": key_file}
+    if cfg.api_key or os.environ.get(cfg.api_key_env):
+        return {"api_key_env": cfg.api_key_env}
+    return {}
 
 
 def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -71,9 +135,13 @@ def load_serve_config(path: str | Path | None = None, overrides: list[str] | Non
     cfg = merge_config(ServeConfig, path, overrides, base, what="serve config")
     if not cfg.models:
         raise ConfigError("models: give at least one model to serve")
-    rules = [(0 < cfg.port < 65536, "port", "must be 1-65535")]
+    rules = [(0 < cfg.port < 65536, "port", "must be 1-65535"),
+             (bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.api_key_env)), "api_key_env",
+              "must be an environment variable's name")]
     for i, m in enumerate(cfg.models):
         key = f"models[{i}]"
+        if m.name:
+            check_name(m.name, f"{key}.name", reserved=True)
         rules += [
             (m.num_replicas >= 1, f"{key}.num_replicas", "must be at least 1"),
             (m.max_replicas == 0 or m.max_replicas >= m.min_replicas >= 0, f"{key}.max_replicas",
@@ -82,24 +150,26 @@ def load_serve_config(path: str | Path | None = None, overrides: list[str] | Non
             (m.num_gpus >= 0, f"{key}.num_gpus", "must not be negative"),
             (m.max_batch_size >= 1, f"{key}.max_batch_size", "must be at least 1"),
             (m.batch_wait_ms >= 0, f"{key}.batch_wait_ms", "must not be negative"),
-            ("/" not in m.name, f"{key}.name", "must not contain '/'"),
+            (m.max_forward_examples >= 1, f"{key}.max_forward_examples", "must be at least 1"),
         ]
     check_rules(cfg, rules)
-    if not cfg.api_key:
-        cfg.api_key = os.environ.get(API_KEY_ENV, "")
     return cfg
 
 
-def application_specs(cfg: Any, existing: list[str] | None = None) -> list[dict]:
+def application_specs(cfg: Any, existing: list[str] | None = None, auth: dict | None = None) -> list[dict]:
     """Serve applications for a serve config, in Serve's config-file shape.
 
     The same specs are deployed by ``trainyard deploy`` and written by ``--config-out``
-    for ``serve deploy`` on a cluster, so the two cannot differ.
+    for ``serve deploy`` on a cluster, so the two cannot differ. ``auth``: where replicas
+    find their API key (``auth_options``; by default, from the config alone). No key value
+    is ever in a spec: Serve shows deployment args in its API and dashboard.
     """
+    auth = auth_options(cfg) if auth is None else auth
     apps, names = [], []
-    for m in cfg.models:
+    for i, m in enumerate(cfg.models):
         checkpoint = resolve_checkpoint(m.winner)
-        name = m.name or model_name_for(checkpoint)
+        name = m.name or check_name(model_name_for(checkpoint), f"models[{i}].name (the checkpoint's run "
+                                    "name; give the model a name)", reserved=True, error=TrainyardError)
         if name in names:
             raise TrainyardError(f"two models would be served as {name!r}; give each a name")
         names.append(name)
@@ -125,7 +195,7 @@ def application_specs(cfg: Any, existing: list[str] | None = None) -> list[dict]
                 "options": {"max_batch_size": m.max_batch_size,
                             "batch_wait_timeout_s": m.batch_wait_ms / 1000,
                             "max_body_bytes": cfg.max_body_bytes, "max_items": cfg.max_items,
-                            "api_key_env": API_KEY_ENV if cfg.api_key else ""},
+                            "max_forward_examples": m.max_forward_examples, **auth},
             },
         })
     every = sorted(set(existing or []) | set(names))
@@ -134,21 +204,35 @@ def application_specs(cfg: Any, existing: list[str] | None = None) -> list[dict]
     return apps
 
 
+#: The host a Serve config written for a cluster listens on.
+CLUSTER_HOST = "0.0.0.0"
+
+
 def write_serve_config(cfg: Any, path: str | Path) -> Path:
-    """A Ray Serve config file for ``serve deploy FILE`` on a cluster."""
+    """A Ray Serve config file for ``serve deploy FILE`` on a cluster (listening on every
+    interface, so it needs an API key, or insecure). The key itself is never in the file:
+    replicas read it from the variable or the file the config names, on their own node."""
     import yaml
 
+    check_exposure(cfg, CLUSTER_HOST)
+    auth = auth_options(cfg)
     document = {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0", "port": int(cfg.port)},
-        "applications": application_specs(cfg),
+        "http_options": {"host": CLUSTER_HOST, "port": int(cfg.port)},
+        "applications": application_specs(cfg, auth=auth),
     }
     path = Path(path)
     header = ("# Ray Serve config written by `trainyard deploy --config-out`.\n"
               "# Run on a cluster: serve deploy " + path.name + "\n"
               "# Checkpoint paths must be reachable from every node (shared storage).\n")
-    if cfg.api_key:
-        header += f"# The API key is read from {API_KEY_ENV} on the replicas; it is not in this file.\n"
+    if "api_key_env" in auth:
+        header += (f"# The API key is read from {auth['api_key_env']} on each replica's node; it is not "
+                   "in this file.\n# A replica on a node without it refuses to start.\n")
+    elif "api_key_file" in auth:
+        header += (f"# The API key is read from the file {auth['api_key_file']} on each replica's node; "
+                   "a replica\n# on a node without it refuses to start.\n")
+    else:
+        header += "# No API key: every route is open to anyone who reaches the port (insecure: true).\n"
     path.write_text(header + yaml.safe_dump(document, sort_keys=False))
     return path
 

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 from trainyard.errors import TrainyardError
 from trainyard.runtime.cluster import check_capacity, init_ray
-from trainyard.serve.config import ROOT_APP, ROOT_CPUS, application_specs
+from trainyard.serve.config import (
+    API_KEY_MARK,
+    ROOT_APP,
+    ROOT_CPUS,
+    application_specs,
+    auth_options,
+    check_exposure,
+)
+
+#: Key files this process wrote (key -> path): one per key, removed at exit.
+_KEY_FILES: dict[str, str] = {}
+_KEY_FOLDER: list[str] = []
+
 
 def check_serve_fits(cfg: Any) -> None:
     """Fail at once when the cluster can never hold the replicas (Serve would wait forever)."""
@@ -19,31 +33,101 @@ def check_serve_fits(cfg: Any) -> None:
                    "replica (fractions are allowed)", error=TrainyardError)
 
 
+def private_key_file(key: str) -> str:
+    """``key`` in a file only this user can read (0600, in a 0700 folder made for this
+    process and removed when it exits), for the replicas of an embedded Ray to read by path.
+    Serve's deployment args, which its API and dashboard show, then carry only the path."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = _KEY_FILES.get(key)
+    if path and os.path.exists(path):
+        return path
+    if not _KEY_FOLDER or not os.path.isdir(_KEY_FOLDER[0]):
+        _KEY_FOLDER[:] = [tempfile.mkdtemp(prefix="trainyard-key-")]  # mode 0700
+        atexit.register(shutil.rmtree, _KEY_FOLDER[0], True)
+    path = os.path.join(_KEY_FOLDER[0], f"api_key_{len(_KEY_FILES) + 1}")
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as f:
+        f.write(key)
+    _KEY_FILES[key] = path
+    return path
+
+
+def replica_auth(cfg: Any, address: str | None) -> dict[str, str]:
+    """Where the replicas find their API key (``auth_options``). A key given directly goes to
+    an embedded Ray's replicas in a private file. On a cluster (``address``) the replicas run
+    on other nodes, where no file of this machine is: there it must come from the nodes'
+    own variable (or a key file on every node)."""
+    if not cfg.api_key or cfg.api_key_file:
+        return auth_options(cfg)
+    if not address:
+        return auth_options(cfg, key_file=private_key_file(cfg.api_key))
+    if os.environ.get(cfg.api_key_env, "").strip() == cfg.api_key.strip():
+        return {"api_key_env": cfg.api_key_env}
+    raise TrainyardError(
+        f"--api-key with --address: replicas on the cluster's other nodes cannot receive a key "
+        f"given here; set {cfg.api_key_env} to the key on every node (cluster.yaml does) and "
+        "deploy without --api-key, or give --api-key-file FILE (a file on every node)")
+
+
+def _deployment_messages(app: str) -> str:
+    """What Serve says about each deployment of ``app`` (a replica's error is there)."""
+    from ray import serve
+
+    try:
+        status = serve.status().applications.get(app)
+        return "\n".join(d.message for d in status.deployments.values() if d.message) if status else ""
+    except Exception:
+        return ""
+
+
+def failure_reason(text: str) -> str:
+    """One line from Serve's report of an application that failed to deploy: a replica's
+    missing API key if that is why, else the report's last line (the replica's error)."""
+    found = re.search(re.escape(API_KEY_MARK) + r"[^\n]*", text)
+    if found:
+        return found.group(0).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "Serve gave no reason"
+
+
 def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
     """Serve each model of a serve config as its own application; return name -> URL.
 
     Deploying a name that is already served replaces it with Serve's rolling update, so
-    requests in flight are answered by the old replicas.
+    requests in flight are answered by the old replicas. Waits until every model is
+    running; a model whose replicas cannot start (a missing API key, a broken checkpoint) is
+    one TrainyardError naming the reason, and a new one is removed again.
     """
     from ray import serve
 
     from trainyard.serve.app import model_app, root_app
 
-    application_specs(cfg)  # errors in the winners surface before Ray starts
+    application_specs(cfg, auth={})  # errors in the winners surface before Ray starts
+    check_exposure(cfg, cfg.host)
+    auth = replica_auth(cfg, address)
     init_ray(address, ingress=None if cfg.ingress == "auto" else cfg.ingress)
     check_serve_fits(cfg)
     serve.start(http_options={"host": cfg.host, "port": int(cfg.port)})
     existing = [a for a in serve.status().applications if a != ROOT_APP]
-    specs = application_specs(cfg, existing)
+    specs = application_specs(cfg, existing, auth)
     endpoints = {}
     for spec in specs:
         args = dict(spec["args"])
         if spec["name"] == ROOT_APP:
             app = root_app(args)
         else:
-            args["options"] = {**args["options"], "api_key": cfg.api_key}  # in memory only
             app = model_app(args)
             endpoints[spec["name"]] = f"http://{cfg.host}:{cfg.port}{spec['route_prefix']}"
-        serve.run(app, name=spec["name"], route_prefix=spec["route_prefix"], blocking=False)
+        try:
+            serve.run(app, name=spec["name"], route_prefix=spec["route_prefix"], blocking=False)
+        except RuntimeError as exc:
+            reason = failure_reason(f"{exc}\n{_deployment_messages(spec['name'])}")
+            if spec["name"] not in existing and spec["name"] != ROOT_APP:
+                try:  # nothing half-deployed stays behind (a served model keeps its old replicas)
+                    serve.delete(spec["name"])
+                except Exception:
+                    pass
+            raise TrainyardError(f"model {spec['name']!r} did not start: {reason}") from None
     return endpoints
-

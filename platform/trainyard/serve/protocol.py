@@ -58,6 +58,33 @@ def _finite(values: Any, where: str) -> None:
         raise RequestError(f"{where}: NaN and Infinity are not accepted")
 
 
+def to_model_batch(array: Any, sig: ModelSignature, where: str) -> Any:
+    """A request's numbers (shape already checked against ``sig.item_shape``) as FP32 of shape
+    ``[n, *input_shape]``: a one-channel image sent as ``[N, H, W]`` gets its channel axis,
+    so requests batched together always share one shape."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        out = np.asarray(array, dtype=np.float32)
+    if not np.all(np.isfinite(out)):
+        raise RequestError(f"{where}: values must be finite FP32 numbers (at most about 3.4e38 in size)")
+    return out.reshape(out.shape[0], *sig.input_shape)
+
+
+def check_texts(texts: list, where: str) -> list:
+    """Strings the model's tokenizer can take: each must be valid Unicode (a lone surrogate
+    such as "\\ud800", which JSON can spell, is not)."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise RequestError(f"{where}[{i}]: must be a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RequestError(f"{where}[{i}]: not valid Unicode text ({exc.reason} at "
+                               f"character {exc.start})") from None
+    return texts
+
+
 OIP_NUMPY_TYPES = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT8": "i1", "INT16": "<i2",
                    "INT32": "<i4", "INT64": "<i8", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4",
                    "UINT64": "<u8"}
@@ -147,7 +174,7 @@ def oip_to_raw(body: Any, sig: ModelSignature, max_batch: int) -> Any:
             raise RequestError(f"inputs[0]: expected {shape[0]} strings for shape {shape}")
         if not all(isinstance(t, str) for t in flat):
             raise RequestError("inputs[0].data: every element must be a string")
-        return list(flat)
+        return check_texts(list(flat), "inputs[0].data")
     if datatype not in OIP_FLOAT_TYPES | OIP_INT_TYPES:
         raise RequestError(f"inputs[0].datatype: {datatype!r} is not a numeric OIP datatype")
     expected = sig.item_shape(len(shape))
@@ -160,7 +187,7 @@ def oip_to_raw(body: Any, sig: ModelSignature, max_batch: int) -> Any:
     if array.size != math.prod(shape):
         raise RequestError(f"inputs[0].data: {array.size} values do not fill shape {shape}")
     _finite(array, "inputs[0].data")
-    return array.reshape(shape).astype(np.float32)
+    return to_model_batch(array.reshape(shape), sig, "inputs[0].data")
 
 
 def raw_from_json(body: Any, sig: ModelSignature, max_batch: int) -> Any:
@@ -179,7 +206,7 @@ def raw_from_json(body: Any, sig: ModelSignature, max_batch: int) -> Any:
     if sig.inputs == "text":
         if not all(isinstance(t, str) for t in items):
             raise RequestError("'inputs' must be a list of strings for this model")
-        return items
+        return check_texts(items, "inputs")
     try:
         array = np.asarray(items, dtype=np.float64)
     except (TypeError, ValueError):
@@ -188,7 +215,7 @@ def raw_from_json(body: Any, sig: ModelSignature, max_batch: int) -> Any:
     if list(array.shape[1:]) != expected:
         raise RequestError(f"each input must have shape {expected}, got {list(array.shape[1:])}")
     _finite(array, "inputs")
-    return array.astype(np.float32)
+    return to_model_batch(array, sig, "inputs")
 
 
 def requested_outputs(body: dict, available: tuple[str, ...]) -> list[str] | None:
