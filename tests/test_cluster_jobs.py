@@ -63,7 +63,10 @@ def two_nodes():
     token = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0", COLUMNS="200")
+               RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0", COLUMNS="200",
+               # As cluster.yaml does on every node: Serve replicas there read the API key
+               # from their node's environment (a --deploy job serves beyond loopback).
+               TRAINYARD_API_KEY=uuid.uuid4().hex)
     p = _free_ports(12)
     head = ["ray", "start", "--head", f"--port={p[0]}", "--num-cpus=1", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={p[1]}", f"--ray-client-server-port={p[2]}",
@@ -213,5 +216,10 @@ def test_tune_job_deploys_its_winner_on_the_cluster(two_nodes, tmp_path):
     from trainyard.train.data import sample_input
 
     sample = sample_input(shared / "winners" / "tune_mlp" / "rank_1")
-    answer = Client(f"http://127.0.0.1:{two_nodes.serve_port}").predict("tune_mlp", [sample])[0]
+    url = f"http://127.0.0.1:{two_nodes.serve_port}"
+    from trainyard.errors import TrainyardError
+
+    with pytest.raises(TrainyardError, match="401"):
+        Client(url, api_key="").predict("tune_mlp", [sample])
+    answer = Client(url, api_key=two_nodes.env["TRAINYARD_API_KEY"]).predict("tune_mlp", [sample])[0]
     assert answer["label"] in ("malignant", "benign") and abs(sum(answer["scores"].values()) - 1) < 1e-4

@@ -88,7 +88,9 @@ def test_a_search_with_deploy_runs_tune_then_deploys_the_registry(tmp_path):
     assert job.mode == "tune"
     assert job.entrypoint.startswith("python -m trainyard.cli tune job.yaml --address auto && ")
     assert f"deploy {tmp_path / 'winners'}/tune_mlp --name tune_mlp" in job.entrypoint
-    assert "--port 8123 --detach" in job.entrypoint
+    assert job.entrypoint.endswith("--port 8123 --detach")  # a key is required on the cluster
+    assert stage(cfg, deploy=True, insecure=True, folder=tmp_path / "job3").entrypoint.endswith(
+        "--detach --insecure")
     assert job.runtime_env["pip"] == ["rich"]
     train_only = stage(cfg, mode="train", folder=tmp_path / "job2")
     assert train_only.entrypoint.startswith("python -m trainyard.cli train ")

@@ -201,7 +201,10 @@ _JOBS_ADDRESS_HELP = ("Ray's Jobs API on the head node, e.g. http://HEAD:8265 (d
 @click.option("--job-id", default=None, help="Submission id (default: Ray chooses one).")
 @click.option("--follow", is_flag=True, help="Print the job's log until it ends; exit 1 unless it succeeds.")
 @click.option("--dry-run", is_flag=True, help="Validate and show what would be sent; send nothing.")
-def submit(config, overrides, address, mode, deploy, serve_port, pip, job_id, follow, dry_run):
+@click.option("--insecure", is_flag=True,
+              help="With --deploy: serve the winner on the cluster without an API key (by default "
+                   "the head's TRAINYARD_API_KEY is required, as cluster.yaml sets it).")
+def submit(config, overrides, address, mode, deploy, serve_port, pip, job_id, follow, dry_run, insecure):
     """Submit the train or tune job in CONFIG to a Ray cluster through the Jobs API.
 
     The config is loaded, overridden and validated here first. The job carries the resolved
@@ -223,7 +226,9 @@ def submit(config, overrides, address, mode, deploy, serve_port, pip, job_id, fo
     console = _console()
     cfg = load_config(config, list(overrides))
     _warn_plugin_problems(console)
-    staged = stage(cfg, mode=mode, deploy=deploy, serve_port=serve_port, pip=pip)
+    if insecure and not deploy:
+        raise click.UsageError("--insecure only applies with --deploy")
+    staged = stage(cfg, mode=mode, deploy=deploy, serve_port=serve_port, pip=pip, insecure=insecure)
     try:
         shipped = ", ".join(f"{s.distribution} {s.version}" for s in staged.shipped)
         if dry_run:

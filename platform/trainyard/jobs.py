@@ -301,8 +301,10 @@ class StagedJob:
 
 
 def stage(cfg: Any, mode: str = "auto", deploy: bool = False, serve_port: int = 8000,
-          pip: tuple[str, ...] = (), folder: Path | None = None) -> StagedJob:
-    """Validate ``cfg`` here and lay out what the job carries; nothing is sent."""
+          pip: tuple[str, ...] = (), folder: Path | None = None, insecure: bool = False) -> StagedJob:
+    """Validate ``cfg`` here and lay out what the job carries; nothing is sent. With
+    ``deploy``, the winner is served on the cluster's every interface, so the head must have
+    TRAINYARD_API_KEY (cluster.yaml sets it), unless ``insecure`` serves it without a key."""
     from omegaconf import OmegaConf
 
     from trainyard.config import resolve
@@ -339,7 +341,8 @@ def stage(cfg: Any, mode: str = "auto", deploy: bool = False, serve_port: int = 
         registry_dir = f"{cfg.tune.registry.rstrip('/')}/{cfg.name}"
         command += " && " + shlex.join([
             "python", "-m", "trainyard.cli", "deploy", registry_dir, "--name", cfg.name,
-            "--address", "auto", "--host", "0.0.0.0", "--port", str(serve_port), "--detach"])
+            "--address", "auto", "--host", "0.0.0.0", "--port", str(serve_port), "--detach",
+            *(["--insecure"] if insecure else [])])
     env = {k: os.environ[k] for k in CARRIED_ENV if os.environ.get(k)}
     env["PYTHONUNBUFFERED"] = "1"
     env["COLUMNS"] = "120"  # rich's tables in the job log
