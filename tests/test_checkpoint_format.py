@@ -122,13 +122,19 @@ def values(answers: list[dict]) -> np.ndarray:
 
 
 def make_format_1(folder: Path) -> None:
-    """Turn a checkpoint into one written before the manifest recorded params."""
+    """Turn a checkpoint into one written before the manifest recorded params, its files
+    or safetensors: weights in a torch state dict, ``model.pt``."""
+    import torch
+    from safetensors.torch import load_file
+
     path = folder / "manifest.json"
     manifest = json.loads(path.read_text())
-    for key in ("model_params", "model_plugin_version"):
-        manifest.pop(key)
+    for key in ("model_params", "model_plugin_version", "files"):
+        manifest.pop(key, None)
     manifest["format"] = 1
     path.write_text(json.dumps(manifest, indent=2))
+    torch.save(load_file(folder / "model.safetensors"), folder / "model.pt")
+    (folder / "model.safetensors").unlink()
 
 
 @contextmanager

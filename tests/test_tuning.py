@@ -54,7 +54,7 @@ def test_grid_covers_exactly_its_points_and_exports_a_winner_that_scores_what_it
     # The export is self-contained: it loads from its folder alone and scores what the
     # trial reported on the same validation set.
     folder = Path(winner["path"])
-    assert {"manifest.json", "job.yaml", "data_info.json", "model.pt", "winner.json"} <= {
+    assert {"manifest.json", "job.yaml", "data_info.json", "model.safetensors", "winner.json"} <= {
         p.name for p in folder.iterdir()}
     predictor = load_predictor(folder)
     assert predictor.manifest["model_plugin"] == "mlp"

@@ -7,9 +7,18 @@ A checkpoint folder is self-contained::
     job.yaml           the resolved job config
     data_info.json     task, classes (label names), input kind and shape
     processor/         the model plugin's processor state (scaling, tokenizer, ...)
-    model.pt           model weights (state_dict)
+    model.safetensors  model weights (safetensors; checkpoints before it: model.pt)
     optimizer.pt       optimizer state, for resuming
-    trainer_state.json epoch and validation metrics
+    scheduler.pt       learning-rate schedule state, for resuming (train.scheduler)
+    trainer_state.json epoch, validation metrics, early-stopping state
+
+``manifest.json`` is written LAST (to a temporary name, then renamed into place) and lists
+every other file with its size (``files``): it is the checkpoint's completion marker. A
+folder without it, or whose files are missing or shorter than it says (a write or a copy,
+such as Ray's upload to storage, interrupted in any order), is incomplete:
+:func:`is_complete` says so, :func:`load_predictor` refuses it, and whatever picks "the
+latest checkpoint" (``trainyard.winners.resolve_checkpoint``) skips it. Manifests written
+before ``files`` existed cannot tell and count as complete.
 
 Nothing else is needed to rebuild the model and its pre- and post-processing; the model
 plugin must be installed, and the manifest names it.
@@ -37,8 +46,11 @@ from omegaconf import OmegaConf
 
 from trainyard.errors import TrainyardError
 from trainyard.hookspecs import DataInfo, Processor
+from trainyard.runtime.storage import atomic_write_text
 
 FORMAT_VERSION = 2
+#: The checkpoint's manifest, written last: its completion marker.
+MANIFEST = "manifest.json"
 
 
 class LegacyCheckpointWarning(UserWarning):
@@ -62,6 +74,8 @@ def write_checkpoint(
     optimizer: Any = None,
     plugin: str = "",
     registry: Any = None,
+    scheduler: Any = None,
+    state: dict | None = None,
 ) -> Path:
     """Write a checkpoint folder (see the module docstring for its layout).
 
@@ -74,6 +88,9 @@ def write_checkpoint(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # A manifest an earlier write left goes first: until the new one lands last, the
+    # folder is incomplete.
+    (directory / MANIFEST).unlink(missing_ok=True)
     manifest = {
         "format": FORMAT_VERSION,
         "trainyard_version": __version__,
@@ -85,18 +102,90 @@ def write_checkpoint(
         "run": job.config.name,
     }
     manifest["model_params"] = _params_to_json(job.model_params)
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
     (directory / "job.yaml").write_text(OmegaConf.to_yaml(job.config))
     (directory / "data_info.json").write_text(json.dumps(info.to_dict(), indent=2))
     (directory / "processor").mkdir(exist_ok=True)
     processor.save(directory / "processor")
-    torch.save(unwrap(model).state_dict(), directory / "model.pt")
+    save_weights(unwrap(model), directory)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), directory / "scheduler.pt")
     (directory / "trainer_state.json").write_text(
-        json.dumps({"epoch": epoch, "metrics": metrics}, indent=2)
+        json.dumps({**(state or {}), "epoch": epoch, "metrics": metrics}, indent=2)
     )
+    manifest["files"] = _file_sizes(directory)
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2))  # the completion marker, last
     return directory
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    """Every file in the folder but the manifest (and a temporary file a killed write left),
+    by its path relative to the folder, with its size."""
+    sizes = {}
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        if name == MANIFEST or (path.name.startswith(".") and ".tmp-" in path.name) or not path.is_file():
+            continue
+        sizes[name] = path.stat().st_size
+    return sizes
+
+
+def incomplete_reason(directory: str | Path) -> str | None:
+    """Why ``directory`` is not a complete checkpoint (see the module docstring); None when
+    it is one."""
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return "no manifest.json"
+    except (OSError, ValueError) as exc:
+        return f"manifest.json is unreadable ({exc})"
+    if not isinstance(manifest, dict):
+        return "manifest.json is not a JSON object"
+    files = manifest.get("files")
+    if files is None:  # written before manifests listed their files: cannot tell
+        return None
+    if not isinstance(files, Mapping):
+        return "manifest.json files is not a mapping"
+    for name, size in files.items():
+        try:
+            have = (Path(directory) / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if have != size:
+            return f"{name} has {have} bytes, the manifest says {size}"
+    return None
+
+
+def is_complete(directory: str | Path) -> bool:
+    """Whether ``directory`` is a checkpoint whose writing (or copying) finished."""
+    return incomplete_reason(directory) is None
+
+
+WEIGHTS, LEGACY_WEIGHTS = "model.safetensors", "model.pt"
+
+
+def save_weights(model: Any, directory: Path) -> None:
+    """The model's weights as safetensors: plain tensors, no pickle, loadable by any
+    safetensors reader (tied weights, as BERT's, stored once)."""
+    from safetensors.torch import save_model
+
+    save_model(model, str(directory / WEIGHTS))
+
+
+def load_weights(directory: str | Path, model: Any) -> None:
+    """Load a checkpoint's weights into ``model``: safetensors, or a ``model.pt`` state dict
+    (checkpoints written before safetensors), read without unpickling code."""
+    directory = Path(directory)
+    if (directory / WEIGHTS).is_file():
+        from safetensors.torch import load_model
+
+        load_model(model, str(directory / WEIGHTS), device="cpu")
+        return
+    import torch
+
+    model.load_state_dict(torch.load(directory / LEGACY_WEIGHTS, map_location="cpu", weights_only=True))
 
 
 def read_trainer_state(directory: str | Path) -> dict:
@@ -137,16 +226,21 @@ def load_predictor(directory: str | Path, device: str = "cpu", registry: Any = N
     is not resolved again: its dataset and metric plugins need not be installed.
     ``predictor.config`` is ``job.yaml`` as written.
     """
-    import torch
 
     directory = Path(directory)
-    if not (directory / "manifest.json").is_file():
+    if not (directory / MANIFEST).is_file():
         raise TrainyardError(f"{directory} is not a trainyard checkpoint (no manifest.json)")
+    reason = incomplete_reason(directory)
+    if reason is not None:
+        raise TrainyardError(
+            f"{directory} is an incomplete checkpoint ({reason}): its writing or copying was "
+            "interrupted; use an earlier checkpoint"
+        )
     if registry is None:
         from trainyard.plugins import get_registry
 
         registry = get_registry()
-    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest = json.loads((directory / MANIFEST).read_text())
     fmt = manifest.get("format", 1)
     if isinstance(fmt, int) and fmt > FORMAT_VERSION:
         raise TrainyardError(
@@ -160,8 +254,7 @@ def load_predictor(directory: str | Path, device: str = "cpu", registry: Any = N
     processor = spec.processor(params, info)
     processor.load(directory / "processor")
     model = spec.build(params, info, processor)
-    state = torch.load(directory / "model.pt", map_location=device, weights_only=True)
-    model.load_state_dict(state)
+    load_weights(directory, model)
     model.to(device).eval()
     return Predictor(model, processor, info, manifest, config, device)
 

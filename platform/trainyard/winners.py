@@ -1,19 +1,59 @@
 """The winners registry, written by a search and read by deploy, in one place.
 
-``<registry>/<run name>/rank_<k>/`` is a self-contained checkpoint (weights, resolved config,
-processor, label names, model plugin) plus ``winner.json``; ``<registry>/<run name>/
-winners.json`` indexes them. The registry is a folder or a URI (s3://, gs://, ...).
+The registry is a folder or a URI (s3://, gs://, ...). One search run's winners::
+
+    <registry>/<run>/
+        winners.json        the index: the current version's winners, best first (one entry
+                            per rank, each naming its "version"). Written LAST, atomically:
+                            it alone says which version is current.
+        v<N>/               one export, complete before the index names it, never changed
+            rank_<k>/       a self-contained checkpoint (weights, resolved config, processor,
+                            label names, model plugin) plus winner.json
+            winners.json    this version's entries
+        rank_<k>            (local registries) a symlink to the current v<N>/rank_<k>,
+                            updated after the index
+
+An export builds ``v<N>`` under a temporary name next to it and renames it into place
+(locally; to a URI it uploads to the fresh prefix ``v<N>/``), then writes the index. A
+search killed mid-export leaves the previous version current and whole; a replica that
+resolves the registry gets one version's folder (``v<N>/rank_1``), never a mix, and keeps
+it when a later export makes another version current. Earlier versions stay (remove one
+with ``rm -r`` once nothing serves it). Each entry's ``replaced`` names the winner of the
+same rank it took over from (None for the first export), with ``better`` true when that
+one scored better.
+
+A registry written before versions (real ``rank_<k>`` folders, an index without
+versions) still resolves; its first versioned export moves those folders to ``v0/``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from trainyard.checkpoint import MANIFEST, incomplete_reason, is_complete
 from trainyard.errors import TrainyardError
-from trainyard.runtime.storage import copy_tree, write_text
+from trainyard.runtime.storage import (
+    atomic_write_text,
+    copy_into,
+    is_uri,
+    list_names,
+    read_text,
+    remove_stale_tmp,
+    remove_tree,
+    replace_dir,
+    replace_symlink,
+    tmp_name,
+    write_text,
+)
+
+INDEX = "winners.json"
+_VERSION = re.compile(r"^v(\d+)$")
+_RANK = re.compile(r"^rank_(\d+)$")
 
 
 def registry_dir(cfg: DictConfig) -> str:
@@ -23,21 +63,56 @@ def registry_dir(cfg: DictConfig) -> str:
     return str(Path(registry).expanduser().resolve() / cfg.name)
 
 
-def export_winners(trials: list[dict], cfg: DictConfig, metric: str, mode: str) -> list[dict]:
-    """Copy the top-k finished trials' best checkpoints into the winners registry.
+def read_index(target: str | Path) -> list[dict]:
+    """The current winners of a registry run folder (``<registry>/<run>``), best first; []
+    when it has none (or its index cannot be read)."""
+    text = read_text(str(target) + "/" + INDEX if is_uri(target) else str(Path(target) / INDEX))
+    if text is None:
+        return []
+    try:
+        index = json.loads(text)
+    except ValueError:
+        return []
+    if not isinstance(index, list):
+        return []
+    return sorted((e for e in index if isinstance(e, dict)), key=lambda e: e.get("rank", 0))
 
-    ``<registry>/<run name>/rank_<k>/`` is a self-contained checkpoint (weights, resolved
-    config, processor, label names, model plugin name) plus ``winner.json``;
-    ``<registry>/<run name>/winners.json`` indexes them.
+
+def versions(target: str | Path) -> list[int]:
+    """The version numbers a registry run folder holds (complete or not), ascending."""
+    return sorted(int(m.group(1)) for name in list_names(str(target)) if (m := _VERSION.match(name)))
+
+
+def export_winners(trials: list[dict], cfg: DictConfig, metric: str, mode: str) -> list[dict]:
+    """Export the top-k finished trials' best checkpoints as a new version of the winners
+    registry (see the module docstring) and make it current; return its entries, best
+    first: rank, run, trial_id, metric, mode, value, params, path (the version's rank
+    folder), version, replaced. With no finished trial the registry is left as it was.
     """
     finished = [t for t in trials if t["state"] != "ERROR" and t["best"] is not None and t["checkpoint"]]
     finished.sort(key=lambda t: t["best"], reverse=(mode == "max"))
+    chosen = finished[: cfg.tune.top_k]
+    if not chosen:
+        return []
+    for trial in chosen:
+        source = trial["checkpoint"]
+        reason = None if is_uri(source) else incomplete_reason(source)
+        if reason is not None:
+            raise TrainyardError(
+                f"trial {trial['trial_id']}: its checkpoint {source} is incomplete ({reason}); "
+                "no winner was exported"
+            )
     target = registry_dir(cfg)
-    winners = []
-    for rank, trial in enumerate(finished[: cfg.tune.top_k], start=1):
-        dest = f"{target}/rank_{rank}"
-        copy_tree(trial["checkpoint"], dest)
-        entry = {
+    if is_uri(target):
+        return _export_to_uri(chosen, cfg, metric, mode, target)
+    return _export_local(chosen, cfg, metric, mode, Path(target))
+
+
+def _entries(chosen: list[dict], cfg: DictConfig, metric: str, mode: str, target: str,
+             version: int, previous: list[dict]) -> list[dict]:
+    by_rank = {e.get("rank"): e for e in previous}
+    return [
+        {
             "rank": rank,
             "run": cfg.name,
             "trial_id": trial["trial_id"],
@@ -45,39 +120,200 @@ def export_winners(trials: list[dict], cfg: DictConfig, metric: str, mode: str) 
             "mode": mode,
             "value": trial["best"],
             "params": trial["params"],
-            "path": dest,
+            "path": f"{target}/v{version}/rank_{rank}",
+            "version": version,
+            "replaced": _replaced(by_rank.get(rank), target, metric, mode, trial["best"]),
         }
-        write_text(f"{dest}/winner.json", json.dumps(entry, indent=2, default=str))
-        winners.append(entry)
-    write_text(f"{target}/winners.json", json.dumps(winners, indent=2, default=str))
-    return winners
+        for rank, trial in enumerate(chosen, start=1)
+    ]
 
+
+def _replaced(old: dict | None, target: str, metric: str, mode: str, value: float) -> dict | None:
+    """What an entry took over from: the previous current winner of its rank."""
+    if old is None:
+        return None
+    version = old.get("version", 0)  # an unversioned (older) registry's winners become v0
+    better = None
+    if old.get("metric") == metric and old.get("mode") == mode and old.get("value") is not None:
+        better = old["value"] > value if mode == "max" else old["value"] < value
+    return {
+        "version": version,
+        "trial_id": old.get("trial_id"),
+        "value": old.get("value"),
+        "metric": old.get("metric"),
+        "path": f"{target}/v{version}/rank_{old.get('rank')}",
+        "better": better,
+    }
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, indent=2, default=str)
+
+
+def _export_local(chosen: list[dict], cfg: DictConfig, metric: str, mode: str, root: Path) -> list[dict]:
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(root)  # what an export killed earlier (on this host) left
+    previous = read_index(root)
+    version, reserved = _reserve_version(root, previous)
+    staging = root / tmp_name(reserved.name)
+    try:
+        staging.mkdir()
+        entries = _entries(chosen, cfg, metric, mode, str(root), version, previous)
+        for entry, trial in zip(entries, chosen):
+            dest = staging / f"rank_{entry['rank']}"
+            copy_into(trial["checkpoint"], str(dest))
+            reason = incomplete_reason(dest)
+            if reason is not None:
+                raise TrainyardError(f"exporting trial {trial['trial_id']}: the copy is incomplete ({reason})")
+            atomic_write_text(dest / "winner.json", _dumps(entry))
+        atomic_write_text(staging / INDEX, _dumps(entries))
+        replace_dir(staging, reserved)  # the whole version appears at once
+    except BaseException:
+        remove_tree(staging)
+        try:
+            reserved.rmdir()
+        except OSError:
+            pass
+        raise
+    _fsync_dir(root)
+    atomic_write_text(root / INDEX, _dumps(entries))  # the commit: v<version> is current
+    _point_rank_links(root, version, len(entries), previous)
+    return entries
+
+
+def _reserve_version(root: Path, previous: list[dict]) -> tuple[int, Path]:
+    """The next version number, its folder made (empty) so no concurrent export takes it."""
+    known = versions(root) + [e["version"] for e in previous if isinstance(e.get("version"), int)]
+    version = max(known, default=0) + 1
+    while True:
+        folder = root / f"v{version}"
+        try:
+            folder.mkdir()
+            return version, folder
+        except FileExistsError:
+            version += 1
+
+
+def _point_rank_links(root: Path, version: int, count: int, previous: list[dict]) -> None:
+    """``rank_<k>`` -> ``v<version>/rank_<k>`` for the current ranks; stale ranks removed.
+    Real ``rank_<k>`` folders of an unversioned registry move to ``v0/``."""
+    legacy = root / "v0"
+    try:
+        for name in sorted(os.listdir(root)):
+            match = _RANK.match(name)
+            path = root / name
+            if match and path.is_dir() and not path.is_symlink():  # an unversioned winner
+                legacy.mkdir(exist_ok=True)
+                if (legacy / name).exists():
+                    remove_tree(path)
+                else:
+                    os.replace(path, legacy / name)
+        if legacy.is_dir() and not (legacy / INDEX).exists() and previous and "version" not in previous[0]:
+            old = [{**e, "path": str(legacy / f"rank_{e.get('rank')}"), "version": 0} for e in previous]
+            atomic_write_text(legacy / INDEX, _dumps(old))
+        for rank in range(1, count + 1):
+            replace_symlink(root / f"rank_{rank}", f"v{version}/rank_{rank}")
+        for name in os.listdir(root):
+            match = _RANK.match(name)
+            if match and int(match.group(1)) > count:
+                remove_tree(root / name)
+    except OSError:
+        # A filesystem without symlinks: the index alone names the current version, and
+        # resolve_checkpoint reads it.
+        pass
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable before the index names its result."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _export_to_uri(chosen: list[dict], cfg: DictConfig, metric: str, mode: str, target: str) -> list[dict]:
+    """Upload to the fresh prefix ``v<N>/`` (one a killed upload left is never reused),
+    then write the index: until then the previous version stays current."""
+    previous = read_index(target)
+    known = versions(target) + [e["version"] for e in previous if isinstance(e.get("version"), int)]
+    version = max(known, default=0) + 1
+    entries = _entries(chosen, cfg, metric, mode, target, version, previous)
+    for entry, trial in zip(entries, chosen):
+        copy_into(trial["checkpoint"], entry["path"])
+        write_text(f"{entry['path']}/winner.json", _dumps(entry))
+    write_text(f"{target}/v{version}/{INDEX}", _dumps(entries))
+    write_text(f"{target}/{INDEX}", _dumps(entries))  # the commit, last
+    return entries
 
 
 def resolve_checkpoint(target: str | Path) -> Path:
     """A winners folder, a rank folder, a tuning run, a training run or a checkpoint, to
-    the checkpoint folder it stands for."""
+    the (complete) checkpoint folder it stands for. A winners folder gives its current
+    version's ``v<N>/rank_1``; a training run its latest complete checkpoint."""
     path = Path(target).expanduser()
-    if (path / "manifest.json").is_file():
-        return path.resolve()
-    if (path / "rank_1" / "manifest.json").is_file():  # a winners registry entry
-        return (path / "rank_1").resolve()
+    if (path / MANIFEST).is_file():
+        return _complete(path)
+    current = _current_winner(path)
+    if current is not None:  # a winners registry entry, versioned
+        return current
+    if (path / "rank_1" / MANIFEST).is_file():  # an unversioned registry entry, or a v<N> folder
+        return _complete(path / "rank_1")
     trials = path / "trainyard_trials.json"
     if trials.is_file():  # a tuning run: its exported winner
         winners = json.loads(trials.read_text()).get("winners") or []
         if winners:
-            return Path(winners[0]["path"]).resolve()
+            return _complete(Path(winners[0]["path"]))
         raise TrainyardError(f"{path}: the tuning run exported no winner")
-    checkpoints = sorted(p for p in path.glob("checkpoint_*") if (p / "manifest.json").is_file())
-    if checkpoints:  # a training run: its latest checkpoint
-        return checkpoints[-1].resolve()
+    found = [p for p in path.glob("checkpoint_*") if p.is_dir()]
+    complete = [p for p in found if is_complete(p)]
+    if complete:  # a training run: its latest complete checkpoint
+        return max(complete, key=lambda p: (_epoch(p), p.name)).resolve()
+    if found:
+        raise TrainyardError(
+            f"{path}: none of its {len(found)} checkpoint folders is complete (each was "
+            "interrupted while written or copied)"
+        )
+    if read_index(path):
+        raise TrainyardError(f"{path}: its winners.json names a version that is not there")
     raise TrainyardError(
         f"{path}: not a checkpoint, a winners folder, a tuning run or a training run"
     )
 
 
+def _current_winner(path: Path) -> Path | None:
+    """The current version's best rank folder, when ``path`` has a versioned index."""
+    index = read_index(path)
+    if not index or not isinstance(index[0].get("version"), int):
+        return None
+    folder = path / f"v{index[0]['version']}" / f"rank_{index[0].get('rank', 1)}"
+    if not folder.is_dir():  # e.g. the index of a v<N> folder itself
+        return None
+    return _complete(folder)
+
+
+def _complete(folder: Path) -> Path:
+    reason = incomplete_reason(folder)
+    if reason is not None:
+        raise TrainyardError(
+            f"{folder}: incomplete checkpoint ({reason}): its writing or copying was interrupted"
+        )
+    return folder.resolve()
+
+
+def _epoch(checkpoint: Path) -> int:
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
 def model_name_for(checkpoint: Path) -> str:
     """The name a checkpoint is served under by default: its run's name."""
-    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
     return str(manifest.get("run") or manifest["model"])
-
