@@ -76,11 +76,15 @@ def test_seeded_run_is_reproduced_and_two_workers_match_one(job_config):
     first = run_training(job_config("mlp_breast_cancer", "name=a", "scaling.num_workers=2", *common))
     again = run_training(job_config("mlp_breast_cancer", "name=b", "scaling.num_workers=2", *common))
     single = run_training(job_config("mlp_breast_cancer", "name=c", "scaling.num_workers=1", *common))
+    # One worker accumulating 2 micro-batches per step: the same global batch, so the same run.
+    accum = run_training(job_config("mlp_breast_cancer", "name=d", "scaling.num_workers=1",
+                                    "train.grad_accum_steps=2", *common))
 
     assert _metrics(first.history) == _metrics(again.history)
-    for two, one in zip(_metrics(first.history), _metrics(single.history), strict=True):
-        for key in two:
-            assert two[key] == pytest.approx(one[key], abs=2e-3), key
+    for other in (single, accum):
+        for two, one in zip(_metrics(first.history), _metrics(other.history), strict=True):
+            for key in two:
+                assert two[key] == pytest.approx(one[key], abs=2e-3), key
 
 
 def test_worker_killed_from_outside_resumes_from_latest_checkpoint_not_epoch_zero(job_config):

@@ -25,6 +25,8 @@ DimensionType = Literal["loguniform", "uniform", "randint", "choice", "grid"]
 Search = Literal["random", "grid", "optuna"]
 Scheduler = Literal["asha", "none"]
 Mode = Literal["", "max", "min"]
+LRSchedule = Literal["none", "cosine", "linear", "step", "onecycle"]
+Stopper = Literal["none", "plateau"]
 #: Kept a plain string: YAML reads a bare true/false as a boolean.
 USE_GPU = ("auto", "true", "false")
 
@@ -74,6 +76,24 @@ class TrainConfig:
     monitor: str = ""
     #: Threads each worker's torch uses; 0 means cpus_per_worker.
     torch_threads: int = 0
+    #: Learning-rate schedule over the run's optimizer steps: none, cosine or linear decay
+    #: to 0 (transformers' schedules, after the warmup), step (times lr_gamma every
+    #: lr_step_epochs epochs), or onecycle (PyTorch's OneCycleLR, peaking at lr).
+    scheduler: LRSchedule = "none"
+    #: Warmup: the learning rate rises linearly from 0 over these optimizer steps...
+    warmup_steps: int = 0
+    #: ... or over this share of all the run's optimizer steps (used when warmup_steps is 0).
+    warmup_ratio: float = 0.0
+    lr_step_epochs: int = 1
+    lr_gamma: float = 0.1
+    #: Micro-batches per optimizer step: each worker's share of the global batch is split in
+    #: this many forward/backward passes (gradients synced once), so batch_size keeps its
+    #: meaning: num_workers x grad_accum_steps x micro-batch = batch_size.
+    grad_accum_steps: int = 1
+    #: Early stopping: stop when the monitored metric has not improved by more than
+    #: min_delta for this many epochs; 0: never.
+    patience: int = 0
+    min_delta: float = 0.0
 
 
 @dataclass
@@ -127,6 +147,12 @@ class TuneConfig:
     max_concurrent_trials: int = 2
     #: Stop starting and running trials after this many seconds; null: no limit.
     time_budget_s: Optional[float] = None
+    #: plateau: also end a trial whose metric has stopped moving (Ray Tune's
+    #: TrialPlateauStopper: std of the last plateau_epochs values below plateau_std), next
+    #: to any scheduler; none: trials end at train.epochs or by the scheduler.
+    stopper: Stopper = "none"
+    plateau_epochs: int = 3
+    plateau_std: float = 0.001
     #: ASHA: epochs every trial gets before it can be stopped, and the cut factor.
     grace_period: int = 1
     reduction_factor: int = 2
@@ -269,6 +295,19 @@ def _check_values(cfg: DictConfig) -> None:
         (t.weight_decay >= 0, "train.weight_decay", "must not be negative"),
         (t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be positive or null"),
         (t.torch_threads >= 0, "train.torch_threads", "must not be negative"),
+        (t.warmup_steps >= 0, "train.warmup_steps", "must not be negative"),
+        (0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be at least 0 and below 1"),
+        (t.lr_step_epochs >= 1, "train.lr_step_epochs", "must be at least 1"),
+        (0 < t.lr_gamma <= 1, "train.lr_gamma", "must be above 0 and at most 1"),
+        (t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be at least 1"),
+        (t.patience >= 0, "train.patience", "must not be negative (0: no early stopping)"),
+        (t.min_delta >= 0, "train.min_delta", "must not be negative"),
+        (
+            t.grad_accum_steps == 1 or t.batch_size >= s.num_workers * t.grad_accum_steps,
+            "train.batch_size",
+            f"({t.batch_size}) must be at least scaling.num_workers x train.grad_accum_steps "
+            f"({s.num_workers} x {t.grad_accum_steps})",
+        ),
         (s.num_workers >= 1, "scaling.num_workers", "must be at least 1"),
         (str(s.use_gpu).lower() in USE_GPU, "scaling.use_gpu", "must be auto, true or false"),
         (s.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be positive"),
@@ -291,6 +330,8 @@ def _check_values(cfg: DictConfig) -> None:
             (u.grace_period >= 1, "tune.grace_period", "must be at least 1"),
             (u.reduction_factor >= 2, "tune.reduction_factor", "must be at least 2"),
             (u.top_k >= 1, "tune.top_k", "must be at least 1"),
+            (u.plateau_epochs >= 2, "tune.plateau_epochs", "must be at least 2"),
+            (u.plateau_std >= 0, "tune.plateau_std", "must not be negative"),
         ]
         kinds = {dim.type for dim in u.space.values()}
         if u.search == "grid" and kinds - {"grid"}:

@@ -16,7 +16,7 @@ from trainyard.config import resolve
 from trainyard.errors import ConfigError, TrainingError
 from trainyard.runtime.cluster import init_ray
 from trainyard.runtime.resources import check_workers_fit, worker_resources
-from trainyard.runtime.storage import storage_root
+from trainyard.runtime.storage import atomic_write_text, remove_stale_tmp, storage_root
 from trainyard.train.loop import train_loop_per_worker
 
 
@@ -28,6 +28,8 @@ class TrainResult:
     best: dict | None
     monitor: str
     resumed_from: int | None = None
+    #: The epoch early stopping (train.patience) ended the run at; None if it ran to the end.
+    stopped_early_at: int | None = None
 
 
 def make_trainer(cfg: Any, loop_config: dict, name: str, storage: str, callbacks: list | None = None):
@@ -67,20 +69,32 @@ def _root_cause(exc: BaseException) -> str:
 
 
 class _MetricsLog:
-    """metrics.jsonl in the run folder, one line per epoch (a resumed epoch replaces its line)."""
+    """metrics.jsonl in the run folder, one line per epoch (a resumed epoch replaces its line).
+
+    Every write replaces the whole file atomically (a temporary file in the same folder,
+    renamed over it), so a killed driver leaves the previous version or the new one. A line
+    that does not parse (a file truncated by an older trainyard, or by a crash of the
+    machine) is skipped on reading, so the run resumes; the next write drops it.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.rows: dict[int, dict] = {}
+        self.skipped = 0
+        remove_stale_tmp(path.parent)  # what a driver killed mid-write left
         if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
+            for line in path.read_text(errors="replace").splitlines():
+                if not line.strip():
+                    continue
+                try:
                     row = json.loads(line)
-                    self.rows[row["epoch"]] = row
+                    self.rows[int(row["epoch"])] = row
+                except (ValueError, KeyError, TypeError):
+                    self.skipped += 1
 
     def add(self, row: dict) -> None:
         self.rows[row["epoch"]] = row
-        self.path.write_text("".join(json.dumps(self.rows[e]) + "\n" for e in sorted(self.rows)))
+        atomic_write_text(self.path, "".join(json.dumps(self.rows[e]) + "\n" for e in sorted(self.rows)))
 
     @property
     def history(self) -> list[dict]:
@@ -126,13 +140,15 @@ def run_training(
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    resumed_from = None
+    resumed_from = stopped_early_at = None
     workers: dict[int, dict] = {}
     while True:
         thread.join(timeout=0.25)
         for event in ray.get(sink.drain.remote()):
             if event["type"] == "epoch_start" and event.get("resumed"):
                 resumed_from = event["epoch"]
+            if event["type"] == "early_stop":
+                stopped_early_at = event["epoch"]
             if event["type"] == "worker":
                 workers[event["rank"]] = {k: v for k, v in event.items() if k != "type"}
                 if run_dir is not None:
@@ -156,7 +172,8 @@ def run_training(
     if history:
         pick = max if job.monitor_mode == "max" else min
         best = pick(history, key=lambda row: row[monitor])
-    return TrainResult(run_dir or Path(storage), history, checkpoint, best, monitor, resumed_from)
+    return TrainResult(run_dir or Path(storage), history, checkpoint, best, monitor, resumed_from,
+                       stopped_early_at)
 
 
 def _check_resumable(run_dir: Path, cfg: Any) -> None:

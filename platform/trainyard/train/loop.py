@@ -24,6 +24,7 @@ import numpy as np
 from trainyard.batches import call_model, take, to_device
 from trainyard.config import ResolvedJob, resolve
 from trainyard.train.data import Prepared, epoch_batches, prepare_data
+from trainyard.train.schedule import EarlyStopping, make_scheduler, optimizer_steps
 
 
 class Session(Protocol):
@@ -138,6 +139,8 @@ class Trainee:
     amp_dtype: Any
     scaler: Any
     start_epoch: int
+    scheduler: Any = None
+    stopping: EarlyStopping | None = None
 
 
 def run_loop(loop_config: dict, session: Session) -> None:
@@ -166,7 +169,12 @@ def run_loop(loop_config: dict, session: Session) -> None:
         metrics = {**evaluate(job, t.model, t.data, t.device, session.rank, session.world, t.amp_dtype),
                    **trained}
         emit({"type": "epoch_end", "epoch": epoch, "metrics": metrics})
+        stop = t.stopping is not None and t.stopping.update(metrics[f"val_{job.monitor}"])
         save_and_report(t, session, epoch, metrics, plugin)
+        if stop:  # every rank sees the same gathered metrics, so all stop together
+            emit({"type": "early_stop", "epoch": epoch, "monitor": f"val_{job.monitor}",
+                  "best": t.stopping.best, "patience": cfg.train.patience})
+            return
 
 
 def _where(rank: int, device: Any) -> dict:
@@ -188,23 +196,34 @@ def setup(job: ResolvedJob, session: Session) -> Trainee:
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker, for any W
     model = job.model.build(job.model_params, data.info, data.processor)
     device = session.device()
-    start_epoch, optimizer_state = 0, None
+    start_epoch, saved = 0, {}
     checkpoint = session.get_checkpoint()
     if checkpoint is not None:
-        from trainyard.checkpoint import read_trainer_state
+        from trainyard.checkpoint import load_weights, read_trainer_state
 
         with checkpoint.as_directory() as ckpt:
-            model.load_state_dict(torch.load(Path(ckpt, "model.pt"), map_location="cpu", weights_only=True))
-            if Path(ckpt, "optimizer.pt").exists():
-                optimizer_state = torch.load(Path(ckpt, "optimizer.pt"), map_location="cpu", weights_only=True)
-            start_epoch = read_trainer_state(ckpt)["epoch"] + 1
+            load_weights(ckpt, model)
+            for part in ("optimizer", "scheduler"):
+                if Path(ckpt, f"{part}.pt").exists():
+                    saved[part] = torch.load(Path(ckpt, f"{part}.pt"), map_location="cpu", weights_only=True)
+            state = read_trainer_state(ckpt)
+            start_epoch = state["epoch"] + 1
+            saved["stopping"] = state.get("early_stopping")
     model = session.prepare_model(model, device)
     optimizer = make_optimizer(cfg, model)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    if "optimizer" in saved:
+        optimizer.load_state_dict(saved["optimizer"])
+    steps_per_epoch = optimizer_steps(len(data.y_train), cfg, session.world)
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
+    if scheduler is not None and "scheduler" in saved:
+        scheduler.load_state_dict(saved["scheduler"])  # resume continues the schedule
+    stopping = None
+    if cfg.train.patience:
+        stopping = EarlyStopping(cfg.train.patience, cfg.train.min_delta, job.monitor_mode)
+        stopping.load(saved.get("stopping"))
     amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    return Trainee(job, data, model, optimizer, device, amp_dtype, scaler, start_epoch)
+    return Trainee(job, data, model, optimizer, device, amp_dtype, scaler, start_epoch, scheduler, stopping)
 
 
 def train_epoch(t: Trainee, session: Session, epoch: int, emit: Callable[[dict], None]) -> dict:
@@ -221,23 +240,15 @@ def train_epoch(t: Trainee, session: Session, epoch: int, emit: Callable[[dict],
           "resumed": epoch == t.start_epoch and epoch > 0})
     total_loss = torch.zeros((), device=t.device) if on_gpu else 0.0
     seen, last_emit, started = 0, 0.0, time.perf_counter()
+    accum = cfg.train.grad_accum_steps
     for step, global_idx in enumerate(batches):
         local = global_idx[rank::world] if world > 1 else global_idx
-        x, y = take(t.data.x_train, local), t.data.y_train[local]
-        if on_gpu:
-            x, y = to_device(x, t.device), y.to(t.device, non_blocking=True)
-        if t.amp_dtype is None:  # no autocast context on the hot path when it would do nothing
-            out = call_model(t.model, x)
+        if accum == 1:
+            loss = forward_loss(t, criterion, local, len(global_idx), world, on_gpu)
+            backward(t, loss)
         else:
-            with torch.autocast(t.device.type, dtype=t.amp_dtype):
-                out = call_model(t.model, x)
-        if len(local) * world == len(global_idx):
-            loss = criterion(out, y, "mean")  # equal shards: DDP's mean of means
-        else:
-            # Sum over the shard / global batch size * W: DDP's mean over workers then
-            # gives the one-process mean over the global batch.
-            loss = criterion(out, y, "sum") * (world / len(global_idx))
-        optimizer_step(t, loss, grad_clip)
+            loss = accumulate(t, criterion, local, len(global_idx), world, on_gpu, accum)
+        optimizer_step(t, grad_clip)
         # On a GPU the running loss stays a tensor: a float() per step would sync.
         total_loss += loss.detach() * len(global_idx) if on_gpu else loss.item() * len(global_idx)
         seen += len(global_idx)
@@ -247,19 +258,63 @@ def train_epoch(t: Trainee, session: Session, epoch: int, emit: Callable[[dict],
             emit({"type": "step", "epoch": epoch, "step": step + 1, "loss": float(total_loss) / max(seen, 1)})
     train_time = time.perf_counter() - started
     return {"epoch": epoch, "train_loss": float(total_loss) / max(seen, 1),
-            "train_samples_per_s": seen / train_time if train_time > 0 else 0.0}
+            "train_samples_per_s": seen / train_time if train_time > 0 else 0.0,
+            "lr": t.optimizer.param_groups[0]["lr"]}
 
 
-def optimizer_step(t: Trainee, loss: Any, grad_clip: float | None) -> None:
-    """Backward, clip and step, through the fp16 gradient scaler when there is one."""
+def forward_loss(t: Trainee, criterion: Callable, rows: Any, global_size: int, world: int,
+                 on_gpu: bool, whole_shard: bool = True) -> Any:
+    """This worker's loss on ``rows`` of a global batch of ``global_size``, scaled so that
+    DDP's mean over workers of the (accumulated) gradients is the one-process gradient of
+    the global batch's mean loss."""
     import torch
 
-    t.optimizer.zero_grad(set_to_none=True)
-    if t.scaler is not None:
-        t.scaler.scale(loss).backward()
-        t.scaler.unscale_(t.optimizer)
+    x, y = take(t.data.x_train, rows), t.data.y_train[rows]
+    if on_gpu:
+        x, y = to_device(x, t.device), y.to(t.device, non_blocking=True)
+    if t.amp_dtype is None:  # no autocast context on the hot path when it would do nothing
+        out = call_model(t.model, x)
     else:
-        loss.backward()
+        with torch.autocast(t.device.type, dtype=t.amp_dtype):
+            out = call_model(t.model, x)
+    if whole_shard and len(rows) * world == global_size:
+        return criterion(out, y, "mean")  # the whole equal shard: DDP's mean of means
+    # Sum over the rows / global batch size * W: DDP's mean over workers (of gradients
+    # summed over micro-batches) then gives the one-process mean over the global batch.
+    return criterion(out, y, "sum") * (world / global_size)
+
+
+def backward(t: Trainee, loss: Any) -> None:
+    t.optimizer.zero_grad(set_to_none=True)
+    (t.scaler.scale(loss) if t.scaler is not None else loss).backward()
+
+
+def accumulate(t: Trainee, criterion: Callable, local: Any, global_size: int, world: int,
+               on_gpu: bool, accum: int) -> Any:
+    """Forward and backward over ``accum`` micro-batches of this worker's rows, gradients
+    summed; DDP syncs them on the last micro-batch only. Returns the rows' loss."""
+    import contextlib
+
+    t.optimizer.zero_grad(set_to_none=True)
+    micro = [rows for rows in (local[m::accum] for m in range(accum)) if len(rows)]
+    total = 0.0
+    for i, rows in enumerate(micro):
+        loss = forward_loss(t, criterion, rows, global_size, world, on_gpu, whole_shard=False)
+        last = i == len(micro) - 1
+        no_sync = getattr(t.model, "no_sync", None)  # a DDP model: sync on the last pass only
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            (t.scaler.scale(loss) if t.scaler is not None else loss).backward()
+        total = total + loss.detach()
+    return total
+
+
+def optimizer_step(t: Trainee, grad_clip: float | None) -> None:
+    """Clip and step (through the fp16 gradient scaler when there is one), then advance the
+    learning-rate schedule."""
+    import torch
+
+    if t.scaler is not None:
+        t.scaler.unscale_(t.optimizer)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(t.model.parameters(), grad_clip)
     if t.scaler is not None:
@@ -267,6 +322,8 @@ def optimizer_step(t: Trainee, loss: Any, grad_clip: float | None) -> None:
         t.scaler.update()
     else:
         t.optimizer.step()
+    if t.scheduler is not None:
+        t.scheduler.step()
 
 
 def evaluate(job, model, data, device, rank: int, world: int, amp_dtype=None) -> dict:
@@ -305,5 +362,6 @@ def save_and_report(t: Trainee, session: Session, epoch: int, metrics: dict, plu
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(tmp, job=t.job, model=unwrap(t.model), processor=t.data.processor,
                          info=t.data.info, epoch=epoch, metrics=metrics, optimizer=t.optimizer,
-                         plugin=plugin)
+                         plugin=plugin, scheduler=t.scheduler,
+                         state={"early_stopping": t.stopping.state()} if t.stopping else None)
         session.report(metrics, tmp)

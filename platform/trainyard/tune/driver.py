@@ -64,6 +64,21 @@ def _scheduler(cfg: DictConfig):
     )
 
 
+#: Where Ray's TuneReportCallback puts a nested trainer's checkpoint in a trial's metrics.
+CHECKPOINT_PATH_KEY = "checkpoint_path"
+
+
+def _stopper(cfg: DictConfig, metric: str):
+    """``tune.stopper: plateau``: Ray Tune's TrialPlateauStopper, next to any scheduler."""
+    t = cfg.tune
+    if t.stopper == "none":
+        return None
+    from ray.tune.stopper import TrialPlateauStopper
+
+    return TrialPlateauStopper(metric, std=t.plateau_std, num_results=t.plateau_epochs,
+                               grace_period=t.plateau_epochs)
+
+
 def run_tuning(
     cfg: DictConfig | None,
     address: str | None = None,
@@ -159,6 +174,7 @@ class _Tuners:
             ),
             run_config=tune.RunConfig(
                 name=cfg.name,
+                stop=_stopper(cfg, self.metric),
                 storage_path=storage_root(cfg.storage_path),
                 callbacks=self.callbacks,
                 verbose=0,
@@ -275,7 +291,13 @@ def _collect(grid: Any, metric: str, mode: str, keys: list[str], max_t: int) -> 
             ]
         values = [h[metric] for h in history if not math.isnan(h[metric])]
         pick = max if mode == "max" else min
-        checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+        checkpoint = None
+        if result.checkpoint is not None:
+            checkpoint = result.checkpoint.path
+        elif result.metrics and result.metrics.get(CHECKPOINT_PATH_KEY):
+            # A multi-worker trial's nested trainer reports through Ray's TuneReportCallback,
+            # which puts its checkpoint's path in the metrics instead of a Tune checkpoint.
+            checkpoint = result.metrics[CHECKPOINT_PATH_KEY]
         best_checkpoint = None
         if getattr(result, "best_checkpoints", None):
             ordered = sorted(

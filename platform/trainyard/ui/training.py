@@ -68,6 +68,11 @@ class TrainingView:
             self.console.print(f"epoch {event['epoch'] + 1}/{epochs}  train_loss {_fmt(m['train_loss'])}  {shown}")
         elif kind == "worker":
             self.console.print(f"rank {event['rank']} on {event['host']} (node {event['node_id'][:8]}, {event['device']})")
+        elif kind == "early_stop":
+            self.console.print(
+                f"stopped early after epoch {event['epoch'] + 1}: {event['monitor']} did not improve "
+                f"on {_fmt(event['best'])} for {event['patience']} epoch(s) (train.patience)"
+            )
         elif kind == "done_before":
             self.console.print(
                 f"run {self.cfg.name!r} already finished {event['epoch'] + 1} epochs; "

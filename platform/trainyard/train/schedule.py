@@ -1,0 +1,91 @@
+"""What changes over a run: the learning-rate schedule, and when to stop early.
+
+Schedules come from transformers (cosine and linear decay after a linear warmup, as its
+Trainer uses them) and PyTorch (one-cycle; step decay as a LambdaLR); they advance once per optimizer
+step, and their state travels in the checkpoint so a resumed run continues the schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def optimizer_steps(n: int, cfg: Any, world: int) -> int:
+    """Optimizer steps in one epoch: one per global batch (accumulation splits a global batch
+    into micro-batches, it does not add steps); the last batch is dropped, as
+    ``epoch_batches`` drops it, when it has fewer examples than there are workers."""
+    full, rest = divmod(n, cfg.train.batch_size)
+    return full + (1 if rest and rest >= world else 0)
+
+
+def warmup_steps(cfg: Any, total: int) -> int:
+    t = cfg.train
+    return t.warmup_steps or int(round(t.warmup_ratio * total))
+
+
+def make_scheduler(cfg: Any, optimizer: Any, steps_per_epoch: int) -> Any:
+    """The ``train.scheduler`` schedule over the whole run's optimizer steps; None for none."""
+    t = cfg.train
+    if t.scheduler == "none":
+        return None
+    import torch.optim.lr_scheduler as lrs
+
+    total = max(1, steps_per_epoch * t.epochs)
+    warmup = warmup_steps(cfg, total)
+    if t.scheduler in ("cosine", "linear"):
+        from transformers import get_scheduler
+
+        return get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    if t.scheduler == "onecycle":
+        # OneCycleLR warms up over pct_start of the run (its own default: 0.3).
+        pct = warmup / total if warmup else 0.3
+        return lrs.OneCycleLR(optimizer, max_lr=t.lr, total_steps=total, pct_start=min(max(pct, 1e-6), 0.999))
+    return lrs.LambdaLR(optimizer, _StepDecay(warmup, max(1, t.lr_step_epochs * steps_per_epoch), t.lr_gamma))
+
+
+class _StepDecay:
+    """Linear warmup, then times ``gamma`` every ``every`` steps: a closed form of the step
+    count, so a restored schedule needs nothing but its step count (PyTorch's chained
+    StepLR after LinearLR would build on the optimizer's current rate instead)."""
+
+    def __init__(self, warmup: int, every: int, gamma: float):
+        self.warmup, self.every, self.gamma = warmup, every, gamma
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        return self.gamma ** ((step - self.warmup) // self.every)
+
+
+class EarlyStopping:
+    """Stop when the monitored metric has not improved by more than ``min_delta`` for
+    ``patience`` epochs. Its state is saved with each checkpoint, so resuming keeps count."""
+
+    def __init__(self, patience: int, min_delta: float, mode: str):
+        self.patience, self.min_delta, self.mode = patience, min_delta, mode
+        self.best: float | None = None
+        self.bad_epochs = 0
+
+    def update(self, value: float) -> bool:
+        """Record an epoch's value; True when the run should stop now."""
+        if math.isnan(value):
+            improved = False
+        elif self.best is None:
+            improved = True
+        elif self.mode == "max":
+            improved = value > self.best + self.min_delta
+        else:
+            improved = value < self.best - self.min_delta
+        if improved:
+            self.best, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+    def state(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load(self, state: dict | None) -> None:
+        if state:
+            self.best, self.bad_epochs = state.get("best"), int(state.get("bad_epochs", 0))
