@@ -143,7 +143,7 @@ def tune(config, overrides, address, resume):
 
     Shows a live table of trials and, at the end, the top trials. The best trials'
     checkpoints, configs and metrics are exported to the winners registry
-    (tune.registry/<name>/rank_<k>/), which `trainyard deploy` reads.
+    (tune.registry/<name>/v<N>/rank_<k>/, made current last), which `trainyard deploy` reads.
     """
     from trainyard.config import load_config
 
@@ -165,6 +165,11 @@ def tune(config, overrides, address, resume):
         raise TrainyardError("no trial finished, so there is no winner to export")
     for w in outcome.winners:
         console.print(f"winner #{w['rank']}: {w['metric']} {w['value']:.4f} {w['params']} -> {w['path']}")
+        replaced = w.get("replaced")
+        if replaced:
+            worse = ", which scored better" if replaced.get("better") else ""
+            console.print(f"  replaces v{replaced['version']} trial {replaced['trial_id']} "
+                          f"({replaced['metric']} {replaced['value']:.4f}{worse})")
     console.print(f"run folder: {outcome.run_dir}  (report: trainyard report {outcome.run_dir})")
 
 

@@ -158,7 +158,8 @@ class TuneConfig:
     reduction_factor: int = 2
     #: How many of the best trials to export.
     top_k: int = 1
-    #: Winners registry: a folder or a URI; winners go to <registry>/<name>/rank_<k>/.
+    #: Winners registry: a folder or a URI; each search's winners go to a new version,
+    #: <registry>/<name>/v<N>/rank_<k>/, made current by <registry>/<name>/winners.json.
     registry: str = "winners"
 
 

@@ -152,7 +152,7 @@ def run_training(
             if event["type"] == "worker":
                 workers[event["rank"]] = {k: v for k, v in event.items() if k != "type"}
                 if run_dir is not None:
-                    (run_dir / "workers.json").write_text(json.dumps([workers[r] for r in sorted(workers)], indent=1))
+                    atomic_write_text(run_dir / "workers.json", json.dumps([workers[r] for r in sorted(workers)], indent=1))
             if event["type"] == "epoch_end" and log is not None:
                 log.add(event["metrics"])
             if on_event is not None:

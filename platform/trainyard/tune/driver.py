@@ -18,7 +18,7 @@ from trainyard.config import load_config, resolve
 from trainyard.errors import ConfigError
 from trainyard.runtime.cluster import init_ray
 from trainyard.runtime.resources import check_workers_fit
-from trainyard.runtime.storage import storage_root
+from trainyard.runtime.storage import atomic_write_text, storage_root
 from trainyard.tune.reaper import PlacementGroupReaper
 from trainyard.tune.space import apply_values, param_space, validate_space
 from trainyard.tune.trial import trial_fn, trial_resources
@@ -113,7 +113,7 @@ def run_tuning(
             grid = tuners.restored(restart_errored=True).fit()
     trials = _collect(grid, metric, mode, keys, cfg.train.epochs)
     winners = export_winners(trials, cfg, metric, mode)
-    (run_dir / "trainyard_trials.json").write_text(json.dumps(
+    atomic_write_text(run_dir / "trainyard_trials.json", json.dumps(
         {"metric": metric, "mode": mode, "max_t": cfg.train.epochs, "trials": trials,
          "winners": winners}, indent=2, default=str))
     return TuneOutcome(str(run_dir), metric, mode, trials, winners, registry_dir(cfg))
