@@ -210,6 +210,10 @@ def test_tune_job_deploys_its_winner_on_the_cluster(two_nodes, tmp_path):
                          "--address", two_nodes.url, "--follow")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "SUCCEEDED" in done.stdout and "winner #1" in done.stdout
+    job = _job_id(done.stdout)
+    whole = two_nodes.cli("jobs", "logs", job, "--address", two_nodes.url).stdout
+    assert whole and done.stdout.count(whole) == 1, done.stdout[-4000:]  # streamed whole, each line once
+    assert done.stdout.count(f"Running entrypoint for job {job}") == 1
     assert (shared / "winners" / "tune_mlp" / "winners.json").exists()
     # The winner answers over HTTP from the cluster's Serve, after the job's driver exited.
     from trainyard.client import Client

@@ -183,3 +183,188 @@ def test_a_token_bound_for_a_remote_head_over_plain_http_is_warned_about(monkeyp
         warnings.simplefilter("error")
         warn_if_exposed(token, "https://head.example.com:8265")
         warn_if_exposed(Token(None, "none found"), "http://head.example.com:8265")
+
+
+# --------------------------------------------------------------------------------------
+# Following a job's log: Ray's websocket stream, against a stand-in for the head's Jobs API
+# (real aiohttp server, real JobSubmissionClient; no Ray cluster).
+# --------------------------------------------------------------------------------------
+
+
+class FakeHead:
+    """The Jobs API routes ``JobsClient.follow_logs`` uses: ``/api/version`` (the client's
+    connection check), ``/api/jobs/ID`` and ``/api/jobs/ID/logs``, and the websocket
+    ``/api/jobs/ID/logs/tail``, which needs ``Bearer TOKEN``, as a head with token auth does.
+    ``script[ID]``: what the tail sends, in order: a string, "wait" (until ``go`` is set),
+    "close" (a normal close: the job ended) or "drop" (the connection cut mid-stream)."""
+
+    def __init__(self, token: str, script: dict[str, list[str]], whole_logs: dict[str, str] | None = None):
+        import asyncio
+        import threading
+
+        self.token, self.script, self.whole_logs = token, script, whole_logs or {}
+        self.tail_headers: list[str | None] = []
+        self.log_downloads = 0
+        self.go = threading.Event()
+        self.closed_by_client = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._serve, args=(started,), daemon=True)
+        self.thread.start()
+        assert started.wait(10)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _serve(self, started):
+        import asyncio
+
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_get("/api/version", self._version)
+        app.router.add_get("/api/jobs/{job}/logs/tail", self._tail)
+        app.router.add_get("/api/jobs/{job}/logs", self._logs)
+        asyncio.set_event_loop(self.loop)
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        started.set()
+        self.loop.run_forever()
+        self.loop.close()
+
+    async def _version(self, request):
+        from aiohttp import web
+
+        return web.json_response({"version": "4", "ray_version": "2.60.0", "ray_commit": "x"})
+
+    async def _logs(self, request):
+        from aiohttp import web
+
+        self.log_downloads += 1
+        job = request.match_info["job"]
+        if job not in self.whole_logs:
+            return web.Response(status=404, text=f"Job {job} does not exist")
+        return web.json_response({"logs": self.whole_logs[job]})
+
+    async def _tail(self, request):
+        import asyncio
+
+        from aiohttp import WSMsgType, web
+
+        given = request.headers.get("Authorization")
+        self.tail_headers.append(given)
+        if not given:
+            return web.Response(status=401, text="Unauthorized: Missing authentication token")
+        if given != f"Bearer {self.token}":
+            return web.Response(status=403, text="Forbidden: Invalid authentication token")
+        job = request.match_info["job"]
+        if job not in self.script:
+            return web.Response(status=404, text=f"Job {job} does not exist")
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        for step in self.script[job]:
+            if step == "wait":
+                while not self.go.is_set():
+                    await asyncio.sleep(0.01)
+            elif step == "drop":
+                request.transport.abort()
+                return ws
+            elif step == "close":
+                await ws.close()
+                return ws
+            elif step == "hold":  # a job that goes on: until the reader hangs up
+                message = await ws.receive()
+                if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    self.closed_by_client.set()
+                return ws
+            else:
+                await ws.send_str(step)
+        await ws.close()
+        return ws
+
+    def stop(self):
+        import asyncio
+
+        if not self.thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def fake_head(monkeypatch, tmp_path):
+    heads = []
+
+    def make(script, whole_logs=None, token="tok-123"):
+        head = FakeHead(token, script, whole_logs)
+        heads.append(head)
+        return head
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-123")
+    yield make
+    for head in heads:
+        head.stop()
+
+
+def test_following_a_log_streams_each_chunk_once_as_it_is_written_with_the_token(fake_head, capfd):
+    from trainyard.jobs import JobsClient
+
+    head = fake_head({"raysubmit_1": ["epoch 1/2\n", "wait", "epoch 2/2\n", "done\n", "close"]})
+    client = JobsClient(head.url)
+    chunks = []
+    for chunk in client.follow_logs("raysubmit_1"):
+        chunks.append(chunk)
+        head.go.set()  # the rest is written only after the first chunk arrived: it streams
+    assert chunks == ["epoch 1/2\n", "epoch 2/2\n", "done\n"]
+    assert head.tail_headers == ["Bearer tok-123"]  # the token reached the websocket
+    assert head.log_downloads == 0  # the whole log was never fetched again
+    assert list(client.follow_logs("raysubmit_1")) == chunks  # the call the CLI makes
+    assert "WebSocket closed" not in capfd.readouterr().err  # no Ray INFO line after the log
+
+
+def test_a_job_that_ended_before_its_driver_started_gives_its_whole_log_once(fake_head):
+    from trainyard.jobs import JobsClient
+
+    head = fake_head({"raysubmit_2": ["close"]}, whole_logs={"raysubmit_2": "runtime_env setup failed\n"})
+    assert list(JobsClient(head.url).follow_logs("raysubmit_2")) == ["runtime_env setup failed\n"]
+    assert head.log_downloads == 1
+
+
+def test_following_a_log_translates_failures_like_the_other_calls(fake_head, monkeypatch):
+    from trainyard.jobs import JobsClient
+
+    head = fake_head({"raysubmit_3": ["a\n", "drop"]}, token="the-real-one")
+    client = JobsClient(head.url)
+    with pytest.raises(JobsError, match="refused the authentication token from RAY_AUTH_TOKEN") as wrong:
+        list(client.follow_logs("raysubmit_3"))
+    assert "tok-123" not in str(wrong.value)
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    with pytest.raises(JobsError, match="requires an authentication token and none was found"):
+        list(JobsClient(head.url).follow_logs("raysubmit_3"))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "the-real-one")
+    client = JobsClient(head.url)
+    with pytest.raises(JobsError, match=r"no job raysubmit_nope on the cluster at http://127\.0\.0\.1"):
+        list(client.follow_logs("raysubmit_nope"))
+    got = []
+    with pytest.raises(JobsError, match="log stream of job raysubmit_3 .* broke off before the job ended"):
+        for chunk in client.follow_logs("raysubmit_3"):
+            got.append(chunk)
+    assert got == ["a\n"]
+    head.stop()
+    with pytest.raises(JobsError, match="cannot reach Ray's Jobs API at http://127.0.0.1"):
+        list(client.follow_logs("raysubmit_3"))
+
+
+def test_a_reader_that_stops_early_hangs_up_the_websocket(fake_head):
+    from trainyard.jobs import JobsClient
+
+    head = fake_head({"raysubmit_4": ["first\n", "hold"]})
+    stream = JobsClient(head.url).follow_logs("raysubmit_4")
+    assert next(stream) == "first\n"
+    stream.close()  # as Ctrl-C or a break in the caller's loop does
+    assert head.closed_by_client.wait(10)

@@ -230,6 +230,46 @@ def test_config_out_writes_a_serve_config_that_serve_accepts(served, tmp_path):
     assert digits["route_prefix"] == "/v2/models/digits"
     assert digits["args"]["deployment"]["autoscaling_config"]["max_replicas"] == 4
     assert "s3cret" not in path.read_text()
+    # Each model's deployment options (in its args, where ServeDeploySchema does not look)
+    # fit Serve's own deployment schema too.
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import DeploymentSchema
+
+    for app in document["applications"][:2]:
+        deployment = app["args"]["deployment"]
+        DeploymentSchema.model_validate({"name": "model", **deployment})
+        if "autoscaling_config" in deployment:
+            AutoscalingConfig.model_validate(deployment["autoscaling_config"])
+
+
+def test_config_out_refuses_what_serve_would_refuse_naming_the_field(served, tmp_path, monkeypatch):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from trainyard.errors import TrainyardError
+    from trainyard.serve.config import write_serve_config
+
+    monkeypatch.delenv("TRAINYARD_API_KEY", raising=False)
+    models = [(str(served["root"] / "mlp"), "mlp")]
+    with pytest.raises(TrainyardError, match="refusing to serve on 0.0.0.0 without an API key"):
+        write_serve_config(serve_config(8000, models), tmp_path / "open.yaml")
+    open_file = write_serve_config(serve_config(8000, models, insecure=True), tmp_path / "open.yaml")
+    ServeDeploySchema.model_validate(yaml.safe_load(open_file.read_text()))
+    assert "No API key" in open_file.read_text()
+
+    bad = serve_config(8000, models, api_key_env="MY_KEY")
+    monkeypatch.setenv("MY_KEY", "k")
+    bad.models[0].max_replicas = 3
+    bad.models[0].target_ongoing_requests = 0.0  # Serve's autoscaler needs a positive target
+    bad.models[0].num_cpus = -1.0  # past load_serve_config's own check
+    with pytest.raises(TrainyardError, match="Ray Serve's schema") as caught:
+        write_serve_config(bad, tmp_path / "bad.yaml")
+    message = str(caught.value)
+    assert "applications[0].args.deployment.autoscaling_config.target_ongoing_requests: " \
+           "Input should be greater than 0 (application 'mlp'; serve config key " \
+           "models[0].target_ongoing_requests)" in message
+    assert "ray_actor_options.num_cpus" in message and "models[0].num_cpus" in message
+    assert not (tmp_path / "bad.yaml").exists()  # nothing serve deploy would refuse is written
 
 
 def test_serve_config_errors_name_the_key(tmp_path):
@@ -313,6 +353,68 @@ def test_tritons_own_http_client_works_unchanged_against_the_v2_routes(served):
     assert len(labels) == 2
     with pytest.raises(Exception, match="no model named 'resnet'"):
         client.get_model_metadata("resnet")
+
+
+@pytest.mark.parametrize("name", ["mlp", "bert"])
+def test_tritons_client_gets_binary_outputs_equal_to_the_json_routes(served, name):
+    """Binary outputs (the binary tensor data extension), as tritonclient asks for them by
+    default and per output, read back by its own ``as_numpy``: the same labels (BYTES) and
+    probabilities (FP32) as the JSON route gives."""
+    import tritonclient.http as triton
+
+    inputs, info = served["samples"][name]
+    status, reference = call(served["endpoints"][name] + "/infer", oip_body(name, inputs))
+    assert status == 200, reference
+    expected = {o["name"]: o for o in reference["outputs"]}
+    expected_probs = np.asarray(expected["probabilities"]["data"], dtype=np.float32).reshape(4, len(info.classes))
+
+    if name == "bert":
+        tensor = triton.InferInput("text", [len(inputs)], "BYTES")
+        tensor.set_data_from_numpy(np.asarray(list(inputs), dtype=object))
+    else:
+        x = np.asarray(inputs, dtype=np.float32)
+        tensor = triton.InferInput("input-0", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+    client = triton.InferenceServerClient(served["base"].removeprefix("http://"))
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    asks = {
+        "default (every output binary)": None,
+        "both binary": [triton.InferRequestedOutput("label"), triton.InferRequestedOutput("probabilities")],
+        "both JSON": [triton.InferRequestedOutput("label", binary_data=False),
+                      triton.InferRequestedOutput("probabilities", binary_data=False)],
+        "mixed": [triton.InferRequestedOutput("probabilities", binary_data=True),
+                  triton.InferRequestedOutput("label", binary_data=False)],
+    }
+    for ask, outputs in asks.items():
+        result = client.infer(name, [tensor], outputs=outputs, request_id="b1")
+        response = result.get_response()
+        binary = {o["name"] for o in response["outputs"] if "binary_data_size" in (o.get("parameters") or {})}
+        assert binary == ({"label", "probabilities"} if outputs is None or ask == "both binary"
+                          else {"probabilities"} if ask == "mixed" else set()), ask
+        assert all(("data" in o) == (o["name"] not in binary) for o in response["outputs"]), ask
+        assert response["id"] == "b1"
+        labels = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label")]
+        assert labels == expected["label"]["data"], ask
+        probs = result.as_numpy("probabilities")
+        assert probs.dtype == np.float32 and probs.shape == (4, len(info.classes)), ask
+        assert np.allclose(probs, expected_probs, atol=1e-6), ask
+
+    # On the wire: the JSON header's length in its header, then the raw data.
+    body = {**oip_body(name, inputs), "parameters": {"binary_data_output": True}}
+    request = urllib.request.Request(served["endpoints"][name] + "/infer", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        raw, length = response.read(), int(response.headers["Inference-Header-Content-Length"])
+        assert response.headers["Content-Type"] == "application/octet-stream"
+    header = json.loads(raw[:length])
+    sizes = [o["parameters"]["binary_data_size"] for o in header["outputs"]]
+    assert len(raw) == length + sum(sizes) and sizes[1] == 4 * 4 * len(info.classes)
+    assert np.allclose(np.frombuffer(raw[length + sizes[0]:], dtype="<f4").reshape(4, -1), expected_probs, atol=1e-6)
+    first = int.from_bytes(raw[length:length + 4], "little")
+    assert raw[length + 4:length + 4 + first].decode() == expected["label"]["data"][0]
+    status, answer = call(served["endpoints"][name] + "/infer",
+                          {**oip_body(name, inputs), "outputs": [{"name": "label", "parameters": {"classification": 2}}]})
+    assert status == 400 and "classification is not supported" in answer["error"]
 
 
 def test_binary_tensor_data_requests_are_parsed_and_checked():

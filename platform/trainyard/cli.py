@@ -255,7 +255,7 @@ def submit(config, overrides, address, mode, deploy, serve_port, pip, job_id, fo
 
 
 def _follow(client, job_id: str) -> None:
-    for chunk in client.follow(job_id):
+    for chunk in client.follow_logs(job_id):
         click.echo(chunk, nl=False)
     info = client.info(job_id)
     click.echo(f"job {job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))

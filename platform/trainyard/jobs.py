@@ -10,6 +10,7 @@ cluster's own (see cluster.yaml's set-up commands).
 from __future__ import annotations
 
 import importlib.metadata as md
+import logging
 import os
 import re
 import shlex
@@ -190,18 +191,97 @@ class JobsClient:
                 return info
             time.sleep(poll)
 
-    def follow(self, job_id: str) -> Iterator[str]:
-        """The job's log as it grows, until the job ends."""
-        sent = 0
-        while True:
-            info = self.info(job_id)  # read first, so the final logs are complete
+    def follow_logs(self, job_id: str) -> Iterator[str]:
+        """The job's log as it is written, each part once, until the job ends.
+
+        One websocket to the head (Ray's ``tail_job_logs``, which carries this client's
+        headers, the token among them), read chunk by chunk in a private event loop, so this
+        is a plain iterator and never touches an event loop the caller runs. Failures read as
+        the other calls' do (no token, wrong token, head unreachable, no such job). A job that
+        ended before its driver started streams nothing; its log (if any) then comes whole.
+        """
+        import asyncio
+
+        _quiet_stream_close()
+        stream = self._client.tail_job_logs(job_id)
+        loop = asyncio.new_event_loop()
+        streamed = False
+        try:
+            while True:
+                chunk = self._call(self._next_chunk, loop, stream, job_id, streamed)
+                if chunk is None:
+                    break
+                if chunk:
+                    streamed = True
+                    yield chunk
+        finally:
+            _close_stream(loop, stream)
+        if not streamed:
             text = self.logs(job_id)
-            if len(text) > sent:
-                yield text[sent:]
-                sent = len(text)
-            if str(info.status) in TERMINAL:
-                return
-            time.sleep(1.0)
+            if text:
+                yield text
+
+    def _next_chunk(self, loop, stream, job_id: str, streamed: bool) -> str | None:
+        """The stream's next chunk (None at its end), its failures as the exceptions
+        ``_call`` translates: Ray checks a websocket's handshake status itself nowhere."""
+        import aiohttp
+        from ray.exceptions import AuthenticationError
+
+        try:
+            return loop.run_until_complete(stream.__anext__())
+        except StopAsyncIteration:
+            return None
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 401:
+                raise AuthenticationError(f"Authentication required ({exc.status} {exc.message})") from None
+            if exc.status == 403:
+                raise AuthenticationError(f"Authentication failed ({exc.status} {exc.message})") from None
+            if exc.status == 404:
+                raise RuntimeError(f"Job {job_id} does not exist") from None
+            raise JobsError(f"the Jobs API at {self.address} refused to stream the log of job "
+                            f"{job_id}: {exc.status} {exc.message}") from None
+        except (aiohttp.ClientConnectionError, RuntimeError) as exc:
+            if not streamed and isinstance(exc, aiohttp.ClientConnectionError):
+                raise ConnectionError(str(exc)) from None
+            if isinstance(exc, RuntimeError) and not str(exc).startswith("WebSocket"):
+                raise
+            raise JobsError(f"the log stream of job {job_id} from {self.address} broke off before "
+                            f"the job ended ({exc}); `trainyard jobs status {job_id}` shows whether "
+                            f"it still runs, `trainyard jobs logs {job_id}` prints its whole log") from None
+
+
+class _NormalCloseFilter(logging.Filter):
+    """Drops Ray's INFO line on every log stream's end ("WebSocket closed for job ... with
+    close code 1000"), which would follow each job's log on stderr; warnings stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO
+                    and str(record.msg).startswith("WebSocket closed for job"))
+
+
+def _quiet_stream_close() -> None:
+    sdk_logger = logging.getLogger("ray.dashboard.modules.job.sdk")
+    if not any(isinstance(f, _NormalCloseFilter) for f in sdk_logger.filters):
+        sdk_logger.addFilter(_NormalCloseFilter())
+
+
+def _close_stream(loop, stream) -> None:
+    """End a log stream left open (a reader that stopped early, Ctrl-C mid-chunk): its
+    pending read is cancelled, its websocket and session closed, then the loop."""
+    import asyncio
+
+    try:
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(stream.aclose())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    except Exception:  # closing only; the stream's own error (if any) is what matters
+        pass
+    finally:
+        loop.close()
 
 
 def _make_client(address: str, headers: dict):

@@ -20,6 +20,8 @@ from trainyard.serve.config import API_KEY_MARK, MAX_FORWARD_EXAMPLES, ROOT_CPUS
 from trainyard.serve.protocol import (
     ModelSignature,
     RequestError,
+    binary_outputs,
+    encode_infer_response,
     oip_to_raw,
     outputs_to_oip,
     parse_binary_request,
@@ -328,6 +330,7 @@ class ModelServer:
             body = await read_json(request, self.max_body, binary=True)
             raw = oip_to_raw(body, self.signature, self.max_items)
             wanted = requested_outputs(body, self.output_names)
+            binary = binary_outputs(body, list(wanted or self.output_names))
         except RequestError as exc:
             return error(exc.status, str(exc))
         result = await self.run(raw)
@@ -341,7 +344,12 @@ class ModelServer:
         response = {"model_name": self.name, "model_version": self.version, "outputs": tensors}
         if isinstance(body.get("id"), str):
             response["id"] = body["id"]
-        return json_response(response)
+        content, header_length = encode_infer_response(response, binary)
+        if header_length is None:
+            return Response(content, media_type="application/json")
+        # The binary tensor data extension: the JSON, then each binary output's raw data.
+        return Response(content, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(header_length)})
 
     @model_api.post("/predict")
     async def predict(self, request: Request):
@@ -389,7 +397,8 @@ class Root:
 
     @root_api.get("/v2")
     async def server_metadata(self):
-        return {"name": "trainyard", "version": "2", "extensions": ["trainyard_json_predict"]}
+        return {"name": "trainyard", "version": "2",
+                "extensions": ["binary_tensor_data", "trainyard_json_predict"]}
 
     @root_api.get("/v2/models")
     async def models_list(self):

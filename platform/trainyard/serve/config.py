@@ -221,6 +221,7 @@ def write_serve_config(cfg: Any, path: str | Path) -> Path:
         "http_options": {"host": CLUSTER_HOST, "port": int(cfg.port)},
         "applications": application_specs(cfg, auth=auth),
     }
+    check_serve_schema(document)
     path = Path(path)
     header = ("# Ray Serve config written by `trainyard deploy --config-out`.\n"
               "# Run on a cluster: serve deploy " + path.name + "\n"
@@ -236,3 +237,60 @@ def write_serve_config(cfg: Any, path: str | Path) -> Path:
     path.write_text(header + yaml.safe_dump(document, sort_keys=False))
     return path
 
+
+def _where(loc: tuple) -> str:
+    """A pydantic error location as a path: ``applications[0].args.deployment.num_replicas``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _validate(model: Any, data: Any) -> list[tuple[tuple, str]]:
+    """``model``'s complaints about ``data`` as ``(location, message)``; none when it fits."""
+    check = getattr(model, "model_validate", None) or model.parse_obj  # pydantic 2, else 1
+    try:
+        check(data)
+    except ValueError as exc:  # pydantic's ValidationError (1 and 2) is a ValueError
+        errors = getattr(exc, "errors", None)
+        if not callable(errors):
+            return [((), str(exc))]
+        return [(tuple(e.get("loc") or ()), e.get("msg", "invalid")) for e in errors()]
+    return []
+
+
+def check_serve_schema(document: dict) -> None:
+    """Check a Serve config against Ray Serve's own schema (``ServeDeploySchema``, as
+    ``serve deploy`` reads it), and each model's deployment options (which travel in its
+    application's ``args``, where that schema does not look) against ``DeploymentSchema`` and
+    ``AutoscalingConfig``. Raises a TrainyardError naming each field that does not fit (and the
+    serve config's own key, where one sets it), so no file Serve would refuse is written."""
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import DeploymentSchema, ServeDeploySchema
+
+    problems = _validate(ServeDeploySchema, document)
+    for i, app in enumerate(document.get("applications") or []):
+        deployment = (app.get("args") or {}).get("deployment")
+        if not isinstance(deployment, dict):
+            continue
+        at = ("applications", i, "args", "deployment")
+        problems += [(at + loc, msg) for loc, msg in
+                     _validate(DeploymentSchema, {"name": "model", **deployment})]
+        if isinstance(deployment.get("autoscaling_config"), dict):
+            problems += [(at + ("autoscaling_config",) + loc, msg) for loc, msg in
+                         _validate(AutoscalingConfig, deployment["autoscaling_config"])]
+    if not problems:
+        return
+    keys = set(ServedModel.__dataclass_fields__)
+    lines = []
+    for loc, msg in problems:
+        line = f"{_where(loc)}: {msg}"
+        apps = document.get("applications") or []
+        if len(loc) > 1 and loc[0] == "applications" and isinstance(loc[1], int) and loc[1] < len(apps):
+            line += f" (application {apps[loc[1]].get('name')!r}"
+            if loc[-1] in keys and "deployment" in loc:  # models[i] is applications[i]
+                line += f"; serve config key models[{loc[1]}].{loc[-1]}"
+            line += ")"
+        lines.append(line)
+    raise TrainyardError("the Serve config does not fit Ray Serve's schema (ray.serve.schema), so "
+                         "Serve would refuse it: " + "; ".join(lines))

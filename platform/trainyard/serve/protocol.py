@@ -235,6 +235,86 @@ def requested_outputs(body: dict, available: tuple[str, ...]) -> list[str] | Non
     return names or None
 
 
+def binary_outputs(body: dict, names: list[str]) -> set[str]:
+    """Which of the response's outputs (``names``) go as raw data after its JSON, in the binary
+    tensor data extension: an output whose ``outputs`` entry has ``"parameters":
+    {"binary_data": true}``; one whose entry leaves ``binary_data`` out (or every output, when
+    the request lists none) when the request has ``"parameters": {"binary_data_output": true}``,
+    as Triton's clients send by default. Output options trainyard cannot honour
+    (``classification``, ``shared_memory_*``) are refused rather than ignored."""
+    params = body.get("parameters")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise RequestError("'parameters' must be an object")
+    default = params.get("binary_data_output", False)
+    if not isinstance(default, bool):
+        raise RequestError("parameters.binary_data_output must be true or false")
+    chosen: dict[str, bool] = {}
+    for i, wanted in enumerate(body.get("outputs") or []):
+        options = wanted.get("parameters") if isinstance(wanted, dict) else None
+        if options is None:
+            continue
+        if not isinstance(options, dict):
+            raise RequestError(f"outputs[{i}].parameters must be an object")
+        refused = sorted(k for k in options if k == "classification" or k.startswith("shared_memory"))
+        if refused:
+            raise RequestError(f"outputs[{i}].parameters: {', '.join(refused)} is not supported "
+                               "(outputs come in the response, as JSON or binary_data)")
+        if "binary_data" in options:
+            if not isinstance(options["binary_data"], bool):
+                raise RequestError(f"outputs[{i}].parameters.binary_data must be true or false")
+            chosen[wanted["name"]] = options["binary_data"]
+    return {n for n in names if chosen.get(n, default)}
+
+
+def tensor_bytes(tensor: dict) -> bytes:
+    """An output tensor's ``data`` as the binary extension carries it: BYTES elements each as
+    a 4-byte little-endian length and that many bytes (UTF-8 for text); numbers as
+    little-endian values of the datatype, in row-major order."""
+    import numpy as np
+
+    datatype, data = tensor["datatype"], tensor["data"]
+    if datatype == "BYTES":
+        parts = []
+        for item in np.asarray(data, dtype=object).reshape(-1):
+            raw = item if isinstance(item, bytes) else str(item).encode("utf-8")
+            parts += [len(raw).to_bytes(4, "little"), raw]
+        return b"".join(parts)
+    if datatype not in OIP_NUMPY_TYPES:
+        raise ValueError(f"output {tensor.get('name')!r}: no binary form for datatype {datatype!r}")
+    return np.ascontiguousarray(data, dtype=OIP_NUMPY_TYPES[datatype]).tobytes()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def encode_infer_response(response: dict, binary: set[str] | frozenset[str] = frozenset()) -> tuple[bytes, int | None]:
+    """An inference response's body, and the length of its JSON header when some outputs go as
+    binary data (the ``Inference-Header-Content-Length`` value; None: the body is all JSON).
+
+    Each output named in ``binary`` loses its ``data`` and gets ``"parameters":
+    {"binary_data_size": N}``; its N bytes (``tensor_bytes``) follow the JSON, in the order of
+    the outputs. The others keep their ``data`` in the JSON."""
+    header = dict(response)
+    outputs, blobs = [], []
+    for tensor in response.get("outputs") or []:
+        if tensor["name"] in binary:
+            raw = tensor_bytes(tensor)
+            tensor = {k: v for k, v in tensor.items() if k != "data"}
+            tensor["parameters"] = {**(tensor.get("parameters") or {}), "binary_data_size": len(raw)}
+            blobs.append(raw)
+        outputs.append(tensor)
+    header["outputs"] = outputs
+    text = json.dumps(header, allow_nan=False, default=_plain, separators=(",", ":")).encode()
+    if not blobs:
+        return text, None
+    return text + b"".join(blobs), len(text)
+
+
 def outputs_to_oip(answers: list[dict], outputs: Any, sig: ModelSignature) -> list[dict]:
     import numpy as np
 
