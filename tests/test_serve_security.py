@@ -471,3 +471,31 @@ def test_the_client_does_not_send_the_key_across_a_redirect_to_another_host():
     finally:
         home.shutdown()
         other.shutdown()
+
+
+# --------------------------------------------------------------------------------------
+# Names: one rule for served names, those read from a checkpoint included
+# --------------------------------------------------------------------------------------
+
+
+def test_a_served_name_from_a_checkpoint_manifest_is_checked_like_a_given_one(tmp_path):
+    """A manifest naming its run `mlp/infer` would take over model mlp's infer route, and
+    one named `trainyard` the root app: both are refused before anything is deployed."""
+    import json as _json
+
+    from trainyard.errors import TrainyardError
+    from trainyard.serve.config import application_specs
+
+    from tests.test_serving import make_checkpoint, serve_config
+
+    folder, _, _ = make_checkpoint(tmp_path / "ckpt", "mlp_breast_cancer", "mlp")
+    manifest = folder / "manifest.json"
+    for hostile, reason in (("mlp/infer", "not a valid name"), ("trainyard", "reserved")):
+        data = _json.loads(manifest.read_text())
+        data["run"] = hostile
+        manifest.write_text(_json.dumps(data))
+        with pytest.raises(TrainyardError, match=reason):
+            application_specs(serve_config(8000, [(str(folder), "")]))
+    with pytest.raises(TrainyardError, match=r"models\[0\]\.name: 'trainyard' is reserved"):
+        serve_config(8000, [(str(folder), "trainyard")])
+    assert application_specs(serve_config(8000, [(str(folder), "renamed")]))[0]["name"] == "renamed"
