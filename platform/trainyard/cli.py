@@ -608,5 +608,41 @@ def plugins_check(name, params):
         sys.exit(1)
 
 
+@main.command("export")
+@click.argument("checkpoint")
+@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript", "mlflow"]),
+              help="onnx: model.onnx; torchscript: model.pt; each with preprocessing.json. "
+                   "mlflow: an MLflow pyfunc model with the plugin's pre- and post-processing.")
+@click.option("-o", "--output", default=None, type=click.Path(file_okay=False),
+              help="Folder to write (must not exist, or be empty). Default: <run>-<format>.")
+@click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(0),
+              help="Largest absolute difference allowed between the exported model's outputs "
+                   "and the checkpoint's.")
+def export(checkpoint, fmt, output, tolerance):
+    """Export CHECKPOINT as an ONNX, TorchScript or MLflow pyfunc model.
+
+    CHECKPOINT is anything `trainyard deploy` takes: a winners folder, a tuning run, a
+    training run or a checkpoint. The exported model is loaded back and run on examples
+    of the checkpoint's kind of input; the largest absolute difference from the
+    checkpoint's outputs is printed, and one above --tolerance fails the export.
+    ONNX and TorchScript hold the network alone: preprocessing.json beside the file says
+    how to make its inputs from raw data. Needs the export extra: pip install 'trainyard[export]'.
+
+    \b
+    Examples:
+      trainyard export winners/tune_mlp --format onnx -o mlp_onnx
+      trainyard export runs/bert_sentiment --format torchscript
+      trainyard export runs/cnn_digits/checkpoint_000007 --format mlflow -o cnn_mlflow
+    """
+    from trainyard.export import export_checkpoint
+
+    result = export_checkpoint(checkpoint, fmt, output, tolerance)
+    click.echo(f"exported {result.checkpoint} to {fmt}: {result.artifact}")
+    if result.description is not None:
+        click.echo(f"inputs, outputs and preprocessing: {result.description}")
+    click.echo(f"round-trip check on {result.examples} examples: max abs diff "
+               f"{result.max_abs_diff:.3g} (tolerance {result.tolerance:g})")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
