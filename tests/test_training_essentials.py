@@ -198,3 +198,23 @@ def test_accumulation_in_one_process_matches_no_accumulation(tmp_path):
     for a, b in zip(plain.reports, accum.reports, strict=True):
         for key in ("val_loss", "val_accuracy", "train_loss"):
             assert b[key] == pytest.approx(a[key], abs=2e-3), key
+
+
+def test_the_plateau_stopper_is_ray_tunes_with_the_configs_numbers():
+    from ray.tune.stopper import TrialPlateauStopper
+
+    from trainyard.tune.driver import _stopper
+
+    cfg = load_config(CONFIGS / "tune_mlp.yaml", ["tune.stopper=plateau", "tune.plateau_epochs=4",
+                                                  "tune.plateau_std=0.002"])
+    stopper = _stopper(cfg, "val_accuracy")
+    assert isinstance(stopper, TrialPlateauStopper)
+    assert (stopper._metric, stopper._std, stopper._num_results) == ("val_accuracy", 0.002, 4)
+    # Four equal results in a row: the trial has plateaued and is stopped; a moving one is not.
+    flat = [stopper("t1", {"val_accuracy": 0.9, "training_iteration": i}) for i in range(1, 6)]
+    assert bool(flat[-1]) is True
+    moving = [stopper("t2", {"val_accuracy": 0.1 * i, "training_iteration": i}) for i in range(1, 6)]
+    assert not any(moving)
+    assert _stopper(load_config(CONFIGS / "tune_mlp.yaml", []), "val_accuracy") is None
+    with pytest.raises(ConfigError, match=r"^tune.stopper: must be one of none, plateau"):
+        load_config(CONFIGS / "tune_mlp.yaml", ["tune.stopper=median"])
