@@ -43,11 +43,15 @@ def _warn_key_on_command_line(ctx, param: str = "api_key") -> None:
                    "--api-key-file FILE", err=True)
 
 
-def _serve_until_interrupted(console) -> None:
-    """Keep the embedded Ray (and what it serves) alive until Ctrl-C."""
-    console.print("serving until Ctrl-C")
-    while True:
-        time.sleep(3600)
+def _serve_until_interrupted(console, embedded: bool = True) -> None:
+    """Serve until Ctrl-C or SIGTERM (what systemd, Kubernetes or a CI runner sends), then
+    drain, stop Serve and the embedded Ray, say so in one line, and exit 0."""
+    from trainyard.serve.deploy import serve_until_stopped
+
+    console.print("serving until Ctrl-C or SIGTERM")
+    name = serve_until_stopped(embedded)
+    what = "Serve and the embedded Ray stopped" if embedded else "the cluster's Serve keeps serving"
+    console.print(f"{name}: requests in flight answered; {what}")
 
 
 class TrainyardGroup(click.Group):
@@ -438,7 +442,7 @@ def deploy(ctx, winners, config_file, names, version, address, host, port, repli
     first = next(iter(endpoints.values()))
     console.print(f"health: http://{cfg.host}:{cfg.port}/v2/health/ready   docs: {first}/docs")
     if not detach:
-        _serve_until_interrupted(console)
+        _serve_until_interrupted(console, embedded=not address)
 
 
 @main.command()

@@ -131,3 +131,37 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
                     pass
             raise TrainyardError(f"model {spec['name']!r} did not start: {reason}") from None
     return endpoints
+
+
+def serve_until_stopped(embedded: bool) -> str:
+    """Block until SIGTERM or SIGINT (Ctrl-C), then stop gracefully: Serve drains the
+    requests in flight and shuts its applications down, and the embedded Ray stops with
+    them (``embedded``); on a cluster the applications keep serving and this process only
+    disconnects. Returns the signal's name."""
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    stop = threading.Event()
+    received: list[str] = []
+
+    def handler(signum, frame):  # noqa: ARG001 - signal's signature
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stop.wait(3600):
+            pass
+        # A second signal while draining must not kill the drain half-way.
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
+        if embedded:
+            serve.shutdown()
+        ray.shutdown()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return received[0]

@@ -1,0 +1,96 @@
+"""SIGTERM (what systemd, Kubernetes or a CI runner sends) and Ctrl-C to a real
+`trainyard deploy`: requests in flight are answered, Serve and the embedded Ray stop, one
+line says so, exit 0, no native crash dump, no Ray process left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from tests.test_serving import _free_port, make_checkpoint
+
+
+def _ray_processes(marker: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if "pgrep" not in line]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_deploy_drains_stops_ray_and_exits_zero(tmp_path, sig):
+    folder, inputs, _ = make_checkpoint(tmp_path / "ckpt", "mlp_breast_cancer", "graceful")
+    port = _free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="tyst", dir="/tmp")  # short: Ray's socket paths
+    env = {**os.environ, "COLUMNS": "200", "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainyard.cli", "deploy", str(folder), "--port", str(port),
+         "--ingress", "proxy"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}/v2/models/graceful/predict"
+    body = json.dumps({"inputs": [list(map(float, row)) for row in inputs]}).encode()
+
+    def ask() -> int:
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+
+    lines: list[str] = []
+    serving = threading.Event()
+
+    def read_stdout() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving until Ctrl-C or SIGTERM" in line:
+                serving.set()
+
+    reader = threading.Thread(target=read_stdout, daemon=True)
+    reader.start()
+    try:
+        assert serving.wait(240), "".join(lines)[-3000:] + proc.stderr.read()[-3000:]
+        assert ask() == 200
+        answered: list[int] = []
+        stop_load = threading.Event()
+
+        def load() -> None:  # requests keep arriving while the signal lands
+            while not stop_load.is_set():
+                try:
+                    answered.append(ask())
+                except OSError:
+                    return  # the port closed: no request is taken after the drain began
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+        reader.join(timeout=30)
+        out, err = "".join(lines), proc.stderr.read()
+        stop_load.set()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    assert answered and set(answered) == {200}  # every request that was taken was answered
+    name = signal.Signals(sig).name
+    assert f"{name}: requests in flight answered; Serve and the embedded Ray stopped" in out
+    for crash in ("Traceback", "Fatal Python error", "*** SIG", "Aborted", "core dumped"):
+        assert crash not in err and crash not in out, err[-3000:]
+    deadline = time.monotonic() + 30
+    while _ray_processes(ray_tmp) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _ray_processes(ray_tmp) == []
+    shutil.rmtree(ray_tmp, ignore_errors=True)
