@@ -499,3 +499,19 @@ def test_a_served_name_from_a_checkpoint_manifest_is_checked_like_a_given_one(tm
     with pytest.raises(TrainyardError, match=r"models\[0\]\.name: 'trainyard' is reserved"):
         serve_config(8000, [(str(folder), "trainyard")])
     assert application_specs(serve_config(8000, [(str(folder), "renamed")]))[0]["name"] == "renamed"
+
+
+def test_the_key_appears_in_no_log_of_the_ray_session(secured):
+    """After a deploy with a key and requests with right and wrong keys, nothing Ray wrote
+    in its session folder (driver, replicas, Serve controller, proxy, HAProxy) holds it."""
+    from ray._private.worker import global_worker
+
+    row = np.asarray(secured["samples"]["sec_mlp"][:1]).tolist()
+    url = secured["endpoints"]["sec_mlp"] + "/predict"
+    assert call(url, {"inputs": row}, AUTH)[0] == 200
+    assert call(url, {"inputs": row}, {"Authorization": "Bearer " + KEY[:-1] + "x"})[0] == 403
+    session = Path(global_worker.node.get_session_dir_path())
+    logs = [p for p in (session / "logs").rglob("*") if p.is_file()]
+    assert len(logs) > 5  # the replicas' and Serve's logs were read, not an empty folder
+    leaked = [str(p) for p in logs if KEY.encode() in p.read_bytes()]
+    assert leaked == []
