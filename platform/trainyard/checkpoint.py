@@ -86,6 +86,11 @@ def write_checkpoint(
 
     from trainyard import __version__
 
+    if registry is None:
+        from trainyard.plugins import get_registry
+
+        registry = get_registry()
+    plugin = plugin or registry.owners.get(("model", job.model.name), "")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # A manifest an earlier write left goes first: until the new one lands last, the
@@ -96,7 +101,7 @@ def write_checkpoint(
         "trainyard_version": __version__,
         "model": job.model.name,
         "model_plugin": plugin,
-        "model_plugin_version": _plugin_version(registry, plugin, job.model.name),
+        "model_plugin_version": registry.version(plugin),
         "dataset": job.dataset.name,
         "task": job.task,
         "run": job.config.name,
@@ -263,23 +268,6 @@ def load_predictor(directory: str | Path, device: str = "cpu", registry: Any = N
 # Params and the plugin's version in the manifest
 # ---------------------------------------------------------------------------------------
 
-def _plugin_version(registry: Any, plugin: str, model: str) -> str:
-    """The distribution version of the plugin providing ``model``; "" if unknown."""
-    try:
-        if registry is None:
-            from trainyard.plugins import get_registry
-
-            registry = get_registry()
-        name = plugin or getattr(registry, "owners", {}).get(("model", model), "")
-        for info in getattr(registry, "plugins", []):
-            if info.name == name:
-                version = info.version or ""
-                return "" if version == "?" else version
-    except Exception:  # a version is a record, never a reason to fail saving or loading
-        pass
-    return ""
-
-
 def _params_to_json(params: Any) -> Any:
     """Typed model params (the plugin's dataclass instance, or None) as plain JSON: every
     field, defaults included; anything JSON lacks (a Path, say) as its text, which the
@@ -298,8 +286,8 @@ def _model_params(
     from trainyard.config import typed_params
 
     model = manifest["model"]
-    plugin = manifest.get("model_plugin") or _owner(registry, model)
-    installed = _plugin_version(registry, plugin, model)
+    plugin = manifest.get("model_plugin") or registry.owners.get(("model", model), "")
+    installed = registry.version(plugin)
     if "model_params" not in manifest:
         values = OmegaConf.select(config, "model.params", default=None) or {}
         warnings.warn(
@@ -333,10 +321,3 @@ def _model_params(
         return typed_params(spec.params, dict(recorded), "model.params")
     except TrainyardError as exc:
         raise TrainyardError(f"{where} rejects the recorded params: {exc}") from None
-
-
-def _owner(registry: Any, model: str) -> str:
-    try:
-        return registry.owner("model", model)
-    except Exception:
-        return ""

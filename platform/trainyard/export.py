@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainyard.batches import call_model
 from trainyard.errors import TrainyardError
 
 FORMATS = ("onnx", "torchscript", "mlflow")
@@ -361,8 +362,7 @@ def _export_torchscript(predictor, checkpoint, folder: Path, tolerance: float):
     diff, count = 0.0, 0
     for raw, encoded, expected in _check_batches(predictor):
         with _quiet(), torch.no_grad():
-            got = _on_batch(len(raw), lambda: loaded(**encoded) if isinstance(encoded, dict)
-                            else loaded(encoded))
+            got = _on_batch(len(raw), lambda: call_model(loaded, encoded))
         if not isinstance(got, torch.Tensor):
             raise TrainyardError(f"the traced model returns {type(got).__name__}, not a tensor")
         diff = max(diff, _max_diff(got.cpu().numpy(), expected.cpu().numpy()))

@@ -103,6 +103,12 @@ class Registry:
     def owner(self, kind: str, name: str) -> str:
         return self.owners[(kind, name)]
 
+    def version(self, plugin: str) -> str:
+        """The distribution version of a loaded plugin; "" when it has none (a plugin
+        registered in-process) or is not loaded."""
+        info = next((p for p in self.plugins if p.name == plugin), None)
+        return "" if info is None or info.version in ("", "?") else info.version
+
 
 _lock = threading.RLock()
 _pm: pluggy.PluginManager | None = None
