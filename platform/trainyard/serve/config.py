@@ -28,6 +28,8 @@ MAX_FORWARD_EXAMPLES = 1024
 API_KEY_MARK = "trainyard API key:"
 #: The environment variable that holds the API key, unless a serve config names another.
 API_KEY_ENV = "TRAINYARD_API_KEY"
+#: Requests that may wait for a replica beyond those it works on, before new ones are shed.
+DEFAULT_MAX_QUEUED = 64
 
 @dataclass
 class ServedModel:
@@ -50,6 +52,15 @@ class ServedModel:
     batch_wait_ms: float = 5.0
     #: Most examples in one forward pass; a larger batch runs as several passes.
     max_forward_examples: int = MAX_FORWARD_EXAMPLES
+    #: Requests a replica works on at once (Serve's max_ongoing_requests); 0: the larger of
+    #: 64 and twice max_batch_size, so a batch is never capped by it.
+    max_ongoing_requests: int = 0
+    #: Load shedding: requests waiting beyond max_ongoing_requests, per replica behind
+    #: HAProxy or per proxy behind Serve's own; past it a request is answered 503 at once,
+    #: with Retry-After, instead of waiting. -1: no limit (every request waits its turn).
+    max_queued_requests: int = DEFAULT_MAX_QUEUED
+    #: The Retry-After a shed request gets, in seconds (rounded up to whole seconds).
+    retry_after_s: float = 1.0
 
 
 @dataclass
@@ -126,6 +137,12 @@ def auth_options(cfg: Any, key_file: str | None = None) -> dict[str, str]:
     return {}
 
 
+def max_ongoing(m: Any) -> int:
+    """A served model's max_ongoing_requests: its own, else the larger of 64 and twice its
+    max_batch_size."""
+    return int(m.max_ongoing_requests) or max(64, 2 * int(m.max_batch_size))
+
+
 def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None,
                       base: dict | None = None) -> Any:
     """A serve config, type-checked like job configs; errors name the key's path."""
@@ -151,6 +168,11 @@ def load_serve_config(path: str | Path | None = None, overrides: list[str] | Non
             (m.max_batch_size >= 1, f"{key}.max_batch_size", "must be at least 1"),
             (m.batch_wait_ms >= 0, f"{key}.batch_wait_ms", "must not be negative"),
             (m.max_forward_examples >= 1, f"{key}.max_forward_examples", "must be at least 1"),
+            (m.max_ongoing_requests >= 0, f"{key}.max_ongoing_requests",
+             "must be at least 1 (or 0 for the default)"),
+            (m.max_queued_requests >= 1 or m.max_queued_requests == -1, f"{key}.max_queued_requests",
+             "must be at least 1, or -1 for no limit"),
+            (0 <= m.retry_after_s <= 3600, f"{key}.retry_after_s", "must be 0-3600 seconds"),
         ]
     check_rules(cfg, rules)
     return cfg
@@ -177,7 +199,10 @@ def application_specs(cfg: Any, existing: list[str] | None = None, auth: dict | 
             "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
             # Serve's default (5 requests at a time per replica) would cap every batch at 5
             # and queue the rest in the proxy.
-            "max_ongoing_requests": max(64, 2 * m.max_batch_size),
+            "max_ongoing_requests": max_ongoing(m),
+            # Load shedding: Serve answers past the queue at once, 503 with Retry-After.
+            "max_queued_requests": m.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": float(m.retry_after_s)},
         }
         if m.max_replicas:
             deployment["autoscaling_config"] = {"min_replicas": m.min_replicas,

@@ -1,0 +1,159 @@
+"""Serving under load, with real Ray Serve over real HTTP on loopback: past a model's queue
+requests are shed at once (503, Retry-After, a JSON reason) while admitted ones are answered,
+and a replica killed from outside under load costs well under 1% of requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.test_serving import _free_port, make_checkpoint
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def post(url, body, timeout=60):
+    """(status, headers, parsed body) of one JSON POST; connection errors as status 0."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = raw.decode(errors="replace")
+        return exc.code, dict(exc.headers), parsed
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        return 0, {}, str(exc)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    """Two models: a BERT replica that works on 2 requests at once with 2 more waiting (so a
+    burst overflows it), and an MLP on two replicas (one of them is killed under load)."""
+    from ray import serve
+
+    from trainyard.serve.config import load_serve_config
+    from trainyard.serve.deploy import deploy
+
+    root = tmp_path_factory.mktemp("load")
+    _, bert_inputs, _ = make_checkpoint(root / "bert", "bert_sentiment", "load_bert")
+    _, mlp_inputs, _ = make_checkpoint(root / "mlp", "mlp_breast_cancer", "load_mlp")
+    port = _free_port()
+    cfg = load_serve_config(base={"port": port, "models": [
+        {"winner": str(root / "bert"), "name": "shed", "num_cpus": 0.1, "max_batch_size": 1,
+         "max_ongoing_requests": 2, "max_queued_requests": 2, "retry_after_s": 2},
+        {"winner": str(root / "mlp"), "name": "sturdy", "num_cpus": 0.1, "num_replicas": 2},
+    ]})
+    endpoints = deploy(cfg)
+    yield {"endpoints": endpoints, "bert": [str(x) for x in bert_inputs],
+           "mlp": [list(map(float, x)) for x in mlp_inputs]}
+    serve.shutdown()
+
+
+def _replicas(app: str) -> dict[str, int]:
+    """Serve's name -> pid of each live replica of ``app``'s model deployment, asked of the
+    replica processes themselves."""
+    import ray
+
+    found = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry["name"]
+        if not name.startswith(f"SERVE_REPLICA::{app}#model#"):
+            continue
+        try:
+            replica = ray.get_actor(name, namespace=entry["namespace"])
+            found[name] = ray.get(replica.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+        except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            continue  # gone since it was listed
+    return found
+
+
+def test_past_the_queue_requests_are_shed_at_once_with_retry_after_and_a_json_reason(loaded):
+    url = loaded["endpoints"]["shed"] + "/predict"
+    body = {"inputs": [loaded["bert"][0]]}
+    assert post(url, body)[0] == 200
+    before = _replicas("shed")
+
+    answers: list = [None] * 40
+    barrier = threading.Barrier(len(answers))
+
+    def one(i):
+        barrier.wait()
+        answers[i] = post(url, body)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(answers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    statuses = sorted(a[0] for a in answers)
+    assert set(statuses) <= {200, 503}, statuses
+    admitted = [a for a in answers if a[0] == 200]
+    shed = [a for a in answers if a[0] == 503]
+    # 2 at work and 2 waiting: most of a burst of 40 is shed, and the admitted are answered.
+    assert admitted and len(shed) >= 20, statuses
+    for _, _, answer in admitted:
+        assert len(answer["predictions"]) == 1
+    for _, headers, answer in shed:
+        assert {k.lower(): v for k, v in headers.items()}.get("retry-after") == "2"
+        # Behind HAProxy (the default ingress) the reason is JSON like every other refusal.
+        assert isinstance(answer, dict), answer
+        assert "overloaded" in answer["error"] and answer["retry_after_s"] == 2
+
+    # The model keeps serving, on the same replica: shedding is not a crash.
+    assert post(url, body)[0] == 200
+    assert _replicas("shed") == before
+
+
+def test_a_replica_killed_under_load_costs_under_one_percent_of_requests(loaded):
+    url = loaded["endpoints"]["sturdy"] + "/predict"
+    body = {"inputs": [loaded["mlp"][0]]}
+    assert post(url, body)[0] == 200
+    before = _replicas("sturdy")
+    assert len(before) == 2
+
+    results: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            status = post(url, body, timeout=30)[0]
+            results.append((time.monotonic(), status))
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    victim_id, victim_pid = next(iter(before.items()))
+    os.kill(victim_pid, signal.SIGKILL)  # from outside, as an OOM killer or a crash would
+    killed_at = time.monotonic()
+    time.sleep(10)
+    stop.set()
+    for t in threads:
+        t.join()
+
+    errors = [s for _, s in results if s != 200]
+    after_kill = [s for t, s in results if t > killed_at]
+    assert len(results) > 200 and len(after_kill) > 100, len(results)
+    assert len(errors) / len(results) < 0.01, f"{len(errors)} of {len(results)} failed: {set(errors)}"
+    # The last seconds were all answered, and Serve put a new replica in the killed one's place.
+    assert all(s == 200 for t, s in results if t > killed_at + 5)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = _replicas("sturdy")
+        if len(now) == 2 and victim_id not in now:
+            break
+        time.sleep(1)
+    assert len(now) == 2 and victim_id not in now, now
