@@ -15,10 +15,19 @@ from trainyard.errors import TrainyardError  # noqa: E402
 from trainyard.runtime.ingress import INGRESS_MODES  # noqa: E402
 
 
-def _console():
-    from rich.console import Console
+def _console(stderr: bool = False):
+    """Fitted to a terminal; where the stream is a pipe or a file, every id, name and
+    value whole and no live redrawing (trainyard.ui.console)."""
+    from trainyard.ui.console import make_console
 
-    return Console(stderr=False, highlight=False)
+    return make_console(stderr=stderr)
+
+
+def _print_json(data) -> None:
+    """One JSON document on stdout, for scripts (``--json``)."""
+    import json as _json
+
+    click.echo(_json.dumps(data, indent=2, default=str))
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -136,7 +145,14 @@ def train(config, overrides, address, dry_run):
 @click.option("--resume", default=None, metavar="RUN",
               help="Continue an interrupted search (its folder, or its name under storage_path); "
                    "finished trials are not run again.")
-def tune(config, overrides, address, resume):
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the outcome as one JSON object on stdout (progress and the tables go "
+                   "to stderr). Keys: run_dir, metric, mode, registry_dir; trials (every trial, "
+                   "best first: rank (null without a value), trial_id, state, params, iterations, "
+                   "best, final, error, checkpoint); winners (rank, run, trial_id, metric, mode, "
+                   "value, params, path, version, replaced). Printed before a search with no "
+                   "winner exits 1.")
+def tune(config, overrides, address, resume, as_json):
     """Search hyperparameters for the job in CONFIG (its tune section).
 
     \b
@@ -145,26 +161,31 @@ def tune(config, overrides, address, resume):
       trainyard tune configs/tune_cnn.yaml tune.num_samples=16 tune.scheduler=none
       trainyard tune --resume runs/tune_mlp
 
-    Shows a live table of trials and, at the end, the top trials. The best trials'
-    checkpoints, configs and metrics are exported to the winners registry
-    (tune.registry/<name>/v<N>/rank_<k>/, made current last), which `trainyard deploy` reads.
+    Shows a live table of trials (where stdout is not a terminal: one line per trial event)
+    and, at the end, the top trials. The best trials' checkpoints, configs and metrics are
+    exported to the winners registry (tune.registry/<name>/v<N>/rank_<k>/, made current
+    last), which `trainyard deploy` reads.
     """
     from trainyard.config import load_config
 
-    console = _console()
+    console = _console(stderr=as_json)
     if config is None and resume is None:
         raise click.UsageError("give a CONFIG, or --resume RUN")
     cfg = load_config(config, list(overrides)) if config else None
     _warn_plugin_problems(console)
+    from rich.markup import escape
+
     from trainyard.tune.driver import run_tuning
-    from trainyard.ui.tune_table import summary_table
+    from trainyard.ui.tune_table import summary_json, summary_table
 
     outcome = run_tuning(cfg, address=address, resume=resume, console=console)
     console.print()
     console.print(summary_table(outcome))
     failed = [t for t in outcome.trials if t["state"] == "ERROR"]
     for trial in failed:
-        console.print(f"[red]trial {trial['trial_id']} failed:[/] {trial['error']}")
+        console.print(f"[red]trial {escape(trial['trial_id'])} failed:[/] {escape(str(trial['error']))}")
+    if as_json:
+        _print_json(summary_json(outcome))
     if not outcome.winners:
         raise TrainyardError("no trial finished, so there is no winner to export")
     for w in outcome.winners:
@@ -276,26 +297,58 @@ def _when(ms) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
 
 
+def _status(status) -> str:
+    return str(getattr(status, "value", status))
+
+
+def jobs_json(address: str, found: list) -> dict:
+    """``trainyard jobs list --json``: {"address", "jobs": [...]}, newest first; each job has
+    submission_id, status, trainyard_mode and trainyard_job (null for a job trainyard did not
+    submit), entrypoint (whole), message, start_time and end_time (ms since the epoch, or
+    null), metadata."""
+    jobs = []
+    for j in found:
+        meta = dict(j.metadata or {})
+        jobs.append({"submission_id": j.submission_id, "status": _status(j.status),
+                     "trainyard_mode": meta.get("trainyard_mode"), "trainyard_job": meta.get("trainyard_job"),
+                     "entrypoint": j.entrypoint, "message": j.message or "",
+                     "start_time": j.start_time or None, "end_time": j.end_time or None,
+                     "metadata": meta})
+    return {"address": address, "jobs": jobs}
+
+
 @jobs.command("list")
 @click.option("--address", default=None, metavar="URL", help=_JOBS_ADDRESS_HELP)
-def jobs_list(address):
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object on stdout: address, and jobs (newest first), each with "
+                   "submission_id, status, trainyard_mode, trainyard_job, entrypoint, message, "
+                   "start_time, end_time (ms since the epoch, or null) and metadata.")
+def jobs_list(address, as_json):
     """List the cluster's submitted jobs, newest first."""
     from rich.table import Table
+    from rich.text import Text
 
     from trainyard.jobs import JobsClient
 
     client = JobsClient(address)
     found = [j for j in client.list() if j.submission_id]
     found.sort(key=lambda j: j.start_time or 0, reverse=True)
+    if as_json:
+        _print_json(jobs_json(client.address, found))
+        return
+    console = _console()
     table = Table(title=f"jobs at {client.address}")
     for column in ("job", "status", "trainyard", "started", "ended", "entrypoint"):
         table.add_column(column)
     for j in found:
         meta = j.metadata or {}
         what = f"{meta['trainyard_mode']} {meta.get('trainyard_job', '')}" if "trainyard_mode" in meta else "-"
-        table.add_row(j.submission_id, str(j.status), what, _when(j.start_time), _when(j.end_time),
-                      j.entrypoint if len(j.entrypoint) < 60 else j.entrypoint[:57] + "...")
-    _console().print(table)
+        entrypoint = j.entrypoint
+        if console.is_terminal and len(entrypoint) >= 60:  # a log gets it whole
+            entrypoint = entrypoint[:57] + "..."
+        table.add_row(Text(j.submission_id), _status(j.status), Text(what), _when(j.start_time),
+                      _when(j.end_time), Text(entrypoint))
+    console.print(table)
     if not found:
         click.echo("no submitted jobs")
 
@@ -368,6 +421,13 @@ def jobs_stop(job_id, address):
 @click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--batch-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0))
 @click.option("--max-body-bytes", default=1_000_000, show_default=True, type=click.IntRange(1))
+@click.option("--max-ongoing", "max_ongoing", default=0, show_default=True, type=click.IntRange(0),
+              help="Requests a replica works on at once (0: max(64, 2 x max batch size)).")
+@click.option("--max-queued", "max_queued", default=None, type=click.IntRange(-1),
+              help="Load shedding: requests that may wait beyond those; past it, 503 with "
+              "Retry-After at once (-1: no limit). Default 64; with --config, overrides every model's.")
+@click.option("--retry-after", "retry_after", default=1.0, show_default=True,
+              type=click.FloatRange(0, 3600), help="Retry-After of a shed request, in seconds.")
 @click.option("--api-key", default="", help="Require this key (Authorization: Bearer KEY). It shows "
               "in ps and shell history: prefer TRAINYARD_API_KEY (used when set) or --api-key-file.")
 @click.option("--api-key-file", default=None, type=click.Path(dir_okay=False),
@@ -383,8 +443,8 @@ def jobs_stop(job_id, address):
               help=_INGRESS_HELP)
 @click.pass_context
 def deploy(ctx, winners, config_file, names, version, address, host, port, replicas, max_replicas,
-           num_cpus, num_gpus, max_batch_size, batch_wait_ms, max_body_bytes, api_key, api_key_file,
-           insecure, config_out, detach, ingress):
+           num_cpus, num_gpus, max_batch_size, batch_wait_ms, max_body_bytes, max_ongoing, max_queued,
+           retry_after, api_key, api_key_file, insecure, config_out, detach, ingress):
     """Serve WINNERS over HTTP with Ray Serve (Open Inference Protocol + plain JSON).
 
     A WINNER is a winners folder (winners/<run>), a tuning run (runs/<run>), a training run
@@ -416,9 +476,15 @@ def deploy(ctx, winners, config_file, names, version, address, host, port, repli
         models = [{"winner": w, "name": names[i] if names else "", "version": version,
                    "num_replicas": replicas, "min_replicas": replicas, "max_replicas": max_replicas,
                    "num_cpus": num_cpus, "num_gpus": num_gpus, "max_batch_size": max_batch_size,
-                   "batch_wait_ms": batch_wait_ms} for i, w in enumerate(winners)]
+                   "batch_wait_ms": batch_wait_ms, "max_ongoing_requests": max_ongoing,
+                   "retry_after_s": retry_after} for i, w in enumerate(winners)]
         cfg = load_serve_config(base={"host": host, "port": port,
                                       "max_body_bytes": max_body_bytes, "models": models})
+    if max_queued is not None:
+        if max_queued == 0:
+            raise click.BadParameter("must be at least 1, or -1 for no limit", param_hint="--max-queued")
+        for m in cfg.models:
+            m.max_queued_requests = max_queued
     _warn_key_on_command_line(ctx)
     if api_key:
         cfg.api_key = api_key
@@ -461,9 +527,10 @@ def up(config, overrides, port, exit_after_first, ingress):
       trainyard up configs/tune_mlp.yaml
     """
     import json as _json
+    import shlex
 
     from trainyard.config import load_config
-    from trainyard.pipeline import tune_and_serve
+    from trainyard.pipeline import request_body, tune_and_serve
     from trainyard.ui.tune_table import summary_table
 
     console = _console()
@@ -478,9 +545,9 @@ def up(config, overrides, port, exit_after_first, ingress):
     console.print(f"sample request answered: {answer.get('label', answer.get('value'))} "
                   f"{_json.dumps(answer.get('scores', {}))}")
     console.print(f"time to first answered request (command start): {first:.1f} s")
-    body = _json.dumps({"inputs": [sample]})
-    console.print(f"try: curl -s {endpoint}/predict -H 'Content-Type: application/json' -d '{body}'",
-                  soft_wrap=True)
+    body = shlex.quote(request_body(sample))
+    console.print(f"try: curl -s {endpoint}/predict -H 'Content-Type: application/json' -d {body}",
+                  soft_wrap=True, markup=False)
     if not exit_after_first:
         _serve_until_interrupted(console)
 
@@ -508,6 +575,7 @@ def predict(ctx, model, inputs, url, api_key, api_key_file):
     import json as _json
 
     from rich.table import Table
+    from rich.text import Text
 
     from trainyard.client import Client
 
@@ -534,19 +602,38 @@ def predict(ctx, model, inputs, url, api_key, api_key_file):
         except ValueError:
             values.append(item)
     answers = Client(url, api_key).predict(model, values)
+    console = _console()
     table = Table(title=f"{model} at {url}")
     for column in ("input", "answer", "scores"):
         table.add_column(column)
     for value, answer in zip(values, answers):
-        shown = value if isinstance(value, str) else _json.dumps(value)[:40]
+        shown = value if isinstance(value, str) else _json.dumps(value)
+        if console.is_terminal and not isinstance(value, str) and len(shown) > 40:  # a log gets it whole
+            shown = shown[:40]
         scores = ", ".join(f"{k} {v:.3f}" for k, v in answer.get("scores", {}).items())
-        table.add_row(str(shown), str(answer.get("label", answer.get("value"))), scores)
-    _console().print(table)
+        table.add_row(Text(str(shown)), Text(str(answer.get("label", answer.get("value")))), scores)
+    console.print(table)
+
+
+def plugins_json(registry) -> dict:
+    """``trainyard plugins --json``: {"plugins": [...], "problems": [...]}."""
+    return {
+        "plugins": [{"name": info.name, "version": info.version, "builtin": info.builtin,
+                     "distribution": info.distribution, "module": info.module, "location": info.location,
+                     "models": list(info.provides["model"]), "datasets": list(info.provides["dataset"]),
+                     "metrics": list(info.provides["metric"])} for info in registry.plugins],
+        "problems": [{"plugin": getattr(p, "plugin", ""), "message": getattr(p, "message", str(p))}
+                     for p in registry.problems],
+    }
 
 
 @main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object on stdout: plugins (each with name, version, builtin, "
+                   "distribution, module, location, models, datasets, metrics) and problems "
+                   "(plugins that failed to load: plugin, message).")
 @click.pass_context
-def plugins(ctx):
+def plugins(ctx, as_json):
     """List installed plugins with their versions, origins and what they provide."""
     if ctx.invoked_subcommand is not None:
         return
@@ -554,8 +641,11 @@ def plugins(ctx):
 
     from trainyard.plugins import get_registry
 
-    console = _console()
     registry = get_registry()
+    if as_json:
+        _print_json(plugins_json(registry))
+        return
+    console = _console()
     table = Table(title="trainyard plugins", show_lines=False)
     for column in ("plugin", "version", "from", "models", "datasets", "metrics"):
         table.add_column(column)

@@ -3,6 +3,8 @@ with Ray Serve, and answer a sample request over HTTP."""
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -44,3 +46,30 @@ def tune_and_serve(cfg: DictConfig, port: int = 8000, ingress: str | None = None
     sample = sample_input(winner["path"])
     answer = Client(f"http://127.0.0.1:{port}").predict(cfg.name, [sample])[0]
     return Up(outcome, winner, endpoint, sample, answer)
+
+
+def shown_as_float32(value: Any) -> Any:
+    """``value`` (a sample input: numbers, lists, dicts, strings) with each float that is
+    exactly a float32, as dataset features are, replaced by the float with the fewest digits
+    that reads back as the same float32: 17.99, not 17.989999771118164. Other values are
+    kept as they are."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        if math.isfinite(value) and float(np.float32(value)) == value:
+            return float(str(np.float32(value)))
+        return value
+    if isinstance(value, np.ndarray):
+        return shown_as_float32(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [shown_as_float32(v) for v in value]
+    if isinstance(value, dict):
+        return {k: shown_as_float32(v) for k, v in value.items()}
+    return value
+
+
+def request_body(sample: Any) -> str:
+    """The JSON body of a ``/predict`` request for one ``sample``, as ``trainyard up`` shows it."""
+    return json.dumps({"inputs": [shown_as_float32(sample)]})

@@ -1,4 +1,5 @@
-"""What a person watching a training run sees: a bar per epoch, metrics, a summary."""
+"""What a person watching a training run sees: a bar per epoch on a terminal (elsewhere, one
+line per epoch), metrics, a summary."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from trainyard.ui.console import is_live
+
 
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 class TrainingView:
-    """Renders the progress events rank 0 sends, as they arrive."""
+    """Renders the progress events rank 0 sends, as they arrive. The live bar is drawn only
+    on a terminal; in a log, each epoch is the one line its end prints."""
 
     def __init__(self, console: Console, cfg: Any, started: float):
         self.console = console
@@ -33,6 +37,7 @@ class TrainingView:
             refresh_per_second=4,
         )
         self.task = None
+        self.live = is_live(console)
 
     def __enter__(self):
         c = self.cfg
@@ -41,11 +46,13 @@ class TrainingView:
             f"{c.train.epochs} epochs, {c.scaling.num_workers} worker(s), "
             f"batch {c.train.batch_size}, lr {c.train.lr:g}"
         )
-        self.progress.start()
+        if self.live:
+            self.progress.start()
         return self
 
     def __exit__(self, *exc):
-        self.progress.stop()
+        if self.live:
+            self.progress.stop()
 
     def handle(self, event: dict) -> None:
         kind = event["type"]
@@ -53,15 +60,18 @@ class TrainingView:
         if kind == "epoch_start":
             if event.get("resumed"):
                 self.console.print(f"resumed from checkpoint: continuing at epoch {event['epoch'] + 1}")
+            if not self.live:
+                return
             if self.task is not None:
                 self.progress.remove_task(self.task)
             self.task = self.progress.add_task(
                 "train", total=event["batches"], epoch=event["epoch"] + 1, epochs=epochs, loss="-"
             )
-        elif kind == "step" and self.task is not None:
+        elif kind == "step":
             if self.first_step_s is None:
                 self.first_step_s = time.perf_counter() - self.started
-            self.progress.update(self.task, completed=event["step"], loss=f"{event['loss']:.4f}")
+            if self.task is not None:
+                self.progress.update(self.task, completed=event["step"], loss=f"{event['loss']:.4f}")
         elif kind == "epoch_end":
             m = event["metrics"]
             shown = "  ".join(f"{k} {_fmt(v)}" for k, v in m.items() if k.startswith("val_"))

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from trainyard.ui.console import is_live
+
 
 @dataclass
 class TrialRow:
@@ -108,13 +112,19 @@ def render_table(rows: list[TrialRow], metric: str, title: str, limit: int = 20)
 
     table = Table(title=title, title_justify="left")
     keys = list(rows[0].params) if rows else []
+    shown = rows[:limit]
+    params = set(map(short_key, keys))
+    id_width = max((len(r.trial_id) for r in shown), default=None)
     for column in ["trial", "state", *map(short_key, keys), "epoch", metric.removeprefix("val_"), "best"]:
-        table.add_column(column, justify="left" if column in ("trial", "state") else "right", no_wrap=True)
+        # Trial ids stay whole; on a narrow terminal the parameter columns give way first.
+        param = column in params
+        table.add_column(column, justify="left" if column in ("trial", "state") else "right",
+                         no_wrap=not param, min_width=id_width if column == "trial" else None)
     colors = {"RUNNING": "cyan", "TERMINATED": "green", "ERROR": "red", "PENDING": "dim",
               "STOPPED": "yellow"}
-    for row in rows[:limit]:
+    for row in shown:
         table.add_row(
-            row.trial_id,
+            _plain(row.trial_id),
             f"[{colors.get(row.state, 'white')}]{row.state.lower()}[/]",
             *[_fmt(row.params.get(k)) for k in keys],
             str(row.iteration),
@@ -126,8 +136,17 @@ def render_table(rows: list[TrialRow], metric: str, title: str, limit: int = 20)
     return table
 
 
+def _plain(text: Any):
+    """A cell shown as it is: an id or an error with '[' in it is not rich markup."""
+    from rich.text import Text
+
+    return Text(str(text))
+
+
 class LiveTable:
-    """A compact live table of the trials, refreshed at most a few times a second."""
+    """A compact live table of the trials, refreshed at most a few times a second, on a
+    terminal. Elsewhere (a pipe, a CI log) one plain line per trial event instead: a trial
+    started, reported an epoch, ended or failed."""
 
     def __init__(self, console: Any, metric: str, name: str):
         self.console = console
@@ -136,6 +155,7 @@ class LiveTable:
         self.callback = None
         self.live = None
         self.last = 0.0
+        self.seen: dict[str, tuple[str, int]] = {}
 
     def _table(self):
         with self.callback.lock:
@@ -143,7 +163,7 @@ class LiveTable:
         return render_table(rows, self.metric, f"{self.name}: trials")
 
     def __enter__(self):
-        if self.console is not None:
+        if is_live(self.console):
             from rich.live import Live
 
             self.live = Live(console=self.console, refresh_per_second=2, transient=False)
@@ -151,38 +171,128 @@ class LiveTable:
         return self
 
     def refresh(self) -> None:
-        if self.live is None or time.monotonic() - self.last < 0.3:
+        if self.live is None:
+            self._print_events()
+            return
+        if time.monotonic() - self.last < 0.3:
             return
         self.last = time.monotonic()
         self.live.update(self._table())
+
+    def _print_events(self) -> None:
+        if self.console is None or self.callback is None:
+            return
+        with self.callback.lock:
+            rows = [TrialRow(r.trial_id, dict(r.params), r.state, r.iteration, r.metric, r.best, r.error)
+                    for r in self.callback.rows.values()]
+        for row in rows:
+            for line in trial_event_lines(row, self.seen.get(row.trial_id), self.metric):
+                self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            self.seen[row.trial_id] = (row.state, row.iteration)
 
     def __exit__(self, *exc):
         if self.live is not None:
             self.live.update(self._table())
             self.live.stop()
+        else:
+            self._print_events()
+
+
+def trial_event_lines(row: TrialRow, before: tuple[str, int] | None, metric: str) -> list[str]:
+    """The log lines for what changed in ``row`` since ``before`` (its state and epoch when
+    last printed; None: never printed)."""
+    name = metric.removeprefix("val_")
+    state, iteration = before or ("PENDING", 0)
+    lines = []
+    if before is None and row.state != "PENDING":
+        params = " ".join(f"{short_key(k)}={_fmt(v)}" for k, v in row.params.items())
+        lines.append(f"trial {row.trial_id} started: {params}".rstrip())
+    if row.iteration > iteration:
+        value = _fmt(row.metric) if row.metric is not None else "-"
+        best = _fmt(row.best) if row.best is not None else "-"
+        lines.append(f"trial {row.trial_id} epoch {row.iteration}: {name} {value} (best {best})")
+    if row.state != state and row.state == "TERMINATED":
+        best = _fmt(row.best) if row.best is not None else "-"
+        lines.append(f"trial {row.trial_id} ended after {row.iteration} epoch(s): best {name} {best}")
+    elif row.state != state and row.state == "ERROR":
+        lines.append(f"trial {row.trial_id} failed: {row.error}")
+    return lines
+
+
+def ranked_trials(outcome: Any) -> list[tuple[int | None, dict]]:
+    """Every trial of a search's outcome with its rank: finished trials best first (rank 1,
+    2, ...), then those that reported no value (rank None), in the search's order."""
+    ok = [t for t in outcome.trials if t["best"] is not None]
+    ok.sort(key=lambda t: t["best"], reverse=(outcome.mode == "max"))
+    rest = [t for t in outcome.trials if t["best"] is None]
+    return [(i, t) for i, t in enumerate(ok, start=1)] + [(None, t) for t in rest]
 
 
 def summary_table(outcome: Any, limit: int = 10):
     """The top trials of a search's outcome (``trainyard.tune.driver.TuneOutcome``), best
-    first; failed trials last."""
+    first, ranked 1..N; failed trials last."""
     from rich.table import Table
 
-    ok = [t for t in outcome.trials if t["best"] is not None]
-    ok.sort(key=lambda t: t["best"], reverse=(outcome.mode == "max"))
-    rows = ok[:limit] + [t for t in outcome.trials if t["best"] is None]
+    ranked = ranked_trials(outcome)
+    ranks = [r for r, _ in ranked if r is not None]
+    shown = [(r, t) for r, t in ranked if r is None or r <= limit]
     table = Table(title=f"top trials by {outcome.metric} ({outcome.mode})", title_justify="left")
     keys = list(outcome.trials[0]["params"]) if outcome.trials else []
+    params = set(map(short_key, keys))
+    ids = [len(str(t["trial_id"])) for _, t in shown]
     for column in ["#", "trial", *map(short_key, keys), "epochs", "best", "final", "state"]:
-        table.add_column(column, no_wrap=True)
-    for i, t in enumerate(rows, start=1):
+        # The rank and the trial id never give way: on a narrow terminal, the parameter
+        # columns do first. Where stdout is not a terminal, nothing does (ui.console).
+        if column == "#":
+            table.add_column(column, justify="right", no_wrap=True, min_width=len(str(max(ranks, default=1))))
+        elif column == "trial":
+            table.add_column(column, no_wrap=True, min_width=max(ids, default=None))
+        else:
+            table.add_column(column, no_wrap=column not in params)
+    for rank, t in shown:
         table.add_row(
-            str(i) if t["best"] is not None else "-",
-            t["trial_id"],
+            str(rank) if rank is not None else "-",
+            _plain(t["trial_id"]),
             *[_fmt(t["params"].get(k)) for k in keys],
             str(t["iterations"]),
             _fmt(t["best"]) if t["best"] is not None else "-",
             _fmt(t["final"]) if t["final"] is not None else "-",
             t["state"].lower(),
         )
+    if len(ranks) > limit:
+        more = len(ranks) - limit
+        table.caption = f"... and {more} more finished trial{'s' if more != 1 else ''}"
     return table
 
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: such a value becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def summary_json(outcome: Any) -> dict:
+    """The search's outcome as ``trainyard tune --json`` prints it. Stable keys:
+
+    - ``run_dir``, ``metric`` (e.g. ``val_accuracy``), ``mode`` (``max``/``min``), ``registry_dir``;
+    - ``trials``: every trial, ranked as the summary table ranks them: ``rank`` (1.., null for a
+      trial with no value), ``trial_id``, ``state`` (TERMINATED, STOPPED, ERROR), ``params``
+      (full config keys), ``iterations``, ``best``, ``final``, ``error`` ("" when none),
+      ``checkpoint``;
+    - ``winners``: the exported winners, best first: ``rank``, ``run``, ``trial_id``,
+      ``metric``, ``mode``, ``value``, ``params``, ``path``, ``version``, ``replaced``.
+
+    NaN and infinite values are null."""
+    trials = [{"rank": rank, "trial_id": t["trial_id"], "state": t["state"], "params": t["params"],
+               "iterations": t["iterations"], "best": t["best"], "final": t["final"],
+               "error": t.get("error") or "", "checkpoint": t.get("checkpoint")}
+              for rank, t in ranked_trials(outcome)]
+    winners = [dict(w) for w in outcome.winners]
+    return _finite({"run_dir": str(outcome.run_dir), "metric": outcome.metric, "mode": outcome.mode,
+                    "registry_dir": str(getattr(outcome, "registry_dir", "") or ""),
+                    "trials": trials, "winners": winners})
