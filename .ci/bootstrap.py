@@ -60,8 +60,30 @@ def main() -> int:
     # The example third-party plugin, as its own distribution: the tests check that it is
     # found through its entry point. After trainyard, so its dependency is already met.
     run(*pip, "-e", str(ROOT / "examples" / "trainyard-example-plugin"))
+    install_browser()
     print(f"ready: {VENV}/bin/trainyard", flush=True)
     return 0
+
+
+#: The headless browser the report's test opens the report in (tests/test_report.py).
+BROWSER = "/usr/bin/chromium"
+
+
+def install_browser() -> None:
+    """Debian's chromium, for the report's browser test, where it is missing and apt can
+    install it (as root, or through sudo); otherwise say how, and go on."""
+    if os.path.exists(BROWSER) or not shutil.which("apt-get"):
+        if not os.path.exists(BROWSER):
+            print(f"note: {BROWSER} is missing: the report's browser test needs Debian's chromium",
+                  flush=True)
+        return
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in ([*sudo, "apt-get", "update", "-q"], [*sudo, "apt-get", "install", "-y", "-q", "chromium"]):
+        print("+", " ".join(cmd), flush=True)
+        if subprocess.run(cmd, env=env).returncode != 0:
+            print(f"note: could not install chromium; the report's browser test needs {BROWSER}", flush=True)
+            return
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def test_grid_covers_exactly_its_points_and_exports_a_winner_that_scores_what_it
     from trainyard.ui.report import write_report
 
     page = write_report(outcome.run_dir).read_text()
-    assert page.count("<svg") == 3 and winner["trial_id"] in page and "train:" in page
+    assert page.count("<svg") == 5 and winner["trial_id"] in page and "train:" in page
 
 
 def test_cnn_search_with_optuna_ends_with_a_clearly_better_winner(tmp_path):
