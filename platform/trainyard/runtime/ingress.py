@@ -42,8 +42,8 @@ def haproxy_binary() -> str | None:
 # authentication, and its admin socket with ``mode 666``; no setting changes that. The
 # wrapper below is the binary Serve runs: it rewrites those lines of the config Serve has just
 # written (binding both ports to 127.0.0.1, the socket to mode 600), makes the config's folder
-# owner-only, adds trainyard's JSON answer to Serve's load-shedding 503 (SHED_RULES), then runs
-# the real HAProxy in its place (same process, so Serve's pid checks hold).
+# owner-only, adds trainyard's load shedding to Serve's backends (runtime/haproxy_shed.py), then
+# runs the real HAProxy in its place (same process, so Serve's pid checks hold).
 _WRAPPER = """#!/bin/sh
 # Written by trainyard (runtime/ingress.py): Ray Serve's HAProxy, with its stats page and
 # Prometheus exporter on loopback only and its admin socket owner-only.
@@ -60,20 +60,9 @@ if [ -n "$cfg" ] && [ -f "$cfg" ]; then
         -e 's/^([[:space:]]*bind[[:space:]]+)[^[:space:]]*:({metrics})([[:space:]].*)?$/\\1127.0.0.1:\\2\\3/' \\
         -e 's/^([[:space:]]*stats socket [^[:space:]]+ .*)mode 666/\\1mode 600/' \\
         "$cfg" || exit 1
-    if ! grep -q ty_retry_after "$cfg"; then
-        sed -i -E -e '/^[[:space:]]*http-reuse always/r {rules}' "$cfg" || exit 1
-    fi
+    {python} -S {shed} "$cfg" {limits} || exit 1
 fi
 exec {binary} "$@"
-"""
-
-# Serve's load shedding (max_queued_requests) answers 503 with Retry-After and a plain-text
-# body; behind HAProxy, that answer becomes a JSON reason like every other refusal. These
-# lines go into each of Serve's backends (after its ``http-reuse always``). Only a 503 that
-# carries Retry-After in text is Serve's shedding: the replicas' own answers are JSON.
-SHED_RULES = r"""    # trainyard: Serve's load-shedding 503, as JSON (runtime/ingress.py)
-    http-response set-var(txn.ty_retry_after) res.hdr(retry-after) if { status 503 }
-    http-response return status 503 content-type "application/json" lf-string "{\"error\":\"overloaded: this model's queue is full; retry after %[var(txn.ty_retry_after)] s\",\"retry_after_s\":%[var(txn.ty_retry_after)]}" hdr Retry-After "%[var(txn.ty_retry_after)]" if { status 503 } { var(txn.ty_retry_after) -m found } { res.hdr(content-type) -m beg text/plain }
 """
 
 
@@ -86,7 +75,10 @@ def haproxy_private_dir(binary: str, stats_port: str, metrics_port: str) -> str:
     HAProxy: its config, admin socket, server state and the wrapper Serve runs as HAProxy."""
     import atexit
     import shutil
+    import sys
     import tempfile
+
+    from trainyard.runtime import haproxy_shed as shed
 
     # Short: Serve adds a node-id folder (56 characters), and a Unix socket path is at most
     # 107 bytes.
@@ -95,14 +87,22 @@ def haproxy_private_dir(binary: str, stats_port: str, metrics_port: str) -> str:
         base = "/tmp" if os.path.isdir("/tmp") else base
     folder = tempfile.mkdtemp(prefix="ty-haproxy-", dir=base)  # mode 0700
     wrapper = os.path.join(folder, "haproxy")
-    rules = os.path.join(folder, "shed.cfg")
-    with open(os.open(rules, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-        f.write(SHED_RULES)
     with open(os.open(wrapper, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700), "w") as f:
         f.write(_WRAPPER.format(stats=stats_port, metrics=metrics_port, binary=_shell_quote(binary),
-                                rules=rules))
+                                python=_shell_quote(sys.executable), shed=_shell_quote(shed.__file__),
+                                limits=_shell_quote(os.path.join(folder, "limits.json"))))
     atexit.register(_remove_after_ray, folder, shutil.rmtree)
     return folder
+
+
+def haproxy_folder(env: dict[str, str]) -> str | None:
+    """The private folder of an embedded Ray's HAProxy (see ``haproxy_private_dir``), from
+    the ingress environment it was started with; None without one."""
+    binary = env.get("RAY_SERVE_HAPROXY_BINARY_PATH", "")
+    folder = os.path.dirname(binary)
+    if binary and os.path.basename(folder).startswith("ty-haproxy-") and os.path.isdir(folder):
+        return folder
+    return None
 
 
 def _remove_after_ray(folder: str, rmtree) -> None:

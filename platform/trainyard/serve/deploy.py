@@ -118,6 +118,7 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
         if spec["name"] == ROOT_APP:
             app = root_app(args)
         else:
+            _shed_in_haproxy(spec)
             app = model_app(args)
             endpoints[spec["name"]] = f"http://{cfg.host}:{cfg.port}{spec['route_prefix']}"
         try:
@@ -131,6 +132,20 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
                     pass
             raise TrainyardError(f"model {spec['name']!r} did not start: {reason}") from None
     return endpoints
+
+
+def _shed_in_haproxy(spec: dict) -> None:
+    """Behind an embedded Ray's HAProxy, HAProxy holds a model's queue and sheds past it (see
+    runtime/haproxy_shed.py); its limits are written before Serve writes the config."""
+    from trainyard.runtime.cluster import SERVE_ENV
+    from trainyard.runtime.haproxy_shed import write_limits
+    from trainyard.runtime.ingress import haproxy_folder
+
+    folder = haproxy_folder(SERVE_ENV)
+    if folder:
+        deployment = spec["args"]["deployment"]
+        write_limits(folder, spec["name"], deployment["max_ongoing_requests"],
+                     deployment["max_queued_requests"], deployment["backpressure_config"]["retry_after_s"])
 
 
 def serve_until_stopped(embedded: bool) -> str:
