@@ -334,3 +334,29 @@ def test_tune_json_in_a_log(tmp_path, ray_cluster, capfd):
     summary_rows = [line for line in out.err.splitlines()
                     if "│" in line and any(f" {t['trial_id']} " in line for t in data["trials"])]
     assert [row.split("│")[1].strip() for row in summary_rows] == ["1", "2"]
+
+
+def test_pbt_exploits_show_in_the_live_table_and_as_one_log_line_each():
+    import io
+
+    from rich.console import Console
+
+    from trainyard.ui.tune_table import LiveTable, make_callback
+
+    exploits = [{"trial": "pbt_00001", "from_trial": "pbt_00000", "epoch": 2, "from_epoch": 2,
+                 "old": {"train.lr": 0.01, "model.params.dropout": 0.1},
+                 "new": {"train.lr": 0.012, "model.params.dropout": 0.1}}]
+    log = Console(file=io.StringIO(), width=200)
+    live = LiveTable(log, "val_accuracy", "pbt")
+    live.callback = make_callback("val_accuracy", "max", ["train.lr"], lambda: None)
+    live.read_exploits = lambda: list(exploits)
+    live._print_events()
+    exploits.append({**exploits[0], "trial": "pbt_00002", "epoch": 4, "new": {"train.lr": 0.008}})
+    live._print_events()
+    lines = log.file.getvalue().splitlines()
+    # Each exploit once, naming both trials, the epoch and only the values that changed.
+    assert lines == ["trial pbt_00001 copied trial pbt_00000 at epoch 2: lr 0.01 -> 0.012",
+                     "trial pbt_00002 copied trial pbt_00000 at epoch 4: lr 0.01 -> 0.008"]
+    screen = Console(file=io.StringIO(), width=120)
+    screen.print(live._table())
+    assert "PBT exploits (2)" in screen.file.getvalue() and "pbt_00002 copied" in screen.file.getvalue()

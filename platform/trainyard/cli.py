@@ -98,8 +98,11 @@ def main() -> None:
 @click.option("--address", default=None, metavar="ADDR",
               help="Ray cluster to run on (e.g. ray://head:10001 or auto); "
                    "default: start an embedded local Ray.")
+@click.option("--tracking-uri", default=None, metavar="URI",
+              help="Log to MLflow at URI (e.g. http://127.0.0.1:5000); same as "
+                   "tracking.backend=mlflow tracking.uri=URI.")
 @click.option("--dry-run", is_flag=True, help="Validate the config and print it resolved; run nothing.")
-def train(config, overrides, address, dry_run):
+def train(config, overrides, address, dry_run, tracking_uri):
     """Train the job in CONFIG, with optional key=value OVERRIDES.
 
     \b
@@ -112,8 +115,10 @@ def train(config, overrides, address, dry_run):
     """
     from trainyard.config import load_config, resolve, to_yaml
 
+    from trainyard import tracking
+
     console = _console()
-    cfg = load_config(config, list(overrides))
+    cfg = load_config(config, [*overrides, *tracking.cli_overrides(tracking_uri)])
     _warn_plugin_problems(console)
     resolve(cfg)
     if dry_run:
@@ -152,7 +157,10 @@ def train(config, overrides, address, dry_run):
                    "best, final, error, checkpoint); winners (rank, run, trial_id, metric, mode, "
                    "value, params, path, version, replaced). Printed before a search with no "
                    "winner exits 1.")
-def tune(config, overrides, address, resume, as_json):
+@click.option("--tracking-uri", default=None, metavar="URI",
+              help="Log to MLflow at URI (e.g. http://127.0.0.1:5000); same as "
+                   "tracking.backend=mlflow tracking.uri=URI.")
+def tune(config, overrides, address, resume, as_json, tracking_uri):
     """Search hyperparameters for the job in CONFIG (its tune section).
 
     \b
@@ -171,7 +179,11 @@ def tune(config, overrides, address, resume, as_json):
     console = _console(stderr=as_json)
     if config is None and resume is None:
         raise click.UsageError("give a CONFIG, or --resume RUN")
-    cfg = load_config(config, list(overrides)) if config else None
+    from trainyard import tracking
+
+    if tracking_uri and config is None:
+        raise click.UsageError("--tracking-uri: a resumed search keeps its own config's tracking")
+    cfg = load_config(config, [*overrides, *tracking.cli_overrides(tracking_uri)]) if config else None
     _warn_plugin_problems(console)
     from rich.markup import escape
 
@@ -181,6 +193,8 @@ def tune(config, overrides, address, resume, as_json):
     outcome = run_tuning(cfg, address=address, resume=resume, console=console)
     console.print()
     console.print(summary_table(outcome))
+    if outcome.stop_message:
+        console.print(escape(outcome.stop_message))
     failed = [t for t in outcome.trials if t["state"] == "ERROR"]
     for trial in failed:
         console.print(f"[red]trial {escape(trial['trial_id'])} failed:[/] {escape(str(trial['error']))}")
@@ -195,6 +209,8 @@ def tune(config, overrides, address, resume, as_json):
             worse = ", which scored better" if replaced.get("better") else ""
             console.print(f"  replaces v{replaced['version']} trial {replaced['trial_id']} "
                           f"({replaced['metric']} {replaced['value']:.4f}{worse})")
+    for r in outcome.registered:
+        console.print(f"registered in MLflow: models:/{r['name']}/{r['version']} (winner #{r['rank']})")
     console.print(f"run folder: {outcome.run_dir}  (report: trainyard report {outcome.run_dir})")
 
 
@@ -518,7 +534,10 @@ def deploy(ctx, winners, config_file, names, version, address, host, port, repli
 @click.option("--exit-after-first", is_flag=True, help="Stop once the first request is answered.")
 @click.option("--ingress", type=click.Choice(INGRESS_MODES), default=None,
               help=_INGRESS_HELP)
-def up(config, overrides, port, exit_after_first, ingress):
+@click.option("--tracking-uri", default=None, metavar="URI",
+              help="Log to MLflow at URI (e.g. http://127.0.0.1:5000); same as "
+                   "tracking.backend=mlflow tracking.uri=URI.")
+def up(config, overrides, port, exit_after_first, ingress, tracking_uri):
     """The whole path on an embedded local Ray: tune CONFIG, deploy the winner, answer a
     sample request, and keep serving.
 
@@ -533,8 +552,10 @@ def up(config, overrides, port, exit_after_first, ingress):
     from trainyard.pipeline import request_body, tune_and_serve
     from trainyard.ui.tune_table import summary_table
 
+    from trainyard import tracking
+
     console = _console()
-    cfg = load_config(config, list(overrides))
+    cfg = load_config(config, [*overrides, *tracking.cli_overrides(tracking_uri)])
     _warn_plugin_problems(console)
     up = tune_and_serve(cfg, port=port, ingress=ingress, console=console,
                         on_tuned=lambda outcome: console.print(summary_table(outcome)))

@@ -23,7 +23,7 @@ Optimizer = Literal["adam", "adamw", "sgd"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DimensionType = Literal["loguniform", "uniform", "randint", "choice", "grid"]
 Search = Literal["random", "grid", "optuna"]
-Scheduler = Literal["asha", "none"]
+Scheduler = Literal["asha", "pbt", "none"]
 Mode = Literal["", "max", "min"]
 LRSchedule = Literal["none", "cosine", "linear", "step", "onecycle"]
 Stopper = Literal["none", "plateau"]
@@ -126,6 +126,32 @@ class Dimension:
     low: Optional[float] = None
     high: Optional[float] = None
     values: Optional[list[Any]] = None
+    #: PBT (``tune.scheduler: pbt``): may an exploit change this value mid-trial? null: the
+    #: default, true for train.lr, train.weight_decay, train.momentum and any model param
+    #: whose name holds "dropout"; true/false to say so for any other key.
+    mutable: Optional[bool] = None
+
+
+@dataclass
+class PBTConfig:
+    """``tune.scheduler: pbt``: Ray Tune's PopulationBasedTraining over the trials."""
+
+    #: Epochs between perturbations: every this many epochs a trial in the bottom quantile
+    #: copies the checkpoint of one in the top quantile and perturbs its mutable values.
+    perturbation_interval: int = 2
+    #: Epochs before the first perturbation.
+    burn_in_period: int = 0
+    #: Share of the population in the bottom quantile (which copies) and in the top one
+    #: (which is copied); above 0 and at most 0.5.
+    quantile_fraction: float = 0.25
+    #: Chance that a mutable value is drawn afresh from its space instead of perturbed.
+    resample_probability: float = 0.25
+    #: A perturbed float is multiplied by one of these (an integer is then rounded; a
+    #: choice moves to a neighbouring value instead). Values stay within low..high.
+    perturbation_factors: list[float] = field(default_factory=lambda: [1.2, 0.8])
+    #: true: every trial pauses at each interval and the population perturbs together
+    #: (lets a population larger than the cluster take turns); false: each trial on its own.
+    synch: bool = False
 
 
 @dataclass
@@ -140,12 +166,15 @@ class TuneConfig:
     mode: Mode = ""
     #: random | grid (every combination of grid dimensions) | optuna (TPE).
     search: Search = "random"
-    #: asha (stop weak trials early) | none.
+    #: asha (stop weak trials early) | pbt (population based training: weak trials copy
+    #: strong ones and perturb their mutable values; see tune.pbt) | none.
     scheduler: Scheduler = "asha"
     #: Trials to sample (for grid: repetitions of the whole grid).
     num_samples: int = 8
     max_concurrent_trials: int = 2
-    #: Stop starting and running trials after this many seconds; null: no limit.
+    #: Stop starting and running trials after this many seconds, counted from the search's
+    #: first step (after its start-up), in total over resumes; the winners found so far are
+    #: exported and the run says the budget ended it (stopped_by). null: no limit.
     time_budget_s: Optional[float] = None
     #: plateau: also end a trial whose metric has stopped moving (Ray Tune's
     #: TrialPlateauStopper: std of the last plateau_epochs values below plateau_std), next
@@ -156,11 +185,49 @@ class TuneConfig:
     #: ASHA: epochs every trial gets before it can be stopped, and the cut factor.
     grace_period: int = 1
     reduction_factor: int = 2
+    #: PBT's settings (used with scheduler: pbt).
+    pbt: PBTConfig = field(default_factory=PBTConfig)
     #: How many of the best trials to export.
     top_k: int = 1
     #: Winners registry: a folder or a URI; each search's winners go to a new version,
     #: <registry>/<name>/v<N>/rank_<k>/, made current by <registry>/<name>/winners.json.
     registry: str = "winners"
+
+
+# --- tracking (trainyard.tracking; docs/tracking.md) ------------------------------------
+TrackingBackend = Literal["none", "mlflow"]
+
+
+@dataclass
+class TrackingConfig:
+    """``tracking``: log runs and trials to an experiment tracker (off by default)."""
+
+    #: none (off) | mlflow.
+    backend: TrackingBackend = "none"
+    #: The MLflow tracking server (http://host:5000) or any MLflow tracking URI; empty: a
+    #: local store inside the run folder (<run>/mlflow.db, artifacts in <run>/mlartifacts).
+    uri: str = ""
+    #: MLflow experiment; empty: the job's name.
+    experiment: str = ""
+    #: Log each run's and trial's final checkpoint as an artifact (a search's winners are
+    #: logged and registered either way).
+    log_checkpoints: bool = True
+
+
+def _check_tracking(cfg: DictConfig) -> None:
+    t = cfg.tracking
+    if t.backend == "none":
+        if t.uri:
+            raise ConfigError(f"tracking.uri: set, but tracking.backend is none; add "
+                              f"tracking.backend=mlflow (got {t.uri!r})")
+        return
+    if t.uri and "://" not in t.uri and t.uri != "databricks":
+        raise ConfigError(f"tracking.uri: must be a URI such as http://host:5000 or "
+                          f"sqlite:////abs/path/mlflow.db (got {t.uri!r})")
+    if not t.uri and "://" in cfg.storage_path:
+        raise ConfigError("tracking.uri: needed when storage_path is a URI (with no URI the "
+                          "tracking store lives in the run folder, which must be local)")
+# --- end of tracking ---------------------------------------------------------------------
 
 
 @dataclass
@@ -177,6 +244,8 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     #: Hyperparameter search (``trainyard tune``); ignored by ``trainyard train``.
     tune: Optional[TuneConfig] = None
+    #: Experiment tracking (MLflow) of train runs and tune trials; off by default.
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 @dataclass
@@ -339,8 +408,53 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError("tune.search: grid needs every tune.space dimension to be of type grid")
         if u.search == "optuna" and "grid" in kinds:
             raise ConfigError("tune.search: optuna cannot search grid dimensions; use choice")
+        if u.scheduler == "pbt":
+            rules += _pbt_rules(cfg)
     check_rules(cfg, rules)
+    _check_tracking(cfg)
     s.use_gpu = str(s.use_gpu).lower()
+
+
+def _pbt_rules(cfg: DictConfig) -> list[tuple[bool, str, str]]:
+    """What ``tune.scheduler: pbt`` needs of the rest of the config."""
+    u, p = cfg.tune, cfg.tune.pbt
+    if u.search == "optuna":
+        raise ConfigError(
+            "tune.search: optuna cannot be combined with tune.scheduler: pbt (PBT explores by "
+            "copying and perturbing trials itself); use tune.search: random or grid")
+    if cfg.scaling.num_workers != 1:
+        raise ConfigError(
+            f"scaling.num_workers: tune.scheduler: pbt runs one-worker trials (got "
+            f"{cfg.scaling.num_workers}): a multi-worker trial's nested trainer has no checkpoint "
+            "another trial could copy")
+    population = u.num_samples
+    for dim in u.space.values():
+        if dim.type == "grid" and dim["values"]:
+            population *= len(dim["values"])
+    grid = "" if population == u.num_samples else " (tune.num_samples x the grid's points)"
+    return [
+        (population >= 2, "tune.num_samples", f"pbt needs a population of at least 2 trials{grid}"),
+        (
+            p.synch or u.max_concurrent_trials >= population,
+            "tune.max_concurrent_trials",
+            f"pbt trains its whole population ({population} trials{grid}) at once; set it to at "
+            f"least {population}, or tune.pbt.synch: true to let the trials take turns",
+        ),
+        (
+            1 <= p.perturbation_interval < cfg.train.epochs,
+            "tune.pbt.perturbation_interval",
+            f"must be at least 1 and below train.epochs ({cfg.train.epochs}), or no trial is ever "
+            "perturbed",
+        ),
+        (p.burn_in_period >= 0, "tune.pbt.burn_in_period", "must not be negative"),
+        (0 < p.quantile_fraction <= 0.5, "tune.pbt.quantile_fraction", "must be above 0 and at most 0.5"),
+        (0 <= p.resample_probability <= 1, "tune.pbt.resample_probability", "must be between 0 and 1"),
+        (
+            len(p.perturbation_factors) >= 1 and all(f > 0 for f in p.perturbation_factors),
+            "tune.pbt.perturbation_factors",
+            "must be a non-empty list of positive factors",
+        ),
+    ]
 
 
 def typed_params(schema: type | None, values: Any, path: str) -> Any:

@@ -253,9 +253,16 @@ def _export_to_uri(chosen: list[dict], cfg: DictConfig, metric: str, mode: str, 
 
 
 def resolve_checkpoint(target: str | Path) -> Path:
-    """A winners folder, a rank folder, a tuning run, a training run or a checkpoint, to
-    the (complete) checkpoint folder it stands for. A winners folder gives its current
-    version's ``v<N>/rank_1``; a training run its latest complete checkpoint."""
+    """A winners folder, a rank folder, a tuning run, a training run, a checkpoint or a
+    model registered in MLflow (``models:/<name>/<version>``, ``models:/<name>@<alias>``),
+    to the (complete) checkpoint folder it stands for. A winners folder gives its current
+    version's ``v<N>/rank_1``; a training run its latest complete checkpoint; a registered
+    model its checkpoint_uri tag's folder, or its artifacts downloaded (see
+    ``trainyard.tracking.registered_checkpoint``)."""
+    if isinstance(target, str) and target.startswith("models:/"):
+        from trainyard.tracking import registered_checkpoint
+
+        return _complete(registered_checkpoint(target))
     path = Path(target).expanduser()
     if (path / MANIFEST).is_file():
         return _complete(path)

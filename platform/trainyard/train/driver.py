@@ -12,6 +12,7 @@ from typing import Any
 
 import ray
 
+from trainyard import tracking
 from trainyard.config import resolve
 from trainyard.errors import ConfigError, TrainingError
 from trainyard.runtime.cluster import init_ray
@@ -113,6 +114,7 @@ def run_training(
 
     registry = get_registry()
     job = resolve(cfg, registry)  # every config error surfaces before Ray starts
+    tracking.check(cfg)
     storage = storage_root(cfg.storage_path)
     run_dir = Path(storage) / cfg.name if "://" not in storage else None
     init_ray(address)
@@ -128,7 +130,46 @@ def run_training(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     log = _MetricsLog(run_dir / "metrics.jsonl") if run_dir is not None else None
+    # Tracking (tracking.backend) logs from here, the driver: rank 0's events, one run.
+    tracker = tracking.train_run(cfg, run_dir, storage)
+    if tracker is not None:
+        tracker.start(log.history if log is not None else [])
+    try:
+        result, final = _fit(cfg, job, loop_config, storage, sink, run_dir, log, tracker, on_event)
+    except BaseException as exc:
+        if tracker is not None:
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            tracker.finish(status, report=_report(cfg, run_dir, log, None))
+        raise
+    if tracker is not None:
+        tracker.finish("FINISHED", checkpoint=final, report=_report(cfg, run_dir, log, result))
+    return result
 
+
+def _report(cfg: Any, run_dir: Path | None, log: "_MetricsLog | None", result: "TrainResult | None") -> dict:
+    """What a tracked train run logs as its report: the run folder's files (or, for a run
+    stored at a URI, the same from memory) and a summary of the outcome."""
+    from omegaconf import OmegaConf
+
+    history = log.history if log is not None else (result.history if result is not None else [])
+    report: dict = {"config.yaml": OmegaConf.to_yaml(cfg),
+                    "metrics.jsonl": "".join(json.dumps(row) + "\n" for row in history)}
+    if run_dir is not None:
+        report["workers.json"] = run_dir / "workers.json"
+    if result is not None:
+        report["summary.json"] = json.dumps({
+            "monitor": result.monitor, "best": result.best, "epochs": len(result.history),
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+            "resumed_from": result.resumed_from, "stopped_early_at": result.stopped_early_at,
+        }, indent=1, default=str)
+    return report
+
+
+def _fit(cfg: Any, job: Any, loop_config: dict, storage: str, sink: Any, run_dir: Path | None,
+         log: "_MetricsLog | None", tracker: Any, on_event: Callable[[dict], None] | None
+         ) -> tuple[TrainResult, Any]:
+    """Run the trainer, following its progress until it ends; the result and Ray's final
+    checkpoint (on any storage)."""
     trainer = make_trainer(cfg, loop_config, cfg.name, storage)
     outcome: dict = {}
 
@@ -155,6 +196,8 @@ def run_training(
                     atomic_write_text(run_dir / "workers.json", json.dumps([workers[r] for r in sorted(workers)], indent=1))
             if event["type"] == "epoch_end" and log is not None:
                 log.add(event["metrics"])
+            if event["type"] == "epoch_end" and tracker is not None:
+                tracker.log_epoch(event["metrics"])
             if on_event is not None:
                 on_event(event)
         if not thread.is_alive():
@@ -173,7 +216,7 @@ def run_training(
         pick = max if job.monitor_mode == "max" else min
         best = pick(history, key=lambda row: row[monitor])
     return TrainResult(run_dir or Path(storage), history, checkpoint, best, monitor, resumed_from,
-                       stopped_early_at)
+                       stopped_early_at), result.checkpoint
 
 
 def _check_resumable(run_dir: Path, cfg: Any) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 from trainyard.batches import call_model, take, to_device
 from trainyard.config import ResolvedJob, resolve
 from trainyard.train.data import Prepared, epoch_batches, prepare_data
-from trainyard.train.schedule import EarlyStopping, make_scheduler, optimizer_steps
+from trainyard.train.schedule import EarlyStopping, apply_hyperparameters, make_scheduler, optimizer_steps
 
 
 class Session(Protocol):
@@ -177,6 +177,41 @@ def run_loop(loop_config: dict, session: Session) -> None:
             return
 
 
+def load_restored_weights(directory: str, model: Any) -> None:
+    """Load a checkpoint's weights into ``model``, built from this run's config. A PBT
+    exploit may have changed a model param that adds or drops a parameter-free layer
+    (the built-in MLP and CNN add a Dropout layer only when dropout is above 0), which
+    renumbers the layers after it: the same tensors, in the same order, under other
+    names. Such weights are loaded by position; weights that do not fit the model (a param
+    that changes the architecture) fail with an error saying so."""
+    from trainyard.checkpoint import WEIGHTS, load_weights
+
+    try:
+        load_weights(directory, model)
+        return
+    except RuntimeError as exc:
+        if not Path(directory, WEIGHTS).is_file():
+            raise
+        error = exc
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(directory, WEIGHTS)))
+    own = model.state_dict()
+    theirs, mine = sorted(saved, key=_natural), sorted(own, key=_natural)
+    if [tuple(saved[k].shape) for k in theirs] != [tuple(own[k].shape) for k in mine]:
+        raise RuntimeError(
+            f"the checkpoint's weights do not fit the model built from this trial's params (a "
+            f"mutable param changes the architecture?): {str(error).splitlines()[0]}") from None
+    model.load_state_dict({m: saved[t] for m, t in zip(mine, theirs)})
+
+
+def _natural(key: str) -> list:
+    """``net.10.weight`` after ``net.9.weight``: a Sequential's layers in their order."""
+    import re
+
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"\.", key)]
+
+
 def _where(rank: int, device: Any) -> dict:
     import os
 
@@ -199,10 +234,10 @@ def setup(job: ResolvedJob, session: Session) -> Trainee:
     start_epoch, saved = 0, {}
     checkpoint = session.get_checkpoint()
     if checkpoint is not None:
-        from trainyard.checkpoint import load_weights, read_trainer_state
+        from trainyard.checkpoint import read_trainer_state
 
         with checkpoint.as_directory() as ckpt:
-            load_weights(ckpt, model)
+            load_restored_weights(ckpt, model)
             for part in ("optimizer", "scheduler"):
                 if Path(ckpt, f"{part}.pt").exists():
                     saved[part] = torch.load(Path(ckpt, f"{part}.pt"), map_location="cpu", weights_only=True)
@@ -217,6 +252,10 @@ def setup(job: ResolvedJob, session: Session) -> Trainee:
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
     if scheduler is not None and "scheduler" in saved:
         scheduler.load_state_dict(saved["scheduler"])  # resume continues the schedule
+    if checkpoint is not None:
+        # The checkpoint's optimizer brought back the values it was saved with; a PBT
+        # exploit restores another trial's checkpoint under this trial's new values.
+        apply_hyperparameters(cfg, optimizer, scheduler)
     stopping = None
     if cfg.train.patience:
         stopping = EarlyStopping(cfg.train.patience, cfg.train.min_delta, job.monitor_mode)

@@ -8,6 +8,7 @@ step, and their state travels in the checkpoint so a resumed run continues the s
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 
@@ -89,3 +90,42 @@ class EarlyStopping:
     def load(self, state: dict | None) -> None:
         if state:
             self.best, self.bad_epochs = state.get("best"), int(state.get("bad_epochs", 0))
+
+
+def apply_hyperparameters(cfg: Any, optimizer: Any, scheduler: Any) -> None:
+    """Make the optimizer train with ``cfg``'s learning rate, weight decay and momentum
+    once it has loaded a checkpoint's state (which brings back the values it was saved
+    with): a PBT exploit restores another trial's checkpoint under new values. With a
+    schedule, ``train.lr`` is its base (one-cycle: its peak) and the rate in effect is
+    the schedule's at its restored step; a plain resume changes nothing."""
+    import torch.optim.lr_scheduler as lrs
+
+    t = cfg.train
+    groups = optimizer.param_groups
+    for group in groups:
+        if "weight_decay" in group:
+            group["weight_decay"] = t.weight_decay
+        if t.optimizer == "sgd" and "momentum" in group and not isinstance(scheduler, lrs.OneCycleLR):
+            group["momentum"] = t.momentum  # one-cycle cycles the momentum itself
+    if scheduler is None:
+        for group in groups:
+            group["lr"] = t.lr
+        return
+    if isinstance(scheduler, lrs.OneCycleLR):
+        for group in groups:  # initial and final rates are fixed fractions of the peak
+            ratio = t.lr / group["max_lr"] if group["max_lr"] else 1.0
+            for key in ("max_lr", "initial_lr", "min_lr"):
+                group[key] *= ratio
+        scheduler.base_lrs = [group["initial_lr"] for group in groups]
+    else:  # LambdaLR: the transformers schedules and the step decay
+        for group in groups:
+            group["initial_lr"] = t.lr
+        scheduler.base_lrs = [t.lr for _ in groups]
+    if scheduler.last_epoch > getattr(scheduler, "total_steps", math.inf):
+        return  # a finished one-cycle run has no rate to compute
+    with warnings.catch_warnings():  # get_lr outside step() warns; it is what step() sets
+        warnings.simplefilter("ignore")
+        rates = scheduler.get_lr()
+    for group, rate in zip(groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = [group["lr"] for group in groups]

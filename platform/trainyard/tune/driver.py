@@ -4,15 +4,16 @@ live table, collect the trials and export the winners."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from trainyard.config import load_config, resolve
 from trainyard.errors import ConfigError
@@ -20,7 +21,16 @@ from trainyard.runtime.cluster import init_ray
 from trainyard.runtime.resources import check_workers_fit
 from trainyard.runtime.storage import atomic_write_text, storage_root
 from trainyard.tune.reaper import PlacementGroupReaper
-from trainyard.tune.space import apply_values, param_space, validate_space
+from trainyard.tune.records import (
+    BUDGET_MARK,
+    EXPLOITS,
+    HISTORY,
+    budget_ended,
+    budget_message,
+    read_exploits,
+    read_history,
+)
+from trainyard.tune.space import apply_values, mutable_keys, param_space, validate_space
 from trainyard.tune.trial import trial_fn, trial_resources
 from trainyard.ui.tune_table import LiveTable, make_callback
 from trainyard.winners import export_winners, registry_dir
@@ -34,6 +44,21 @@ class TuneOutcome:
     trials: list[dict]
     winners: list[dict]
     registry_dir: str
+    #: "time_budget" when tune.time_budget_s ended the search; None when it ran out.
+    stopped_by: str | None = None
+    #: One line saying why the search ended early (empty when it did not).
+    stop_message: str = ""
+    #: PBT's exploits, oldest first (see trainyard.tune.records.read_exploits).
+    exploits: list[dict] = field(default_factory=list)
+    #: The winners registered in MLflow's Model Registry: rank, name, version, uri, trial_id.
+    registered: list[dict] = field(default_factory=list)
+
+
+def _max_concurrent(cfg: DictConfig) -> int | None:
+    """Trials the search keeps alive at once. A synchronous PBT population is created
+    whole and takes turns as resources allow."""
+    t = cfg.tune
+    return None if t.scheduler == "pbt" and t.pbt.synch else t.max_concurrent_trials
 
 
 def _searcher(cfg: DictConfig, metric: str, mode: str):
@@ -47,13 +72,17 @@ def _searcher(cfg: DictConfig, metric: str, mode: str):
     from ray.tune.search import BasicVariantGenerator
 
     # random and grid: Tune's own variant generator, seeded so a search repeats.
-    return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=t.max_concurrent_trials)
+    return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=_max_concurrent(cfg) or 0)
 
 
-def _scheduler(cfg: DictConfig):
+def _scheduler(cfg: DictConfig, run_dir: Path):
     t = cfg.tune
     if t.scheduler == "none":
         return None
+    if t.scheduler == "pbt":
+        from trainyard.tune.pbt import make_pbt
+
+        return make_pbt(cfg, run_dir, mutable_keys(cfg))
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
@@ -68,15 +97,26 @@ def _scheduler(cfg: DictConfig):
 CHECKPOINT_PATH_KEY = "checkpoint_path"
 
 
-def _stopper(cfg: DictConfig, metric: str):
-    """``tune.stopper: plateau``: Ray Tune's TrialPlateauStopper, next to any scheduler."""
+def _stopper(cfg: DictConfig, metric: str, run_dir: Path | None = None):
+    """``tune.stopper: plateau``: Ray Tune's TrialPlateauStopper, next to any scheduler;
+    ``tune.time_budget_s``: Tune's TimeoutStopper, marking the run folder when it ends
+    the search (needs ``run_dir``)."""
     t = cfg.tune
-    if t.stopper == "none":
-        return None
-    from ray.tune.stopper import TrialPlateauStopper
+    stoppers = []
+    if t.stopper == "plateau":
+        from ray.tune.stopper import TrialPlateauStopper
 
-    return TrialPlateauStopper(metric, std=t.plateau_std, num_results=t.plateau_epochs,
-                               grace_period=t.plateau_epochs)
+        stoppers.append(TrialPlateauStopper(metric, std=t.plateau_std, num_results=t.plateau_epochs,
+                                            grace_period=t.plateau_epochs))
+    if t.time_budget_s is not None and run_dir is not None:
+        from trainyard.tune.pbt import budget_stopper
+
+        stoppers.append(budget_stopper(t.time_budget_s, run_dir))
+    if len(stoppers) > 1:
+        from ray.tune.stopper import CombinedStopper
+
+        return CombinedStopper(*stoppers)
+    return stoppers[0] if stoppers else None
 
 
 def run_tuning(
@@ -94,6 +134,8 @@ def run_tuning(
     check_workers_fit(cfg)  # one trial's workers must fit: never wait in PENDING
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "trainyard_tune.yaml").write_text(OmegaConf.to_yaml(cfg))
+    for record in (BUDGET_MARK,) if resume else (BUDGET_MARK, EXPLOITS, HISTORY):
+        (run_dir / record).unlink(missing_ok=True)  # a resumed search keeps its records
 
     # Ray's own per-iteration output gives way to the compact table below.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -101,7 +143,17 @@ def run_tuning(
     live = LiveTable(console, metric, cfg.name)
     callback = make_callback(metric, mode, keys, live.refresh)
     live.callback = callback
-    tuners = _Tuners(cfg, run_dir, metric, mode, [callback, *(callbacks or [])])
+    # For the live view: the exploits so far (PBT), read from the run folder when it wants.
+    live.read_exploits = functools.partial(read_exploits, run_dir)
+    from trainyard.tune.pbt import HistoryRecorder
+
+    recorder = HistoryRecorder(run_dir, keys)
+    from trainyard import tracking
+
+    # [] unless tracking.backend is mlflow. Its place in the list stays fixed: a resumed
+    # search finds its parent and trial runs again by it.
+    tracked = tracking.tune_callbacks(cfg, run_dir)
+    tuners = _Tuners(cfg, run_dir, metric, mode, [callback, recorder, *tracked, *(callbacks or [])])
     tuner = tuners.restored() if resume and tuners.can_restore() else tuners.new()
     reaper = PlacementGroupReaper() if cfg.scaling.num_workers > 1 else contextlib.nullcontext()
     with live, reaper:
@@ -111,12 +163,29 @@ def run_tuning(
             # checkpoint that num_to_keep has since deleted; Tune then fails that trial on
             # resume. Start such unfinished trials again from scratch; finished ones stay.
             grid = tuners.restored(restart_errored=True).fit()
-    trials = _collect(grid, metric, mode, keys, cfg.train.epochs)
+    trials = _collect(grid, metric, mode, keys, cfg.train.epochs, pbt=cfg.tune.scheduler == "pbt",
+                      recorded=read_history(run_dir))
     winners = export_winners(trials, cfg, metric, mode)
+    mark = budget_ended(run_dir)
+    stopped_by = "time_budget" if mark else None
+    message = budget_message(mark, trials, winners, _planned(cfg)) if mark else ""
+    exploits = read_exploits(run_dir)
     atomic_write_text(run_dir / "trainyard_trials.json", json.dumps(
         {"metric": metric, "mode": mode, "max_t": cfg.train.epochs, "trials": trials,
-         "winners": winners}, indent=2, default=str))
-    return TuneOutcome(str(run_dir), metric, mode, trials, winners, registry_dir(cfg))
+         "winners": winners, "stopped_by": stopped_by, "stop_message": message,
+         "exploits": exploits}, indent=2, default=str))
+    registered = tracking.register_winners(tracked, winners)
+    return TuneOutcome(str(run_dir), metric, mode, trials, winners, registry_dir(cfg),
+                       stopped_by, message, exploits, registered)
+
+
+def _planned(cfg: DictConfig) -> int:
+    """The trials a search runs: num_samples times the grid's points."""
+    planned = cfg.tune.num_samples
+    for dim in cfg.tune.space.values():
+        if dim.type == "grid" and dim["values"]:
+            planned *= len(dim["values"])
+    return planned
 
 
 def _search(cfg: DictConfig | None, resume: str | None) -> tuple[DictConfig, Path, str, str]:
@@ -157,16 +226,16 @@ class _Tuners:
         from ray import tune
 
         cfg, t = self.cfg, self.cfg.tune
+        pbt = t.scheduler == "pbt"
         return tune.Tuner(
             self.trainable,
             param_space=param_space(cfg),
             tune_config=tune.TuneConfig(
                 metric=self.metric, mode=self.mode,
                 search_alg=_searcher(cfg, self.metric, self.mode),
-                scheduler=_scheduler(cfg),
+                scheduler=_scheduler(cfg, self.run_dir),
                 num_samples=t.num_samples,
-                max_concurrent_trials=t.max_concurrent_trials,
-                time_budget_s=t.time_budget_s,
+                max_concurrent_trials=_max_concurrent(cfg),
                 trial_dirname_creator=lambda trial: trial.trial_id,
                 # One-worker trials run in their actor's process: reusing the actor
                 # saves a process start and a torch import per trial.
@@ -174,12 +243,15 @@ class _Tuners:
             ),
             run_config=tune.RunConfig(
                 name=cfg.name,
-                stop=_stopper(cfg, self.metric),
+                # tune.time_budget_s is a stopper here, which says when it ended the search.
+                stop=_stopper(cfg, self.metric, self.run_dir),
                 storage_path=storage_root(cfg.storage_path),
                 callbacks=self.callbacks,
                 verbose=0,
                 checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=cfg.checkpoint.num_to_keep,
+                    # PBT: a trial may copy any trial's latest checkpoint a while after it
+                    # was written; Ray warns that num_to_keep <= 2 loses such checkpoints.
+                    num_to_keep=None if pbt else cfg.checkpoint.num_to_keep,
                     checkpoint_score_attribute=self.metric,
                     checkpoint_score_order=self.mode,
                 ),
@@ -277,16 +349,29 @@ def _user(uid: int) -> str:
         return f"uid {uid}"
 
 
-def _collect(grid: Any, metric: str, mode: str, keys: list[str], max_t: int) -> list[dict]:
-    """One dict per trial; STOPPED marks a trial the scheduler ended early."""
+def _collect(grid: Any, metric: str, mode: str, keys: list[str], max_t: int,
+             pbt: bool = False, recorded: dict[str, list[dict]] | None = None) -> list[dict]:
+    """One dict per trial; STOPPED marks a trial ended early (by the scheduler, a stopper
+    or the time budget), PENDING one that never reported an epoch. ``iterations`` is the
+    epoch a trial got to: a PBT trial that copied another's checkpoint goes on from its
+    epoch, so its history can step back. ``recorded``: the driver's own record of the
+    results (read_history), preferred to Tune's result.json, which a restored trial's
+    copy from storage can cut short."""
     trials = []
     for result in grid:
         history = []
         frame = result.metrics_dataframe
-        if frame is not None and metric in frame:
+        rows = (recorded or {}).get(Path(result.path).name if result.path else "", [])
+        if any(metric in r for r in rows):
             history = [
                 {"iteration": int(r["training_iteration"]), metric: float(r[metric]),
-                 **{k: float(r[k]) for k in ("train_loss",) if k in frame}}
+                 **{k: float(r[k]) for k in ("train_loss", "lr") if k in r}}
+                for r in rows if metric in r and "training_iteration" in r
+            ]
+        elif frame is not None and metric in frame:
+            history = [
+                {"iteration": int(r["training_iteration"]), metric: float(r[metric]),
+                 **{k: float(r[k]) for k in ("train_loss", "lr") if k in frame}}
                 for _, r in frame.iterrows()
             ]
         values = [h[metric] for h in history if not math.isnan(h[metric])]
@@ -306,13 +391,17 @@ def _collect(grid: Any, metric: str, mode: str, keys: list[str], max_t: int) -> 
             )
             if ordered:
                 best_checkpoint = ordered[0][0].path
+        reached = history[-1]["iteration"] if history else 0
+        params = {k: (result.config or {}).get(k) for k in keys}
+        if pbt and best_checkpoint:  # the values that trained the exported checkpoint
+            params = _checkpoint_params(best_checkpoint, params)
         trials.append({
             "trial_id": Path(result.path).name if result.path else "?",
-            "params": {k: (result.config or {}).get(k) for k in keys},
+            "params": params,
             "state": "ERROR" if result.error else (
-                "STOPPED" if len(history) < max_t else "TERMINATED"),
+                "PENDING" if not history else "STOPPED" if reached < max_t else "TERMINATED"),
             "error": _short_error(result.error),
-            "iterations": len(history),
+            "iterations": reached,
             "final": values[-1] if values else None,
             "best": pick(values) if values else None,
             "history": history,
@@ -320,6 +409,23 @@ def _collect(grid: Any, metric: str, mode: str, keys: list[str], max_t: int) -> 
             "path": result.path,
         })
     return trials
+
+
+def _checkpoint_params(checkpoint: str, params: dict) -> dict:
+    """``params`` as the checkpoint's own config has them: under PBT a trial's best
+    checkpoint may predate an exploit that changed its values."""
+    job = Path(checkpoint, "job.yaml")
+    if not job.is_file():
+        return params
+    try:
+        saved = OmegaConf.load(job)
+    except Exception:  # an unreadable config keeps the trial's final values
+        return params
+    return {k: _plain(OmegaConf.select(saved, k, default=v)) for k, v in params.items()}
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
 
 
 def _short_error(error: Any) -> str:

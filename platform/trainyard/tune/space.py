@@ -53,7 +53,50 @@ def validate_space(cfg: DictConfig) -> dict[str, list]:
             except ConfigError as exc:
                 raise ConfigError(f"tune.space.{key}: value {value!r} is invalid: {exc}") from None
         samples[key] = values
+    mutable_keys(cfg)
     return samples
+
+
+#: Keys an exploit may change mid-trial: the loop applies them to the restored optimizer
+#: (lr, weight_decay, momentum), reads them each epoch, or builds the model and data from
+#: them when the trial starts again (plugin params: the weights must still fit the model).
+MUTABLE_KEYS = ("train.lr", "train.weight_decay", "train.momentum", "train.grad_clip",
+                "train.batch_size", "train.grad_accum_steps")
+MUTABLE_PREFIXES = ("model.params.", "data.params.")
+#: Mutable unless a dimension says ``mutable: false``.
+MUTABLE_BY_DEFAULT = ("train.lr", "train.weight_decay", "train.momentum")
+
+
+def is_mutable(key: str, dim: Any) -> bool:
+    """Whether PBT may change ``key`` mid-trial: the dimension's ``mutable``, else the
+    default (lr, weight decay, momentum and dropout-like plugin params)."""
+    flag = dim.get("mutable") if hasattr(dim, "get") else getattr(dim, "mutable", None)
+    if flag is not None:
+        return bool(flag)
+    if key in MUTABLE_BY_DEFAULT:
+        return True
+    return key.startswith("model.params.") and "dropout" in key.rsplit(".", 1)[-1]
+
+
+def mutable_keys(cfg: DictConfig) -> list[str]:
+    """The space's keys PBT may change, checked: each must be one a trial can take up
+    mid-run, and under ``tune.scheduler: pbt`` there must be one at least."""
+    keys = []
+    for key, dim in cfg.tune.space.items():
+        if not is_mutable(key, dim):
+            continue
+        if key not in MUTABLE_KEYS and not key.startswith(MUTABLE_PREFIXES):
+            raise ConfigError(
+                f"tune.space.{key}.mutable: {key} cannot change in the middle of a trial; mutable "
+                f"keys are {', '.join(MUTABLE_KEYS)} and model.params.* / data.params.*"
+            )
+        keys.append(key)
+    if cfg.tune.scheduler == "pbt" and not keys:
+        raise ConfigError(
+            "tune.space: tune.scheduler: pbt needs a mutable dimension (train.lr, train.weight_decay, "
+            "train.momentum and dropout params are by default; mark others with mutable: true)"
+        )
+    return keys
 
 
 def apply_values(cfg: DictConfig, values: dict[str, Any]) -> DictConfig:
@@ -67,20 +110,20 @@ def apply_values(cfg: DictConfig, values: dict[str, Any]) -> DictConfig:
 
 
 def param_space(cfg: DictConfig) -> dict:
+    return {key: domain(dim) for key, dim in cfg.tune.space.items()}
+
+
+def domain(dim: Any) -> Any:
+    """Tune's sampling domain for one dimension (a grid: Tune's grid_search)."""
     from ray import tune
 
-    space = {}
-    for key, dim in cfg.tune.space.items():
-        values = OmegaConf.to_container(dim["values"]) if dim["values"] is not None else None
-        if dim.type == "loguniform":
-            space[key] = tune.loguniform(dim.low, dim.high)
-        elif dim.type == "uniform":
-            space[key] = tune.uniform(dim.low, dim.high)
-        elif dim.type == "randint":
-            space[key] = tune.randint(int(dim.low), int(dim.high))
-        elif dim.type == "choice":
-            space[key] = tune.choice(values)
-        else:
-            space[key] = tune.grid_search(values)
-    return space
-
+    values = OmegaConf.to_container(dim["values"]) if dim["values"] is not None else None
+    if dim.type == "loguniform":
+        return tune.loguniform(dim.low, dim.high)
+    if dim.type == "uniform":
+        return tune.uniform(dim.low, dim.high)
+    if dim.type == "randint":
+        return tune.randint(int(dim.low), int(dim.high))
+    if dim.type == "choice":
+        return tune.choice(values)
+    return tune.grid_search(values)

@@ -49,7 +49,10 @@ def make_callback(metric: str, mode: str, keys: list[str], on_change: Callable[[
 
         def on_trial_start(self, iteration, trials, trial, **info):
             with self.lock:
-                self._row(trial).state = "RUNNING"
+                row = self._row(trial)
+                row.state = "RUNNING"
+                # A PBT exploit restarts the trial with new values.
+                row.params = {k: trial.config.get(k) for k in keys}
             self.changed()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -156,11 +159,30 @@ class LiveTable:
         self.live = None
         self.last = 0.0
         self.seen: dict[str, tuple[str, int]] = {}
+        #: PBT's exploits so far (set by the tune driver; no arguments), and how many shown.
+        self.read_exploits: Callable[[], list[dict]] | None = None
+        self.exploits_shown = 0
+
+    def _exploits(self) -> list[dict]:
+        try:
+            return list(self.read_exploits()) if self.read_exploits else []
+        except Exception:  # a half-written record: shown on the next refresh
+            return []
 
     def _table(self):
+        from rich.console import Group
+        from rich.text import Text
+
         with self.callback.lock:
             rows = list(self.callback.rows.values())
-        return render_table(rows, self.metric, f"{self.name}: trials")
+        table = render_table(rows, self.metric, f"{self.name}: trials")
+        exploits = self._exploits()
+        if not exploits:
+            return table
+        lines = [Text(exploit_line(e)) for e in exploits[-5:]]
+        more = len(exploits) - len(lines)
+        header = f"PBT exploits ({len(exploits)}{f', last {len(lines)}' if more else ''}):"
+        return Group(table, Text(header), *lines)
 
     def __enter__(self):
         if is_live(self.console):
@@ -189,6 +211,10 @@ class LiveTable:
             for line in trial_event_lines(row, self.seen.get(row.trial_id), self.metric):
                 self.console.print(line, markup=False, highlight=False, soft_wrap=True)
             self.seen[row.trial_id] = (row.state, row.iteration)
+        exploits = self._exploits()
+        for e in exploits[self.exploits_shown:]:
+            self.console.print(exploit_line(e), markup=False, highlight=False, soft_wrap=True)
+        self.exploits_shown = max(self.exploits_shown, len(exploits))
 
     def __exit__(self, *exc):
         if self.live is not None:
@@ -196,6 +222,15 @@ class LiveTable:
             self.live.stop()
         else:
             self._print_events()
+
+
+def exploit_line(e: dict) -> str:
+    """One PBT exploit: which trial copied which, at which epoch, and the values it changed."""
+    changed = ", ".join(f"{short_key(k)} {_fmt((e.get('old') or {}).get(k))} -> {_fmt(v)}"
+                        for k, v in (e.get("new") or {}).items()
+                        if (e.get("old") or {}).get(k) != v)
+    return (f"trial {e.get('trial')} copied trial {e.get('from_trial')} at epoch {e.get('epoch')}"
+            f"{': ' + changed if changed else ''}")
 
 
 def trial_event_lines(row: TrialRow, before: tuple[str, int] | None, metric: str) -> list[str]:
