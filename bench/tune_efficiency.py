@@ -1,121 +1,259 @@
 #!/usr/bin/env python3
-"""Ray Tune efficiency of trainyard's search, in one run, on the CNN/digits task.
+"""Ray Tune efficiency of trainyard's search methods for a fixed wall-clock budget.
 
-1. Random search without early stopping against the same search with ASHA: the same
-   trials (same seeded sample of the space), the same concurrency. Prints the time each
-   takes to reach a target validation accuracy, the best accuracy each reaches, and the
-   ratio (target: ASHA reaches the target at least 3x sooner).
-2. Tune overhead: the no-early-stopping search's wall time divided by the ideal, the sum
-   of its trials' own training times divided by the concurrency (target: at most 1.2).
+For each task and seed, four searches run with the same ``tune.time_budget_s`` and the same
+``tune.max_concurrent_trials`` (ending by the budget: ``tune.num_samples`` is set high):
 
-    .venv/bin/python bench/tune_efficiency.py [--trials 12] [--epochs 10] [--target 0.95]
+- random: seeded random search, no early stopping (``scheduler: none``);
+- ASHA: the same random search with ASHA (``scheduler: asha``);
+- TPE+ASHA: Optuna's TPE sampler with ASHA (``search: optuna, scheduler: asha``);
+- PBT: population based training, a population of ``--concurrency`` trials (PBT trains its
+  whole population at once, so the population is the concurrency), search random.
+
+Tasks:
+
+- cnn: the CNN on digits (configs/tune_cnn.yaml), lr x batch size, val accuracy (max).
+- sched: the MLP on breast_cancer (configs/tune_mlp.yaml) for 16 epochs, with a wide lr range
+  (1e-5 .. 0.3) and the lr schedule (``train.scheduler``: none | cosine | step | onecycle)
+  in the space, scored by val loss (min; accuracy on its ~110 validation rows ties too
+  often to rank methods). Chosen because it is cheap (an epoch takes well under a second)
+  and the lr's course over the epochs matters there: a large lr needs to decay to settle,
+  a small one gains nothing from decaying. PBT changes the lr mid-trial, which is a
+  schedule of its own.
+
+Printed per task: method, seed, the best validation metric reached within the budget, the
+configurations evaluated (trials that trained at least one epoch; PBT: its population plus
+its exploits, each a new configuration), the trials that ran all their epochs, the wall time,
+and the lines saying whether the targets are met:
+
+- ASHA evaluates at least 3x the configurations of plain random search (every seed);
+- the best of ASHA, TPE+ASHA and PBT is at least as good as random search on every seed.
+
+Tune overhead (target <= 1.15): for each plain random search, the time from the search's
+start to its last trial result, divided by the ideal, the sum of its trials' own training
+times (Tune's time_total_s) over the concurrency. The time after the last result (the
+budget's cut of epochs in flight, collecting and exporting) is not counted.
+
+All searches run in this process on one embedded Ray. The machine may be shared: figures
+from a loaded machine are noisy (fewer epochs fit the budget).
+
+    .venv/bin/python bench/tune_efficiency.py [--budget 40] [--seeds 0,1,2] [--tasks cnn,sched]
+    .venv/bin/python bench/tune_efficiency.py --quick     # 1 seed, the cnn task
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+METHODS = {  # label: (tune.search, tune.scheduler)
+    "random": ("random", "none"),
+    "ASHA": ("random", "asha"),
+    "TPE+ASHA": ("optuna", "asha"),
+    "PBT": ("random", "pbt"),
+}
 
-def make_config(args, work: Path, scheduler: str, seed: int):
+TASKS = {
+    "cnn": {
+        "title": "CNN on digits, lr x batch size, val accuracy",
+        "yaml": "configs/tune_cnn.yaml",
+        "metric": "accuracy",
+        "base": {
+            "train": {"epochs": 8, "metrics": ["accuracy", "loss"]},
+            "tune": {"grace_period": 1, "reduction_factor": 3, "space": {
+                "train.lr": {"type": "loguniform", "low": 1e-5, "high": 3e-2},
+                "train.batch_size": {"type": "choice", "values": [32, 64, 128], "mutable": False},
+            }},
+        },
+    },
+    "sched": {
+        "title": "MLP on breast_cancer, wide lr x lr schedule x batch size x dropout, val loss",
+        "yaml": "configs/tune_mlp.yaml",
+        "metric": "loss",
+        "base": {
+            "train": {"epochs": 16, "metrics": ["accuracy", "loss"]},
+            "tune": {"grace_period": 2, "reduction_factor": 3, "space": {
+                "train.lr": {"type": "loguniform", "low": 1e-5, "high": 0.3},
+                "train.scheduler": {"type": "choice", "values": ["none", "cosine", "step", "onecycle"],
+                                    "mutable": False},
+                "train.batch_size": {"type": "choice", "values": [16, 32, 64], "mutable": False},
+                "model.params.dropout": {"type": "uniform", "low": 0.0, "high": 0.3},
+            }},
+        },
+    },
+}
+
+
+def make_config(args, work: Path, task: str, method: str, seed: int):
+    from omegaconf import OmegaConf
+
     from trainyard.config import load_config
 
-    base = {
-        "name": f"bench_{scheduler}_{seed}",
-        "seed": seed,
-        "storage_path": str(work / "runs"),
-        "model": {"name": "cnn", "params": {"channels": [64, 128], "hidden": 256}},
-        "data": {"name": "digits"},
-        "train": {"epochs": args.epochs, "metrics": ["accuracy", "loss"]},
-        "checkpoint": {"num_to_keep": 1},
-        "tune": {
-            "metric": "accuracy", "search": "random", "scheduler": scheduler,
-            "num_samples": args.trials, "max_concurrent_trials": args.concurrency,
-            "grace_period": 1, "reduction_factor": 3, "registry": str(work / "winners"),
-            "space": {
-                "train.lr": {"type": "loguniform", "low": 1e-6, "high": 1e-2},
-                "train.batch_size": {"type": "choice", "values": [32, 64, 128]},
-            },
-        },
+    search, scheduler = METHODS[method]
+    spec = TASKS[task]
+    name = f"bench_{task}_{method.replace('+', '_').lower()}_{seed}"
+    tune = {
+        "metric": spec["metric"], "mode": "", "search": search, "scheduler": scheduler,
+        "num_samples": 1000, "max_concurrent_trials": args.concurrency,
+        "time_budget_s": args.budget, "top_k": 1, "stopper": "none",
+        "registry": str(work / "winners"),
     }
-    return load_config(ROOT / "configs/tune_cnn.yaml", base=base)
+    if scheduler == "pbt":
+        # The whole population trains at once: population = concurrency. With a population
+        # of 2, a quantile of 0.5 makes the weaker trial copy the stronger one.
+        tune.update(num_samples=args.concurrency, pbt={
+            "perturbation_interval": 2, "quantile_fraction": 0.5, "resample_probability": 0.25,
+            "synch": False})
+    base = OmegaConf.merge(spec["base"], {
+        "name": name, "seed": seed, "storage_path": str(work / "runs"),
+        "scaling": {"num_workers": 1}, "checkpoint": {"num_to_keep": 1},
+        "tracking": {"backend": "none"}, "tune": tune,
+    })
+    return load_config(ROOT / spec["yaml"], base=OmegaConf.to_container(base))
 
 
-def search(args, work: Path, scheduler: str, seed: int) -> dict:
+def search(args, work: Path, task: str, method: str, seed: int) -> dict:
     from ray.tune import Callback
 
     from trainyard.tune.driver import run_tuning
 
     class Clock(Callback):
-        """When, after the search started, each trial reported what."""
+        """When, after the search started, the last result came; each trial's own time."""
 
         def __init__(self):
             self.start = time.perf_counter()
-            self.results: list[tuple[float, float]] = []
+            self.last = 0.0
             self.trial_seconds: dict[str, float] = {}
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.results.append((time.perf_counter() - self.start, result["val_accuracy"]))
+            self.last = time.perf_counter() - self.start
             self.trial_seconds[trial.trial_id] = result["time_total_s"]
 
         def __getstate__(self):
             return {}
 
     clock = Clock()
-    cfg = make_config(args, work, scheduler, seed)
+    cfg = make_config(args, work, task, method, seed)
     clock.start = time.perf_counter()
     outcome = run_tuning(cfg, callbacks=[clock])
     wall = time.perf_counter() - clock.start
-    reached = next((t for t, acc in clock.results if acc >= args.target), None)
+    bests = [t["best"] for t in outcome.trials if t["best"] is not None and not math.isnan(t["best"])]
+    pick = max if outcome.mode == "max" else min
+    evaluated = sum(t["iterations"] >= 1 for t in outcome.trials)
+    if METHODS[method][1] == "pbt":
+        evaluated += len(outcome.exploits)
     return {
+        "mode": outcome.mode,
+        "best": pick(bests) if bests else None,
+        "evaluated": evaluated,
+        "completed": sum(t["state"] == "TERMINATED" for t in outcome.trials),
+        "epochs": sum(t["iterations"] for t in outcome.trials),
+        "stopped_by": outcome.stopped_by,
         "wall": wall,
-        "reached": reached,
-        "best": max(acc for _, acc in clock.results),
+        "last_result": clock.last,
         "trial_seconds": sum(clock.trial_seconds.values()),
-        "stopped": sum(t["state"] == "STOPPED" for t in outcome.trials),
-        "epochs_run": sum(t["iterations"] for t in outcome.trials),
     }
+
+
+def better_or_equal(a, b, mode: str) -> bool:
+    if a is None:
+        return False
+    if b is None:
+        return True
+    return a >= b if mode == "max" else a <= b
+
+
+def fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--target", type=float, default=0.98)
-    parser.add_argument("--seeds", default="0,1,2", help="search seeds; each gives one pair of runs")
+    parser.add_argument("--budget", type=float, default=40.0, help="seconds per search (tune.time_budget_s)")
+    parser.add_argument("--concurrency", type=int, default=2, help="tune.max_concurrent_trials")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--tasks", default="cnn,sched", help=f"comma-separated, of {sorted(TASKS)}")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}")
+    parser.add_argument("--quick", action="store_true", help="1 seed (the first), 1 task (the first)")
     args = parser.parse_args()
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    tasks = args.tasks.split(",")
+    methods = args.methods.split(",")
+    for t in tasks:
+        if t not in TASKS:
+            parser.error(f"--tasks: unknown task {t!r}; expected one of {sorted(TASKS)}")
+    for m in methods:
+        if m not in METHODS:
+            parser.error(f"--methods: unknown method {m!r}; expected one of {list(METHODS)}")
+    if args.budget <= 0 or args.concurrency < 2:
+        parser.error("--budget must be positive and --concurrency at least 2 (PBT's population)")
+    if args.quick:
+        seeds, tasks = seeds[:1], tasks[:1]
 
     from trainyard.runtime.cluster import init_ray
 
     init_ray()
     work = Path(tempfile.mkdtemp(prefix="trainyard-tune-bench-"))
-    print(f"CNN on digits: {args.trials} trials (seeded random lr x batch size), {args.epochs} epochs max, "
-          f"{args.concurrency} at a time; target val_accuracy {args.target}")
-    ratios, overheads = [], []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        plain = search(args, work, "none", seed)
-        asha = search(args, work, "asha", seed)
-        for label, r in (("no early stopping", plain), ("ASHA", asha)):
-            reached = f"{r['reached']:.1f} s" if r["reached"] is not None else "never"
-            print(f"seed {seed} {label:18}: target reached after {reached:>8}; best {r['best']:.4f}; "
-                  f"wall {r['wall']:.1f} s; {r['epochs_run']} epochs; {r['stopped']} stopped early")
-        if plain["reached"] is not None and asha["reached"] is not None:
-            ratios.append(plain["reached"] / asha["reached"])
-            print(f"seed {seed}: ASHA reaches the target {ratios[-1]:.2f}x sooner; "
-                  f"finishes the search {plain['wall'] / asha['wall']:.2f}x sooner")
-        ideal = plain["trial_seconds"] / args.concurrency
-        overheads.append(plain["wall"] / ideal)
-        print(f"seed {seed}: Tune overhead: wall {plain['wall']:.1f} s / ideal {ideal:.1f} s "
-              f"(sum of trial times / {args.concurrency}) = {overheads[-1]:.2f}")
-    if ratios:
-        print(f"ASHA reaches the target {sum(ratios) / len(ratios):.2f}x sooner on average "
-              f"({', '.join(f'{r:.2f}' for r in ratios)})   (target >= 3x)")
-    print(f"Tune overhead: {sum(overheads) / len(overheads):.2f} on average   (target <= 1.2)")
+    print(f"budget {args.budget:g} s per search, {args.concurrency} trials at a time; "
+          f"seeds {seeds}; tasks {tasks}; methods {methods}")
+    overheads = []
+    bench_start = time.perf_counter()
+    for task in tasks:
+        spec = TASKS[task]
+        results: dict[tuple[str, int], dict] = {}
+        for seed in seeds:
+            for method in methods:
+                r = results[(method, seed)] = search(args, work, task, method, seed)
+                if method == "random" and r["trial_seconds"] > 0:
+                    ideal = r["trial_seconds"] / args.concurrency
+                    overheads.append((task, seed, r["last_result"], ideal, r["last_result"] / ideal))
+        mode = next(iter(results.values()))["mode"]
+        print(f"\n== {task}: {spec['title']} ({mode}) ==")
+        print(f"{'method':9} {'seed':>4} {'best val ' + spec['metric']:>17} {'configs':>8} "
+              f"{'completed':>9} {'epochs':>6} {'wall s':>7}  ended by")
+        for seed in seeds:
+            for method in methods:
+                r = results[(method, seed)]
+                best = fmt(r["best"])
+                print(f"{method:9} {seed:>4} {best:>17} {r['evaluated']:>8} {r['completed']:>9} "
+                      f"{r['epochs']:>6} {r['wall']:>7.1f}  {r['stopped_by'] or 'all trials done'}")
+        if "random" in methods and "ASHA" in methods:
+            ratios = [results[("ASHA", s)]["evaluated"] / max(1, results[("random", s)]["evaluated"])
+                      for s in seeds]
+            met = all(x >= 3 for x in ratios)
+            print(f"ASHA / random configurations: {', '.join(f'{x:.2f}x' for x in ratios)} "
+                  f"(target >= 3x on every seed): {'MET' if met else 'NOT MET'}")
+        others = [m for m in ("ASHA", "TPE+ASHA", "PBT") if m in methods]
+        if "random" in methods and others:
+            lines, met = [], True
+            for seed in seeds:
+                candidates = [(results[(m, seed)]["best"], m) for m in others
+                              if results[(m, seed)]["best"] is not None]
+                if candidates:
+                    best, who = (max if mode == "max" else min)(candidates)
+                else:
+                    best, who = None, "-"
+                ok = better_or_equal(best, results[("random", seed)]["best"], mode)
+                met &= ok
+                base = results[("random", seed)]["best"]
+                lines.append(f"seed {seed}: {who} {fmt(best)} vs random {fmt(base)}" + ("" if ok else " (worse)"))
+            print(f"best of {'/'.join(others)} at least as good as random on every seed: "
+                  f"{'MET' if met else 'NOT MET'}  ({'; '.join(lines)})")
+    if overheads:
+        for task, seed, wall, ideal, ratio in overheads:
+            print(f"Tune overhead {task} seed {seed}: {wall:.1f} s to the last result / ideal {ideal:.1f} s "
+                  f"(sum of trial times / {args.concurrency}) = {ratio:.2f}")
+        mean = sum(o[-1] for o in overheads) / len(overheads)
+        print(f"Tune overhead: {mean:.2f} on average (target <= 1.15): {'MET' if mean <= 1.15 else 'NOT MET'}")
+    print(f"bench wall time: {time.perf_counter() - bench_start:.0f} s")
 
 
 if __name__ == "__main__":
