@@ -103,3 +103,65 @@ def test_tensor_bytes_per_datatype():
         (2).to_bytes(4, "little") + b"\x00\xff" + (0).to_bytes(4, "little")
     with pytest.raises(ValueError, match="no binary form"):
         tensor_bytes({"name": "x", "datatype": "BF16", "shape": [1], "data": [1.0]})
+
+
+def _binary_request(tensor: dict, blob: bytes, **top) -> tuple[bytes, str]:
+    header = json.dumps({"inputs": [tensor], **top}).encode()
+    return header + blob, str(len(header))
+
+
+FP32_2 = np.asarray([1.5, -2], dtype="<f4").tobytes()
+
+
+@pytest.mark.parametrize(("request_body", "header_length", "message"), [
+    # Header lengths that are not a count of bytes (once a 500: int() of 5000 digits, of "²").
+    (b"{}", "9" * 5000, "does not fit the body of 2 bytes"),
+    (b"{}", "\u00b2", "does not fit"),
+    (b"{}", " 2", "does not fit"),
+    (b"{}", "", "does not fit"),
+    (b"{}", "-1", "does not fit"),
+    # A JSON header that is not an object.
+    (b"[1]", "3", "the body must be a JSON object"),
+    # binary_data_size: a whole number of bytes that fits, nothing else.
+    (*_binary_request({"name": "x", "shape": [1, 2], "datatype": "FP32", "parameters": {"binary_data_size": True}},
+                      FP32_2), "binary_data_size must be a whole number of bytes, not true/false"),
+    (*_binary_request({"name": "x", "shape": [1, 2], "datatype": "FP32", "parameters": {"binary_data_size": 0.5}},
+                      FP32_2), "must be a whole number of bytes, not 0.5"),
+    (*_binary_request({"name": "x", "shape": [1, 2], "datatype": "FP32", "parameters": {"binary_data_size": "8"}},
+                      FP32_2), "must be a whole number of bytes, not '8'"),
+    (*_binary_request({"name": "x", "shape": [1, 2], "datatype": "FP32", "parameters": {"binary_data_size": 2**70}},
+                      FP32_2), f"binary_data_size: {2**70} does not fit the body"),
+    (*_binary_request({"name": "x", "shape": [1, 2], "datatype": "FP32", "parameters": {"binary_data_size": 7}},
+                      FP32_2), "7 bytes are not whole FP32 values"),
+    (*_binary_request({"name": "x", "shape": [1, 2], "datatype": "FP32", "parameters": [8]}, FP32_2),
+     "inputs[0].parameters must be an object"),
+    # The data twice, or of a datatype that has no binary form here (a list: once a 500).
+    (*_binary_request({"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2],
+                       "parameters": {"binary_data_size": 8}}, FP32_2), "give its 'data' or parameters.binary_data_size, not both"),
+    (*_binary_request({"name": "x", "shape": [1, 2], "datatype": ["FP32"], "parameters": {"binary_data_size": 8}},
+                      FP32_2), "an array is not an OIP datatype trainyard takes"),
+    (*_binary_request({"name": "x", "shape": [1, 2], "datatype": "BF16", "parameters": {"binary_data_size": 8}},
+                      FP32_2), "'BF16' is not an OIP datatype trainyard takes"),
+    # BYTES: a length running past the end, bytes that are not UTF-8.
+    (*_binary_request({"name": "t", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}},
+                      (2**32 - 1).to_bytes(4, "little") + b"hi"), "BYTES data is cut short"),
+    (*_binary_request({"name": "t", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}},
+                      (2).to_bytes(4, "little") + b"\xff\xfe"), "BYTES data must be UTF-8 text"),
+    # A header that is not UTF-8 JSON.
+    (b"\xff{}", "3", "not UTF-8 text"),
+    (b"[" * 5000, "5000", "nested too deeply"),
+])
+def test_binary_requests_that_do_not_add_up_are_refused_naming_the_problem(request_body, header_length, message):
+    from trainyard.serve.protocol import parse_binary_request, parse_json
+
+    with pytest.raises(RequestError) as caught:
+        parse_binary_request(request_body, header_length, parse_json)
+    assert message in str(caught.value) and caught.value.status == 400
+
+
+def test_a_whole_binary_data_size_written_as_a_float_is_its_number_of_bytes():
+    from trainyard.serve.protocol import parse_binary_request, parse_json
+
+    body = parse_binary_request(*_binary_request(
+        {"name": "x", "shape": [1, 2], "datatype": "FP32", "parameters": {"binary_data_size": 8.0}}, FP32_2), parse_json)
+    assert body["inputs"][0]["data"].tolist() == [1.5, -2.0] and "parameters" not in body["inputs"][0]

@@ -13,19 +13,27 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from ray import serve
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from trainyard.serve.config import API_KEY_MARK, MAX_FORWARD_EXAMPLES, ROOT_CPUS
 from trainyard.serve.protocol import (
+    ERROR_SCHEMA,
     ModelSignature,
     RequestError,
     binary_outputs,
     encode_infer_response,
+    infer_request_schema,
+    infer_response_schema,
     oip_to_raw,
     outputs_to_oip,
     parse_binary_request,
     parse_json,
+    predict_request_schema,
+    predict_response_schema,
     raw_from_json,
     requested_outputs,
 )
@@ -47,8 +55,9 @@ async def read_json(request: Request, max_bytes: int, binary: bool = False) -> A
     if ctype and ctype.split(";")[0].strip().lower() not in allowed:
         raise RequestError(f"content type must be application/json, got {ctype}", 415)
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > max_bytes:
-        raise RequestError(f"body of {length} bytes is over the limit of {max_bytes}", 413)
+    if length is not None and length.isascii() and length.isdigit() and \
+            (len(length) > 15 or int(length) > max_bytes):
+        raise RequestError(f"body of {length[:20]} bytes is over the limit of {max_bytes}", 413)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -77,8 +86,32 @@ class ExactPrefix:
         await self.app(scope, receive, send)
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error(status: int, message: str, headers: dict | None = None) -> Response:
+    """A JSON ``{"error": message}`` answer. A lone surrogate a client sent (JSON can spell
+    one, UTF-8 cannot) and that the message quotes is written out as its escape."""
+    text = str(message).encode("utf-8", "backslashreplace").decode("utf-8")
+    return Response(json.dumps({"error": text}, ensure_ascii=False), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+def unreadable(exc: Exception) -> Response:
+    """A body that broke a parser in a way no check foresaw: still the client's request, so a
+    400 rather than a 500, and logged, so the missing check gets written."""
+    logger.warning("a request body failed to parse: %s: %s", type(exc).__name__, str(exc)[:300],
+                   exc_info=exc)
+    return error(400, f"the request body could not be read ({type(exc).__name__})")
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own 404 and 405 answers, in the same ``{"error": ...}`` form as ours."""
+    return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+    problems = exc.errors()
+    first = problems[0] if problems else {}
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    return error(422, f"{where}: {first.get('msg', 'invalid')}" if where else "invalid request")
 
 
 def _plain(value: Any) -> Any:
@@ -128,7 +161,7 @@ def load_api_key(options: dict) -> bytes | None:
     return None
 
 
-def _check_key(request: Request, api_key: bytes | None) -> JSONResponse | None:
+def _check_key(request: Request, api_key: bytes | None) -> Response | None:
     if not api_key:
         return None
     given = request.headers.get("authorization", "")
@@ -234,9 +267,114 @@ class BatchRunner:
         return RequestError(f"the model could not process these inputs ({text[:300]})", 422)
 
 
-model_api = FastAPI(title="trainyard model", description="Open Inference Protocol (KServe V2) "
-                    "routes and a plain JSON route for one served model.")
+MODEL_API_DESCRIPTION = ("Open Inference Protocol (KServe V2) routes and a plain JSON route for one "
+                         "served model.")
+
+# Each replica serves its own OpenAPI document (``/openapi.json`` and ``/docs`` under the
+# model's route), written for its model's inputs and outputs: FastAPI's own would be the
+# same for every model, and with no request bodies (the handlers read the raw body).
+model_api = FastAPI(title="trainyard model", description=MODEL_API_DESCRIPTION,
+                    openapi_url=None, docs_url=None, redoc_url=None)
 model_api.add_middleware(ExactPrefix)
+model_api.add_exception_handler(HTTPException, http_error)
+model_api.add_exception_handler(RequestValidationError, validation_error)
+
+_ERROR_STATUSES = {
+    "400": "a request that is not valid: the error names what is wrong",
+    "413": "a body or batch over the limit",
+    "415": "a content type other than application/json",
+    "422": "inputs the model could not process (its output not finite, or it failed on them)",
+    "503": "the model ran out of memory on this request, or the replica is overloaded",
+}
+
+
+def _metadata_schema() -> dict:
+    tensor = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
+        "name": {"type": "string"}, "datatype": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}}}}
+    return {"type": "object", "required": ["name", "versions", "platform", "inputs", "outputs"], "properties": {
+        "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
+        "platform": {"type": "string"}, "inputs": {"type": "array", "items": tensor},
+        "outputs": {"type": "array", "items": tensor}, "parameters": {"type": "object"}}}
+
+
+def model_openapi(routes: list, server: str, sig: ModelSignature, name: str, version: str,
+                  max_items: int, max_body: int, secured: bool) -> dict:
+    """The OpenAPI document of one served model: FastAPI's paths, with the request and
+    response bodies this model really takes and gives, and the served version as the only
+    value of ``version``."""
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=f"trainyard model {name!r}", version=version, routes=routes,
+                      description=MODEL_API_DESCRIPTION, servers=[{"url": server}] if server else None)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    schemas["Error"] = ERROR_SCHEMA
+    schemas["InferRequest"] = infer_request_schema(sig, max_items)
+    schemas["InferResponse"] = infer_response_schema(sig, name, version)
+    schemas["PredictRequest"] = predict_request_schema(sig, max_items)
+    schemas["PredictResponse"] = predict_response_schema(sig, name, version)
+    schemas["ModelMetadata"] = _metadata_schema()
+    if secured:
+        doc["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+
+    def body(ref: str) -> dict:
+        return {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}
+
+    def failures(*statuses: str) -> dict:
+        return {s: {"description": _ERROR_STATUSES.get(s, "see the error"), "content": body("Error")}
+                for s in statuses}
+
+    for path, operations in doc.get("paths", {}).items():
+        for method, op in operations.items():
+            for param in op.get("parameters", []):
+                if param.get("name") == "version":
+                    param["schema"] = {"type": "string", "enum": [version]}
+                    param["description"] = f"the served version ({version}); another is a 404"
+            versioned = "{version}" in path or any(p.get("name") == "version" for p in op.get("parameters", []))
+            missing = failures("404") if versioned else {}
+            if path.endswith("/infer"):
+                op["description"] = (
+                    "An Open Inference Protocol inference request: one input tensor, answered with "
+                    "the model's outputs. The binary tensor data extension (Triton's clients' "
+                    "default) is taken too: an Inference-Header-Content-Length header giving the "
+                    "length of the JSON, whose inputs' parameters.binary_data_size count the raw "
+                    "little-endian bytes that follow it. Outputs asked for as binary_data come "
+                    "the same way (application/octet-stream).")
+                op["requestBody"] = {"required": True, "content": body("InferRequest")}
+                ok = {"description": "the model's outputs", "content": {
+                    **body("InferResponse"),
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                      "headers": {"Inference-Header-Content-Length": {
+                          "description": "with binary outputs: the length of the JSON before their bytes",
+                          "schema": {"type": "integer", "minimum": 0}}}}
+                op["responses"] = {"200": ok, **failures("400", "413", "415", "422", "503"), **missing}
+            elif path.endswith("/predict"):
+                op["description"] = "Plain JSON: one raw input per example, one prediction each."
+                op["requestBody"] = {"required": True, "content": body("PredictRequest")}
+                op["responses"] = {"200": {"description": "one prediction per input",
+                                           "content": body("PredictResponse")},
+                                   **failures("400", "413", "415", "422", "503")}
+            elif path.endswith("/ready"):
+                op["responses"] = {"200": {"description": "the model is ready", "content": {
+                    "application/json": {"schema": {"type": "object", "required": ["name", "ready"],
+                                                    "properties": {"name": {"const": name},
+                                                                   "ready": {"type": "boolean"}}}}}},
+                                   **missing}
+            else:
+                op["responses"] = {"200": {"description": "the model's metadata", "content": body("ModelMetadata")},
+                                   **missing}
+            if secured and method == "post":
+                op["security"] = [{"bearer": []}, {"apiKey": []}]
+                op["responses"].update({
+                    "401": {"description": "no API key", "content": body("Error")},
+                    "403": {"description": "a wrong API key", "content": body("Error")}})
+            if method == "post":
+                op["description"] += f" Bodies are at most {max_body} bytes; batches at most {max_items} inputs."
+    return doc
 
 
 @serve.deployment
@@ -266,6 +404,7 @@ class ModelServer:
         self.predict_batch.set_batch_wait_timeout_s(float(options.get("batch_wait_timeout_s", 0.005)))
         self.batching = max_batch > 1
         self.ongoing = 0  # requests in this replica, from arrival to answer
+        self.openapi_document: dict | None = None  # written on its first request
 
     async def run(self, raw: Any) -> Any:
         """One request's inputs through the model: ``(answers, outputs)``, or a RequestError
@@ -298,10 +437,26 @@ class ModelServer:
                            "model": self.predictor.manifest.get("model")},
         }
 
-    def _check_version(self, version: str | None) -> JSONResponse | None:
+    def _check_version(self, version: str | None) -> Response | None:
         if version is not None and version != self.version:
             return error(404, f"model {self.name!r} has no version {version!r} (served: {self.version})")
         return None
+
+    @model_api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        """This model's OpenAPI document (its request and response bodies)."""
+        if self.openapi_document is None:
+            self.openapi_document = model_openapi(
+                request.app.routes, request.scope.get("root_path", ""), self.signature, self.name,
+                self.version, self.max_items, self.max_body, bool(self.api_key))
+        return json_response(self.openapi_document)
+
+    @model_api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"trainyard model {self.name}")
 
     @model_api.get("/")
     @model_api.get("/versions/{version}")
@@ -333,6 +488,10 @@ class ModelServer:
             binary = binary_outputs(body, list(wanted or self.output_names))
         except RequestError as exc:
             return error(exc.status, str(exc))
+        except ClientDisconnect:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the client's body, whatever broke on it
+            return unreadable(exc)
         result = await self.run(raw)
         if isinstance(result, RequestError):
             return error(result.status, str(result))
@@ -368,6 +527,10 @@ class ModelServer:
             raw = raw_from_json(await read_json(request, self.max_body), self.signature, self.max_items)
         except RequestError as exc:
             return error(exc.status, str(exc))
+        except ClientDisconnect:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the client's body, whatever broke on it
+            return unreadable(exc)
         result = await self.run(raw)
         if isinstance(result, RequestError):
             return error(result.status, str(result))
@@ -377,6 +540,8 @@ class ModelServer:
 
 
 root_api = FastAPI(title="trainyard", description="Health routes and the list of served models.")
+root_api.add_exception_handler(HTTPException, http_error)
+root_api.add_exception_handler(RequestValidationError, validation_error)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": ROOT_CPUS})  # light; not a whole CPU (Serve's default)

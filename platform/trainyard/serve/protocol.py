@@ -6,11 +6,41 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 OIP_FLOAT_TYPES = {"FP16", "FP32", "FP64"}
 OIP_INT_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
+#: The whole numbers each OIP integer datatype holds.
+OIP_INT_RANGES = {f"{u}INT{bits}": ((0, 2**bits - 1) if u else (-2**(bits - 1), 2**(bits - 1) - 1))
+                  for u in ("", "U") for bits in (8, 16, 32, 64)}
+FP16_MAX = 65504.0
+FP32_MAX = 3.4028234663852886e38
+#: Nesting deeper than this in a tensor's data is refused (numpy's own limit is 64).
+MAX_NESTING = 32
+
+_JSON_TYPES = {str: "a string", bool: "true/false", type(None): "null", dict: "an object",
+               list: "an array", int: "a number", float: "a number"}
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _fields(keys: set) -> str:
+    """Object keys a client sent, for a message: sorted, each cut short."""
+    return ", ".join(sorted(k if len(k) <= 40 else f"{k[:40]}..." for k in map(str, keys)))
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """A client's value for a message: short (never a whole body echoed back), and never
+    failing whatever the value is (deep nesting, a huge number, a lone surrogate)."""
+    if isinstance(value, (dict, list, type(None), bool)):
+        return _json_type(value)
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class RequestError(ValueError):
@@ -29,6 +59,18 @@ class ModelSignature:
     input_shape: list[int]
     task: str
     classes: list[str]
+
+    @property
+    def input_name(self) -> str:
+        """The name of the model's one input tensor (as its metadata gives it)."""
+        return "text" if self.inputs == "text" else "input-0"
+
+    def item_shapes(self) -> list[list[int]]:
+        """Every shape one example may be sent in: the model's input shape, and ``H x W``
+        for a one-channel image sent without its channel axis."""
+        if self.inputs == "image" and len(self.input_shape) == 3 and self.input_shape[0] == 1:
+            return [list(self.input_shape), list(self.input_shape[1:])]
+        return [list(self.input_shape)]
 
     def item_shape(self, ndim: int) -> list[int]:
         """The shape of one example in a batch of ``ndim`` dimensions: the model's input
@@ -56,6 +98,87 @@ def _finite(values: Any, where: str) -> None:
 
     if not np.all(np.isfinite(values)):
         raise RequestError(f"{where}: NaN and Infinity are not accepted")
+
+
+def _leaf_kinds(data: list) -> set[type]:
+    """The types of the values of a flat or nested JSON list (its innermost level, never
+    built as one list). Raises RequestError for nesting past MAX_NESTING, or lists mixed
+    with other values at one depth."""
+    level, depth = data, 1
+    kinds = set(map(type, level))
+    while list in kinds:
+        if len(kinds) > 1:
+            others = sorted({_JSON_TYPES.get(k, k.__name__) for k in kinds} - {"an array"})
+            raise RequestError(f"lists mixed with {', '.join(others)} at depth {depth}")
+        depth += 1
+        if depth > MAX_NESTING:
+            raise RequestError(f"nested more than {MAX_NESTING} deep")
+        kinds = set(map(type, chain.from_iterable(level)))
+        if list in kinds:
+            level = list(chain.from_iterable(level))
+    return kinds
+
+
+def _flat(data: list) -> list:
+    while any(isinstance(v, list) for v in data):
+        data = list(chain.from_iterable(data))
+    return data
+
+
+def json_numbers(data: Any, where: str, ragged: str | None = None) -> Any:
+    """A flat or nested list of JSON numbers as a float64 array. Strings, true/false, null and
+    objects are refused by name, whatever numpy would make of them ("1" and true are
+    numbers to numpy); so are numbers past float64's range and ragged nesting (``ragged``:
+    the message for that, default a generic one)."""
+    import numpy as np
+
+    if not isinstance(data, list):
+        raise RequestError(f"{where}: must be a list of numbers (flat or nested), not {_json_type(data)}")
+    try:
+        kinds = _leaf_kinds(data)
+    except RequestError as exc:
+        raise RequestError(ragged or f"{where}: must be numbers (flat or nested): {exc}") from None
+    odd = kinds - {int, float}
+    if odd:
+        found = ", ".join(sorted({_JSON_TYPES.get(k, k.__name__) for k in odd}))
+        raise RequestError(f"{where}: must be numbers, not {found}")
+    try:
+        return np.asarray(data, dtype=np.float64)
+    except OverflowError:
+        raise RequestError(f"{where}: a number is too large (past FP64's range)") from None
+    except ValueError:  # nested lists of unequal lengths
+        raise RequestError(ragged or f"{where}: must be numbers (flat or nested), as a "
+                           "rectangular array (nested lists of unequal lengths)") from None
+
+
+def check_values(array: Any, datatype: str, where: str, data: Any = None) -> None:
+    """The numbers of a tensor of ``datatype`` are finite and within its range: whole and in
+    range for an integer type, at most 65504 in size for FP16, and within FP32's range for
+    FP32 and FP64 alike (the model computes in FP32). ``data``, the JSON values, settles
+    64-bit integers too large for float64 to tell apart exactly (None: binary data, whose
+    integers are within their type's range as sent)."""
+    import numpy as np
+
+    _finite(array, where)
+    if not array.size:
+        return
+    low, high = float(array.min()), float(array.max())
+    if datatype in OIP_INT_RANGES:
+        lo, hi = OIP_INT_RANGES[datatype]
+        if not np.array_equal(array, np.trunc(array)):
+            raise RequestError(f"{where}: {datatype} values must be whole numbers")
+        if data is None:  # the binary extension's values: within the datatype's range as sent
+            return
+        if max(-low, high) < 2**53:  # float64 holds these whole numbers exactly
+            fits = lo <= low and high <= hi
+        else:
+            fits = all(lo <= v <= hi for v in _flat(data))
+        if not fits:
+            raise RequestError(f"{where}: {datatype} values must be within [{lo}, {hi}]")
+    elif datatype == "FP16" and max(-low, high) > FP16_MAX:
+        raise RequestError(f"{where}: FP16 values must be at most {FP16_MAX:g} in size")
+    elif max(-low, high) > FP32_MAX:
+        raise RequestError(f"{where}: values must be finite FP32 numbers (at most about 3.4e38 in size)")
 
 
 def to_model_batch(array: Any, sig: ModelSignature, where: str) -> Any:
@@ -90,6 +213,9 @@ OIP_NUMPY_TYPES = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT8": "i1", "I
                    "UINT64": "<u8"}
 
 
+_LENGTH = re.compile(r"[0-9]{1,15}")
+
+
 def parse_binary_request(raw: bytes, header_length: str, parse_json: Any) -> Any:
     """A request in the binary tensor data extension of the protocol (Triton's, which its
     clients use by default): ``header_length`` bytes of JSON, then the raw data of each input
@@ -98,18 +224,31 @@ def parse_binary_request(raw: bytes, header_length: str, parse_json: Any) -> Any
     inputs' ``data`` filled in (a numpy array, or a list of strings)."""
     import numpy as np
 
-    if not header_length.isdigit() or int(header_length) > len(raw):
-        raise RequestError(f"Inference-Header-Content-Length {header_length!r} does not fit the "
+    if not _LENGTH.fullmatch(header_length) or int(header_length) > len(raw):
+        raise RequestError(f"Inference-Header-Content-Length {_show(header_length)} does not fit the "
                            f"body of {len(raw)} bytes")
     start = int(header_length)
     body = parse_json(raw[:start])
-    for i, tensor in enumerate(body.get("inputs") or [] if isinstance(body, dict) else []):
-        params = tensor.get("parameters") if isinstance(tensor, dict) else None
-        if not isinstance(params, dict) or "binary_data_size" not in params:
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object with an 'inputs' list")
+    inputs = body.get("inputs")
+    for i, tensor in enumerate(inputs if isinstance(inputs, list) else []):
+        if not isinstance(tensor, dict):
             continue
-        size = params.pop("binary_data_size")
-        if not isinstance(size, int) or size < 0 or start + size > len(raw):
-            raise RequestError(f"inputs[{i}].parameters.binary_data_size: {size!r} does not fit the body")
+        params = tensor.get("parameters")
+        if "parameters" in tensor and not isinstance(params, dict):
+            raise RequestError(f"inputs[{i}].parameters must be an object")
+        if params is None or "binary_data_size" not in params:
+            continue
+        given = params.pop("binary_data_size")
+        size = _whole(given)
+        if size is None or size < 0:
+            raise RequestError(f"inputs[{i}].parameters.binary_data_size must be a whole number of "
+                               f"bytes, not {_show(given)}")
+        if start + size > len(raw):
+            raise RequestError(f"inputs[{i}].parameters.binary_data_size: {size} does not fit the body")
+        if "data" in tensor:
+            raise RequestError(f"inputs[{i}]: give its 'data' or parameters.binary_data_size, not both")
         chunk, start = raw[start:start + size], start + size
         datatype = tensor.get("datatype")
         if datatype == "BYTES":
@@ -124,18 +263,30 @@ def parse_binary_request(raw: bytes, header_length: str, parse_json: Any) -> Any
                     raise RequestError(f"inputs[{i}]: BYTES data must be UTF-8 text") from None
                 at += 4 + n
             tensor["data"] = texts
-        elif datatype in OIP_NUMPY_TYPES:
+        elif isinstance(datatype, str) and datatype in OIP_NUMPY_TYPES:
             dtype = np.dtype(OIP_NUMPY_TYPES[datatype])
             if size % dtype.itemsize:
                 raise RequestError(f"inputs[{i}]: {size} bytes are not whole {datatype} values")
             tensor["data"] = np.frombuffer(chunk, dtype=dtype)
         else:
-            raise RequestError(f"inputs[{i}].datatype: {datatype!r} is not an OIP datatype trainyard takes")
+            raise RequestError(f"inputs[{i}].datatype: {_show(datatype)} is not an OIP datatype trainyard takes")
         if not params:
             del tensor["parameters"]
     if start != len(raw):
         raise RequestError(f"{len(raw) - start} bytes after the inputs' binary data")
     return body
+
+
+def _whole(value: Any) -> int | None:
+    """A JSON whole number as an int (``3.0`` is one, as JSON Schema's "integer" counts it);
+    None for anything else (true/false included)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
 
 def oip_to_raw(body: Any, sig: ModelSignature, max_batch: int) -> Any:
@@ -146,7 +297,11 @@ def oip_to_raw(body: Any, sig: ModelSignature, max_batch: int) -> Any:
         raise RequestError("the body must be a JSON object with an 'inputs' list")
     extra = set(body) - {"id", "inputs", "outputs", "parameters"}
     if extra:
-        raise RequestError(f"unknown field(s): {', '.join(sorted(extra))}")
+        raise RequestError(f"unknown field(s): {_fields(extra)}")
+    if "id" in body and not isinstance(body["id"], str):
+        raise RequestError(f"'id' must be a string, not {_json_type(body['id'])}")
+    if "parameters" in body and not isinstance(body["parameters"], dict):
+        raise RequestError("'parameters' must be an object")
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise RequestError("'inputs' must be a list of exactly one tensor")
@@ -158,17 +313,25 @@ def oip_to_raw(body: Any, sig: ModelSignature, max_batch: int) -> Any:
         raise RequestError(f"inputs[0]: missing field(s): {', '.join(missing)}")
     extra = set(tensor) - {"name", "shape", "datatype", "data", "parameters"}
     if extra:
-        raise RequestError(f"inputs[0]: unknown field(s): {', '.join(sorted(extra))}")
-    shape, datatype, data = tensor["shape"], tensor["datatype"], tensor["data"]
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise RequestError(f"inputs[0]: unknown field(s): {_fields(extra)}")
+    if "parameters" in tensor and not isinstance(tensor["parameters"], dict):
+        raise RequestError("inputs[0].parameters must be an object")
+    name, shape, datatype, data = tensor["name"], tensor["shape"], tensor["datatype"], tensor["data"]
+    if name != sig.input_name:
+        raise RequestError(f"inputs[0].name: this model's input is {sig.input_name!r}, not {_show(name)}")
+    dims = list(map(_whole, shape)) if isinstance(shape, list) else [None]
+    if None in dims or any(d < 0 for d in dims):
         raise RequestError("inputs[0].shape must be a list of non-negative integers")
+    shape = dims
     if not shape or shape[0] == 0:
         raise RequestError("inputs[0]: the batch is empty")
     if shape[0] > max_batch:
-        raise RequestError(f"inputs[0]: batch of {shape[0]} is over the limit of {max_batch}", 413)
+        raise RequestError(f"inputs[0]: batch of {_show(shape[0])} is over the limit of {max_batch}", 413)
+    if not isinstance(datatype, str):
+        raise RequestError(f"inputs[0].datatype must be a string (an OIP datatype), not {_json_type(datatype)}")
     if sig.inputs == "text":
         if datatype != "BYTES":
-            raise RequestError(f"inputs[0].datatype: this model takes BYTES (text), not {datatype}")
+            raise RequestError(f"inputs[0].datatype: this model takes BYTES (text), not {_show(datatype)}")
         flat = data if isinstance(data, list) else None
         if flat is None or len(shape) != 1 or len(flat) != shape[0]:
             raise RequestError(f"inputs[0]: expected {shape[0]} strings for shape {shape}")
@@ -176,24 +339,22 @@ def oip_to_raw(body: Any, sig: ModelSignature, max_batch: int) -> Any:
             raise RequestError("inputs[0].data: every element must be a string")
         return check_texts(list(flat), "inputs[0].data")
     if datatype not in OIP_FLOAT_TYPES | OIP_INT_TYPES:
-        raise RequestError(f"inputs[0].datatype: {datatype!r} is not a numeric OIP datatype")
+        raise RequestError(f"inputs[0].datatype: {_show(datatype)} is not a numeric OIP datatype")
     expected = sig.item_shape(len(shape))
     if list(shape[1:]) != expected:
         raise RequestError(f"inputs[0].shape: expected [N, {', '.join(map(str, expected))}], got {shape}")
-    try:
-        array = np.asarray(data, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise RequestError("inputs[0].data: must be numbers (flat or nested)") from None
+    if isinstance(data, np.ndarray):  # the binary extension's: its datatype's values already
+        array, exact = data.astype(np.float64), None
+    else:
+        array, exact = json_numbers(data, "inputs[0].data"), data
     if array.size != math.prod(shape):
         raise RequestError(f"inputs[0].data: {array.size} values do not fill shape {shape}")
-    _finite(array, "inputs[0].data")
+    check_values(array, datatype, "inputs[0].data", exact)
     return to_model_batch(array.reshape(shape), sig, "inputs[0].data")
 
 
 def raw_from_json(body: Any, sig: ModelSignature, max_batch: int) -> Any:
     """The plain JSON route's ``{"inputs": [...]}`` to raw inputs."""
-    import numpy as np
-
     if not isinstance(body, dict) or set(body) != {"inputs"}:
         raise RequestError('the body must be {"inputs": [...]} with nothing else')
     items = body["inputs"]
@@ -207,31 +368,37 @@ def raw_from_json(body: Any, sig: ModelSignature, max_batch: int) -> Any:
         if not all(isinstance(t, str) for t in items):
             raise RequestError("'inputs' must be a list of strings for this model")
         return check_texts(items, "inputs")
-    try:
-        array = np.asarray(items, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise RequestError(f"'inputs' must be a list of arrays of shape {sig.input_shape}") from None
+    array = json_numbers(items, "inputs", ragged=f"'inputs' must be a list of arrays of shape {sig.input_shape}")
     expected = sig.item_shape(array.ndim)
     if list(array.shape[1:]) != expected:
         raise RequestError(f"each input must have shape {expected}, got {list(array.shape[1:])}")
-    _finite(array, "inputs")
+    check_values(array, "FP32", "inputs", items)
     return to_model_batch(array, sig, "inputs")
 
 
 def requested_outputs(body: dict, available: tuple[str, ...]) -> list[str] | None:
     """The output names a request's ``outputs`` list asks for, checked against the model's
-    (None: all of them)."""
-    wanted = body.get("outputs")
-    if wanted is None:
+    (None: all of them). Each output may be asked for once."""
+    if "outputs" not in body:
         return None
+    wanted = body["outputs"]
     if not isinstance(wanted, list) or not all(isinstance(w, dict) and isinstance(w.get("name"), str)
                                                for w in wanted):
         raise RequestError("'outputs' must be a list of objects with a 'name'")
+    for i, w in enumerate(wanted):
+        extra = set(w) - {"name", "parameters"}
+        if extra:
+            raise RequestError(f"outputs[{i}]: unknown field(s): {_fields(extra)}")
+        if "parameters" in w and not isinstance(w["parameters"], dict):
+            raise RequestError(f"outputs[{i}].parameters must be an object")
     names = [w["name"] for w in wanted]
     unknown = [n for n in names if n not in available]
     if unknown:
-        raise RequestError(f"outputs: no output named {', '.join(map(repr, unknown))} "
+        raise RequestError(f"outputs: no output named {', '.join(map(_show, unknown))} "
                            f"(this model has {', '.join(available)})")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise RequestError(f"outputs: {', '.join(map(repr, twice))} asked for more than once")
     return names or None
 
 
@@ -331,16 +498,169 @@ def outputs_to_oip(answers: list[dict], outputs: Any, sig: ModelSignature) -> li
     return [{"name": "value", "datatype": "FP32", "shape": shape, "data": values.reshape(-1).tolist()}]
 
 
-
 def _reject_constant(name: str) -> Any:
     raise RequestError(f"{name} is not valid JSON here: NaN and Infinity are not accepted")
 
 
 def parse_json(raw: bytes) -> Any:
+    """A request body as JSON: UTF-8 text only (RFC 8259; no UTF-16 or UTF-32 guessing), no
+    NaN or Infinity, and nesting too deep for the parser refused like any malformed body."""
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"the body is not UTF-8 text (byte {exc.start} is not valid UTF-8); "
+                           "JSON must be sent as UTF-8") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
     except RequestError:
         raise
+    except RecursionError:
+        raise RequestError("malformed JSON: nested too deeply") from None
     except ValueError as exc:
+        if "integer string conversion" in str(exc):  # Python's guard on 4300-digit integers
+            raise RequestError("malformed JSON: a whole number of more than 4300 digits") from None
         raise RequestError(f"malformed JSON: {exc}") from None
 
+
+
+# The OpenAPI description of one served model's routes: JSON Schema (OpenAPI 3.1) of what
+# the parsers above accept and the answers they give. What JSON Schema cannot say (the data
+# fills the shape exactly) is in the descriptions.
+
+def _nested(leaf: dict, dims: list[int]) -> dict:
+    """Arrays nested as ``dims`` (fixed lengths) around ``leaf``."""
+    schema = leaf
+    for d in reversed(dims):
+        schema = {"type": "array", "items": schema, "minItems": d, "maxItems": d}
+    return schema
+
+
+def _number_schema(datatype: str) -> dict:
+    if datatype in OIP_INT_RANGES:
+        lo, hi = OIP_INT_RANGES[datatype]
+        return {"type": "integer", "minimum": lo, "maximum": hi}
+    bound = FP16_MAX if datatype == "FP16" else FP32_MAX
+    return {"type": "number", "minimum": -bound, "maximum": bound}
+
+
+def _batch_dim(max_items: int) -> dict:
+    return {"type": "integer", "minimum": 1, "maximum": max_items}
+
+
+def _input_tensor_schema(sig: ModelSignature, max_items: int) -> dict:
+    """One OIP input tensor this model takes."""
+    common = {"name": {"const": sig.input_name, "description": "the model's input (its metadata names it)"},
+              "parameters": {"type": "object", "description": "with the binary tensor data extension: "
+                             "binary_data_size, the input's bytes after the JSON"}}
+    required = ["name", "shape", "datatype", "data"]
+    if sig.inputs == "text":
+        return {"type": "object", "required": required, "additionalProperties": False,
+                "description": "N strings (valid Unicode) with shape [N]",
+                "properties": {**common, "datatype": {"const": "BYTES"},
+                               "shape": {"type": "array", "prefixItems": [_batch_dim(max_items)],
+                                         "items": False, "minItems": 1},
+                               "data": {"type": "array", "items": {"type": "string"},
+                                        "minItems": 1, "maxItems": max_items}}}
+    shapes = [{"type": "array", "prefixItems": [_batch_dim(max_items), *({"const": d} for d in item)],
+               "items": False, "minItems": 1 + len(item)} for item in sig.item_shapes()]
+    shape = shapes[0] if len(shapes) == 1 else {"anyOf": shapes}
+    size = math.prod(sig.input_shape)
+    branches = []
+    groups = [["FP32", "FP64"], ["FP16"], *([t] for t in OIP_INT_RANGES)]
+    for types in groups:
+        number = _number_schema(types[0])
+        data = [{"type": "array", "items": number, "minItems": 1, "maxItems": max_items * size,
+                 "description": "flat, in row-major order"}]
+        data += [{"type": "array", "items": _nested(number, item), "minItems": 1, "maxItems": max_items,
+                  "description": "nested as the shape"} for item in sig.item_shapes()]
+        branches.append({"type": "object", "required": required, "additionalProperties": False,
+                         "properties": {**common, "shape": shape, "datatype": {"enum": types},
+                                        "data": {"anyOf": data}}})
+    return {"anyOf": branches,
+            "description": f"a batch of N inputs of shape {sig.input_shape}: shape "
+                           f"{' or '.join(str(['N', *s]) for s in sig.item_shapes())}, and exactly "
+                           "N times as many numbers in data (flat or nested), finite and within "
+                           "the datatype's range (and FP32's: the model computes in FP32)"}
+
+
+def infer_request_schema(sig: ModelSignature, max_items: int) -> dict:
+    """The body of an OIP inference request to this model."""
+    names = [o["name"] for o in sig.output_metadata()]
+    output = {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+        "name": {"enum": names},
+        "parameters": {"type": "object",
+                       "properties": {"binary_data": {"type": "boolean"}},
+                       "propertyNames": {"not": {"pattern": "^(classification$|shared_memory)"}},
+                       "description": "binary_data: true sends this output as raw bytes after the "
+                                      "JSON (the binary tensor data extension)"}}}
+    return {"type": "object", "required": ["inputs"], "additionalProperties": False,
+            "properties": {
+                "id": {"type": "string", "description": "echoed in the response"},
+                "inputs": {"type": "array", "items": _input_tensor_schema(sig, max_items),
+                           "minItems": 1, "maxItems": 1},
+                "outputs": {"type": "array", "items": output, "maxItems": len(names),
+                            "allOf": [{"contains": {"type": "object", "required": ["name"],
+                                                    "properties": {"name": {"const": n}}},
+                                       "minContains": 0, "maxContains": 1} for n in names],
+                            "description": "the outputs to answer with, each at most once (default: all)"},
+                "parameters": {"type": "object",
+                               "properties": {"binary_data_output": {"type": "boolean"}}}}}
+
+
+def _output_tensor_schemas(sig: ModelSignature) -> list[dict]:
+    params = {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}}
+
+    def tensor(name: str, datatype: str, ndim: tuple[int, int], item: dict, shape: str) -> dict:
+        dims = {"type": "array", "items": {"type": "integer", "minimum": 1},
+                "minItems": ndim[0], "maxItems": ndim[1], "description": shape}
+        return {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
+            "name": {"const": name}, "datatype": {"const": datatype}, "shape": dims,
+            "data": {"type": "array", "items": item}, "parameters": params},
+            "description": "data is left out when the output goes as binary data"}
+
+    if sig.task == "classification":
+        return [tensor("label", "BYTES", (1, 1), {"enum": list(sig.classes)}, "[N]"),
+                tensor("probabilities", "FP32", (2, 2), {"type": "number", "minimum": 0, "maximum": 1},
+                       f"[N, {len(sig.classes)}]")]
+    return [tensor("value", "FP32", (1, 2), {"type": "number"}, "[N] or [N, outputs]")]
+
+
+def infer_response_schema(sig: ModelSignature, name: str, version: str) -> dict:
+    """The JSON of an OIP inference response (the header, when outputs go as binary data)."""
+    outputs = _output_tensor_schemas(sig)
+    return {"type": "object", "required": ["model_name", "model_version", "outputs"], "properties": {
+        "model_name": {"const": name}, "model_version": {"const": version},
+        "id": {"type": "string"},
+        "outputs": {"type": "array", "items": outputs[0] if len(outputs) == 1 else {"oneOf": outputs}}}}
+
+
+def predict_request_schema(sig: ModelSignature, max_items: int) -> dict:
+    """The body of the plain JSON route: ``{"inputs": [raw, ...]}``."""
+    if sig.inputs == "text":
+        inputs = {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": max_items}
+    else:
+        forms = [{"type": "array", "items": _nested(_number_schema("FP32"), item), "minItems": 1,
+                  "maxItems": max_items} for item in sig.item_shapes()]
+        inputs = forms[0] if len(forms) == 1 else {"anyOf": forms, "description": "all of one shape"}
+    return {"type": "object", "required": ["inputs"], "additionalProperties": False,
+            "properties": {"inputs": inputs}}
+
+
+def predict_response_schema(sig: ModelSignature, name: str, version: str) -> dict:
+    """The plain JSON route's answer, one prediction per input (the built-in decoding: a plugin's
+    processor may answer with more)."""
+    if sig.task == "classification":
+        prediction = {"type": "object", "properties": {
+            "label": {"enum": list(sig.classes)},
+            "index": {"type": "integer", "minimum": 0, "maximum": max(len(sig.classes) - 1, 0)},
+            "scores": {"type": "object", "properties": {c: {"type": "number"} for c in sig.classes}}}}
+    else:
+        prediction = {"type": "object", "properties": {
+            "value": {"anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]}}}
+    return {"type": "object", "required": ["model_name", "model_version", "predictions"], "properties": {
+        "model_name": {"const": name}, "model_version": {"const": version},
+        "predictions": {"type": "array", "items": prediction}}}
+
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {
+    "error": {"type": "string", "description": "what is wrong, in one line"}}}
