@@ -21,7 +21,8 @@ MODEL_CONFIGS = {"mlp": "mlp_breast_cancer", "cnn": "cnn_digits", "bert": "bert_
 def make_checkpoint(folder: Path, kind: str) -> tuple[Path, list]:
     """A checkpoint of the built-in ``kind`` model (really built, untrained weights: serving
     cost does not depend on them), and a few validation inputs as JSON-ready rows. BERT is
-    the MiniLM checkpoint the tests use (its pretrained weights)."""
+    configs/bert_sentiment.yaml's small BERT built from scratch; serve_throughput.py builds
+    the pretrained MiniLM itself."""
     import torch
 
     from trainyard.checkpoint import write_checkpoint
