@@ -18,18 +18,18 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_CONFIGS = {"mlp": "mlp_breast_cancer", "cnn": "cnn_digits", "bert": "bert_sentiment"}
 
 
-def make_checkpoint(folder: Path, kind: str) -> tuple[Path, list]:
+def make_checkpoint(folder: Path, kind: str, overrides: list[str] | tuple = ()) -> tuple[Path, list]:
     """A checkpoint of the built-in ``kind`` model (really built, untrained weights: serving
     cost does not depend on them), and a few validation inputs as JSON-ready rows. BERT is
-    configs/bert_sentiment.yaml's small BERT built from scratch; serve_throughput.py builds
-    the pretrained MiniLM itself."""
+    configs/bert_sentiment.yaml's small BERT built from scratch, unless ``overrides`` (config
+    key=value) say otherwise, e.g. a pretrained checkpoint."""
     import torch
 
     from trainyard.checkpoint import write_checkpoint
     from trainyard.config import load_config, resolve
     from trainyard.train.data import prepare_data
 
-    cfg = load_config(ROOT / f"configs/{MODEL_CONFIGS[kind]}.yaml", [f"name=bench_{kind}"])
+    cfg = load_config(ROOT / f"configs/{MODEL_CONFIGS[kind]}.yaml", [f"name=bench_{kind}", *overrides])
     job = resolve(cfg)
     data = prepare_data(job)
     torch.manual_seed(0)

@@ -100,24 +100,10 @@ def minilm() -> str:
 
 def build_checkpoint(folder: Path, kind: str) -> tuple[Path, list]:
     """bench/common.py's checkpoint of ``kind``; for BERT, the MiniLM checkpoint's pretrained
-    weights (common.make_checkpoint builds the config's small BERT from scratch)."""
+    weights."""
     if kind != "bert":
         return make_checkpoint(folder, kind)
-    import torch
-    from trainyard.checkpoint import write_checkpoint
-    from trainyard.config import load_config, resolve
-    from trainyard.train.data import prepare_data
-
-    cfg = load_config(ROOT / "configs/bert_sentiment.yaml",
-                      ["name=bench_bert", f"model.params.pretrained={minilm()}", "model.params.max_length=32"])
-    job = resolve(cfg)
-    data = prepare_data(job)
-    torch.manual_seed(0)
-    model = job.model.build(job.model_params, data.info, data.processor)
-    write_checkpoint(folder, job=job, model=model, processor=data.processor, info=data.info,
-                     epoch=0, metrics={}, plugin=job.model.name)
-    raw = job.dataset.load(job.data_params, 0).train.inputs
-    return folder, [str(raw[i]) for i in range(8)]
+    return make_checkpoint(folder, kind, [f"model.params.pretrained={minilm()}", "model.params.max_length=32"])
 
 
 def bare_app(checkpoint: str, options: dict):
