@@ -16,6 +16,7 @@ from trainyard.hookspecs import (
     ModelSpec,
     Processor,
     Split,
+    StreamingData,
 )
 from trainyard.markers import hookimpl
 
@@ -30,6 +31,7 @@ __all__ = [
     "ModelSpec",
     "Processor",
     "Split",
+    "StreamingData",
     "__version__",
     "hookimpl",
 ]

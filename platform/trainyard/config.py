@@ -27,6 +27,8 @@ Scheduler = Literal["asha", "pbt", "none"]
 Mode = Literal["", "max", "min"]
 LRSchedule = Literal["none", "cosine", "linear", "step", "onecycle"]
 Stopper = Literal["none", "plateau"]
+Backend = Literal["auto", "nccl", "gloo"]
+Shuffle = Literal["none", "local", "full"]
 #: Kept a plain string: YAML reads a bare true/false as a boolean.
 USE_GPU = ("auto", "true", "false")
 
@@ -45,6 +47,27 @@ class ModelConfig:
 
 
 @dataclass
+class StreamConfig:
+    """How a streaming dataset (the built-in ``files``, or a plugin's Ray Dataset) reaches
+    the workers. In-memory datasets ignore this section."""
+
+    #: Per epoch: none (file order), local (a buffer of shuffle_buffer rows on each
+    #: worker) or full (a global shuffle of the training rows by Ray Data, every epoch).
+    shuffle: Shuffle = "local"
+    #: Rows in each worker's local shuffle buffer.
+    shuffle_buffer: int = 10000
+    #: Rows the model's processor learns its state from (scaling, vocabulary): a seeded
+    #: random sample of the training split, drawn in one streaming pass.
+    fit_sample: int = 10000
+    #: Batches each worker prepares ahead of the one it trains on.
+    prefetch_batches: int = 2
+    #: Keep the encoded rows in Ray's object store after the first pass: true, false, or
+    #: auto (for a search, whose trials then share one read, when the data is under a
+    #: quarter of the object store; never for a single training run).
+    cache: str = "auto"
+
+
+@dataclass
 class DataConfig:
     #: Name of a dataset a plugin registers.
     name: str = MISSING
@@ -52,6 +75,7 @@ class DataConfig:
     params: dict[str, Any] = field(default_factory=dict)
     #: Share of the training split held out for validation when the dataset has none.
     val_fraction: float = 0.2
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
 
 @dataclass
@@ -106,6 +130,9 @@ class ScalingConfig:
     gpus_per_worker: float = 1.0
     #: Extra custom Ray resources per worker, e.g. {accelerator_type:H100: 0.01}.
     resources_per_worker: dict[str, float] = field(default_factory=dict)
+    #: The DDP process group: auto (NCCL on GPUs, gloo on CPUs), nccl or gloo. gloo on
+    #: GPUs lets several workers share one GPU (gpus_per_worker=0.5), which NCCL refuses.
+    backend: Backend = "auto"
 
 
 @dataclass
@@ -388,6 +415,10 @@ def _check_values(cfg: DictConfig) -> None:
             f"({t.batch_size}) must be at least scaling.num_workers ({s.num_workers})",
         ),
         (0 < cfg.data.val_fraction < 1, "data.val_fraction", "must be between 0 and 1"),
+        (cfg.data.stream.shuffle_buffer >= 1, "data.stream.shuffle_buffer", "must be at least 1"),
+        (cfg.data.stream.fit_sample >= 1, "data.stream.fit_sample", "must be at least 1"),
+        (cfg.data.stream.prefetch_batches >= 0, "data.stream.prefetch_batches", "must not be negative"),
+        (str(cfg.data.stream.cache).lower() in USE_GPU, "data.stream.cache", "must be auto, true or false"),
         (c.num_to_keep >= 1, "checkpoint.num_to_keep", "must be at least 1"),
         (c.max_failures >= -1, "checkpoint.max_failures", "must be -1 (unlimited) or more"),
     ]
@@ -498,10 +529,11 @@ def resolve(cfg: DictConfig, registry: Any = None) -> ResolvedJob:
     model_params = typed_params(model.params, cfg.model.params, "model.params")
     data_params = typed_params(dataset.params, cfg.data.params, "data.params")
     task = dataset.task(data_params) if callable(dataset.task) else dataset.task
-    if dataset.inputs not in model.inputs:
+    inputs = dataset.inputs(data_params) if callable(dataset.inputs) else dataset.inputs
+    if inputs not in model.inputs:
         raise ConfigError(
             f"model.name: model {model.name!r} takes {'/'.join(model.inputs)} inputs, but "
-            f"dataset {dataset.name!r} gives {dataset.inputs} inputs"
+            f"dataset {dataset.name!r} gives {inputs} inputs"
         )
     if not cfg.train.metrics:  # the metric plugins say which are reported by default
         cfg.train.metrics = [m.name for m in registry.metrics.values()

@@ -86,6 +86,41 @@ class Split:
 
 
 @dataclass
+class StreamingData:
+    """What a streaming dataset's ``load`` returns (a :class:`DatasetSpec` with
+    ``streaming=True``): Ray Datasets, read lazily and streamed to the training workers,
+    instead of arrays held in memory.
+
+    Each row has two columns:
+
+    - ``input``: one raw example as :class:`Split` holds them: a float vector
+      ``[n_features]`` (features), an array ``[C, H, W]`` or ``[H, W]`` (image) or a string
+      (text);
+    - ``target``: the class index (int) or the regression target(s) (float, or a float
+      vector).
+
+    :param info: the dataset's :class:`DataInfo` (classes must be known: take them from the
+        config, from the folder names, or from a streaming aggregate such as
+        ``ds.unique("label")``, never by loading the rows).
+    :param train: a ``ray.data.Dataset`` of the training rows.
+    :param val: a ``ray.data.Dataset`` of the validation rows, or ``None`` to let trainyard
+        hold out ``data.val_fraction`` of ``train`` (by a seeded hash of each row's input, so
+        every pass and every worker agrees on the split without loading it).
+    :param rows: the number of rows of ``train``, when it is known without reading it
+        (Parquet metadata); ``None``: trainyard counts them.
+    :param size_bytes: an estimate of ``train``'s size in memory (e.g. from the files'
+        sizes), when known without reading it; a search keeps data under a quarter of the
+        object store cached (``data.stream.cache: auto``). ``None``: unknown, not cached.
+    """
+
+    info: DataInfo
+    train: Any
+    val: Any = None
+    rows: int | None = None
+    size_bytes: int | None = None
+
+
+@dataclass
 class LoadedData:
     """What a dataset's ``load`` returns.
 
@@ -199,20 +234,25 @@ class DatasetSpec:
     :param name: unique name, used as ``data.name`` in configs.
     :param load: ``load(params, seed) -> LoadedData``. Called on each training worker, so
         it reads local files or the plugin's package data, never something only the driver
-        has.
-    :param inputs: the raw input kind it yields (``features``, ``image`` or ``text``).
+        has. With ``streaming=True``: ``load(params, seed) -> StreamingData``, called once,
+        on the driver, which hands each worker its own shard as a stream.
+    :param inputs: the raw input kind it yields (``features``, ``image`` or ``text``), or
+        ``inputs(params) -> str`` when the params decide.
     :param task: ``classification`` or ``regression``, or ``task(params) -> str`` when the
         params decide (e.g. a CSV file of either kind).
     :param params: a dataclass type for ``data.params``, validated like model params.
     :param description: one line for ``trainyard plugins``.
+    :param streaming: ``load`` returns :class:`StreamingData` (Ray Datasets) rather than
+        :class:`LoadedData`: for data that does not fit in a worker's memory.
     """
 
     name: str
     load: Callable[[Any, int], LoadedData]
-    inputs: str
+    inputs: str | Callable[[Any], str]
     task: str | Callable[[Any], str] = "classification"
     params: type | None = None
     description: str = ""
+    streaming: bool = False
 
 
 @dataclass

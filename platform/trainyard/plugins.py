@@ -429,7 +429,11 @@ def _validate_spec(kind: str, spec_type: type, spec: Any) -> str | None:
     elif kind == "dataset":
         checks = [
             (callable(spec.load), "load must be callable"),
-            (spec.inputs in hookspecs.INPUT_KINDS, f"inputs must be one of {hookspecs.INPUT_KINDS}"),
+            (
+                callable(spec.inputs) or spec.inputs in hookspecs.INPUT_KINDS,
+                f"inputs must be one of {hookspecs.INPUT_KINDS} or a callable",
+            ),
+            (isinstance(spec.streaming, bool), "streaming must be True or False"),
             (
                 callable(spec.task) or spec.task in hookspecs.TASKS,
                 f"task must be one of {hookspecs.TASKS} or a callable",

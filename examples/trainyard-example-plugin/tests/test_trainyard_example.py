@@ -1,5 +1,6 @@
 """The example plugin's own tests, as a plugin author writes them: the conformance check
-on the installed plugin, plus a test of each thing it provides. No Ray is started."""
+on the installed plugin, plus a test of each thing it provides. The conformance check reads
+a few rows of the streaming dataset, which starts an embedded Ray (or uses the one running)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ PLUGIN = "example"  # the entry-point name in pyproject.toml
 def test_the_example_plugin_conforms_to_the_trainyard_contract():
     results = assert_conforms(PLUGIN)
     checked = {(r.kind, r.entry) for r in results if r.status == "passed"}
-    assert {("model", "resmlp"), ("dataset", "wine"), ("metric", "balanced_accuracy")} <= checked
+    assert {("model", "resmlp"), ("dataset", "wine"), ("dataset", "spirals"),
+            ("metric", "balanced_accuracy")} <= checked
     assert all(r.status == "passed" for r in results)
 
 

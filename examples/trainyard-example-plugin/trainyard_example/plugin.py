@@ -6,6 +6,9 @@ It provides:
   processor (standardisation learnt from the training split, saved with the checkpoint);
 - the dataset ``wine``: scikit-learn's wine recognition set (178 rows, 13 features, 3
   cultivars), shipped with scikit-learn, so it loads offline;
+- the streaming dataset ``spirals``: two interleaved spirals of any number of rows, made
+  by Ray Data tasks and streamed to the training workers (a ``ray.data.Dataset``, never
+  held in memory whole: the way to hand trainyard data larger than a worker's memory);
 - the metric ``balanced_accuracy``: the mean of the per-class recalls.
 
 It imports only trainyard's public contract (``from trainyard import ...``); torch is
@@ -25,6 +28,7 @@ from trainyard import (
     ModelSpec,
     Processor,
     Split,
+    StreamingData,
     hookimpl,
 )
 
@@ -117,6 +121,43 @@ def load_wine(params, seed: int) -> LoadedData:
     return LoadedData(info, Split(bunch.data.astype(np.float32), bunch.target.astype(np.int64)))
 
 
+# -- dataset: spirals (streaming) -------------------------------------------------------
+
+
+@dataclass
+class SpiralParams:
+    #: Rows of the training stream (trainyard holds out data.val_fraction of them).
+    rows: int = 20000
+    #: Gaussian noise added to each point.
+    noise: float = 0.05
+
+    def __post_init__(self):
+        if self.rows < 10:
+            raise ValueError("rows must be at least 10")
+
+
+def spiral_rows(batch: dict, noise: float) -> dict:
+    """Rows ``batch["id"]`` of the spirals: ``input`` (x, y) and ``target`` (0 or 1). Each row
+    depends on its id alone, so every pass over the stream makes the same rows."""
+    ids = batch["id"].astype(np.int64)
+    label = ids % 2
+    t = (ids // 2 % 1000) / 1000 * 3 * np.pi + 0.5
+    sign = np.where(label == 1, 1.0, -1.0)
+    jitter = np.random.default_rng(ids[:1].tolist() or [0]).normal(0, noise, size=(len(ids), 2))
+    points = np.stack([sign * t * np.cos(t), sign * t * np.sin(t)], axis=1) / 10 + jitter
+    return {"input": points.astype(np.float32), "target": label}
+
+
+def load_spirals(params: SpiralParams, seed: int) -> StreamingData:
+    import ray.data
+
+    info = DataInfo(task="classification", inputs="features", classes=["inner", "outer"],
+                    input_shape=[2], feature_names=["x", "y"])
+    # Lazy: nothing is made until trainyard streams it; rows known without reading.
+    rows = ray.data.range(params.rows).map_batches(spiral_rows, fn_kwargs={"noise": params.noise})
+    return StreamingData(info, rows, rows=params.rows)
+
+
 # -- metric: balanced_accuracy ---------------------------------------------------------
 
 
@@ -151,6 +192,14 @@ def register_datasets(register):
         inputs="features",
         task="classification",
         description="scikit-learn's wine recognition set (178 rows, 13 features, 3 classes)",
+    ))
+    register(DatasetSpec(
+        name="spirals",
+        load=load_spirals,
+        inputs="features",
+        params=SpiralParams,
+        streaming=True,
+        description="Two spirals of any size, streamed by Ray Data (example plugin)",
     ))
 
 

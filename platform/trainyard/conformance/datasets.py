@@ -47,11 +47,14 @@ def check_params(plugin: Plugin, run: DatasetRun) -> str:
 
 
 def check_load(run: DatasetRun) -> str:
-    """``load`` gives a LoadedData."""
+    """``load`` gives a LoadedData (a StreamingData for a streaming dataset)."""
     data = run.spec.load(run.params, 0)
-    if not isinstance(data, hookspecs.LoadedData):
-        raise CheckFailed(f"load returned a {type(data).__name__}, expected a trainyard.LoadedData")
+    expected = hookspecs.StreamingData if run.spec.streaming else hookspecs.LoadedData
+    if not isinstance(data, expected):
+        raise CheckFailed(f"load returned a {type(data).__name__}, expected a trainyard.{expected.__name__}")
     run.data = data
+    if isinstance(data, hookspecs.StreamingData):
+        return "a stream (Ray Dataset)" + (", with a validation stream" if data.val is not None else "")
     val = f", {len(data.val)} validation" if data.val is not None else ""
     return f"{len(data.train)} training examples{val}"
 
@@ -60,8 +63,17 @@ def check_contents(run: DatasetRun) -> str:
     """The loaded DataInfo agrees with the spec, and each split with the DataInfo."""
     data = run.data
     info = data.info
-    _check_info(run.spec, run.task, info)
-    for split_name, split in (("train", data.train), ("val", data.val)):
+    _check_info(run.spec, run.task, info, run.params)
+    splits = (("train", data.train), ("val", data.val))
+    if isinstance(data, hookspecs.StreamingData):  # a few rows of each stream, as a Split
+        from trainyard.runtime.cluster import init_ray
+        from trainyard.train.stream import head_split, quiet_ray_data
+
+        init_ray()  # reading a stream needs Ray: the running one, or an embedded one
+        quiet_ray_data()
+
+        splits = tuple((name, head_split(ds, info, 16) if ds is not None else None) for name, ds in splits)
+    for split_name, split in splits:
         if split is None:
             continue
         problem = split_problem(split, info)
@@ -72,12 +84,13 @@ def check_contents(run: DatasetRun) -> str:
     return f"{info.task}, {info.inputs}{shape}{classes}"
 
 
-def _check_info(spec: hookspecs.DatasetSpec, task: str, info: Any) -> None:
+def _check_info(spec: hookspecs.DatasetSpec, task: str, info: Any, params: Any = None) -> None:
     """The loaded DataInfo is one, with the spec's inputs and task (and classes to classify)."""
     if not isinstance(info, hookspecs.DataInfo):
         raise CheckFailed(f"LoadedData.info is a {type(info).__name__}, expected a trainyard.DataInfo")
-    if info.inputs != spec.inputs:
-        raise CheckFailed(f"the spec declares inputs {spec.inputs!r} but the loaded "
+    declared = spec.inputs(params) if callable(spec.inputs) else spec.inputs
+    if info.inputs != declared:
+        raise CheckFailed(f"the spec declares inputs {declared!r} but the loaded "
                           f"DataInfo says {info.inputs!r}")
     if info.task != task:
         raise CheckFailed(f"the spec declares task {task!r} but the loaded DataInfo says {info.task!r}")

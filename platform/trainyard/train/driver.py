@@ -33,15 +33,24 @@ class TrainResult:
     stopped_early_at: int | None = None
 
 
-def make_trainer(cfg: Any, loop_config: dict, name: str, storage: str, callbacks: list | None = None):
-    """The TorchTrainer for a job: workers, resources, failures and checkpoints from ``cfg``."""
+def make_trainer(cfg: Any, loop_config: dict, name: str, storage: str, callbacks: list | None = None,
+                 datasets: dict | None = None):
+    """The TorchTrainer for a job: workers, resources, failures and checkpoints from ``cfg``;
+    ``datasets``: a streamed dataset's train and val streams, which Ray Train shards."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu, resources = worker_resources(cfg)
+    backend = cfg.scaling.backend
+    streams: dict = {}
+    if datasets is not None:
+        from trainyard.train.stream import data_config
+
+        streams = {"datasets": datasets, "dataset_config": data_config()}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        torch_config=TorchConfig(backend=None if backend == "auto" else backend),
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
@@ -52,6 +61,7 @@ def make_trainer(cfg: Any, loop_config: dict, name: str, storage: str, callbacks
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             callbacks=callbacks or [],
         ),
+        **streams,
     )
 
 
@@ -119,12 +129,17 @@ def run_training(
     run_dir = Path(storage) / cfg.name if "://" not in storage else None
     init_ray(address)
     check_workers_fit(cfg)
+    datasets = None
+    loop_config: dict = {"config": OmegaConf.to_container(cfg, resolve=True)}
+    if job.dataset.streaming:  # read lazily by Ray Data; the driver holds a sample only
+        from trainyard.train.stream import check_data_cpus, prepare_stream
+
+        check_data_cpus(cfg, cfg.scaling.num_workers)
+        stream = prepare_stream(job)
+        loop_config["stream"], datasets = stream.meta, {"train": stream.train, "val": stream.val}
 
     sink = ProgressSink.remote()
-    loop_config: dict = {
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "progress": sink,
-    }
+    loop_config["progress"] = sink
     if run_dir is not None:
         _check_resumable(run_dir, cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +150,7 @@ def run_training(
     if tracker is not None:
         tracker.start(log.history if log is not None else [])
     try:
-        result, final = _fit(cfg, job, loop_config, storage, sink, run_dir, log, tracker, on_event)
+        result, final = _fit(cfg, job, loop_config, storage, sink, run_dir, log, tracker, on_event, datasets)
     except BaseException as exc:
         if tracker is not None:
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
@@ -166,11 +181,11 @@ def _report(cfg: Any, run_dir: Path | None, log: "_MetricsLog | None", result: "
 
 
 def _fit(cfg: Any, job: Any, loop_config: dict, storage: str, sink: Any, run_dir: Path | None,
-         log: "_MetricsLog | None", tracker: Any, on_event: Callable[[dict], None] | None
-         ) -> tuple[TrainResult, Any]:
+         log: "_MetricsLog | None", tracker: Any, on_event: Callable[[dict], None] | None,
+         datasets: dict | None = None) -> tuple[TrainResult, Any]:
     """Run the trainer, following its progress until it ends; the result and Ray's final
     checkpoint (on any storage)."""
-    trainer = make_trainer(cfg, loop_config, cfg.name, storage)
+    trainer = make_trainer(cfg, loop_config, cfg.name, storage, datasets=datasets)
     outcome: dict = {}
 
     def fit() -> None:

@@ -24,6 +24,7 @@ import numpy as np
 from trainyard.batches import call_model, take, to_device
 from trainyard.config import ResolvedJob, resolve
 from trainyard.train.data import Prepared, epoch_batches, prepare_data
+from trainyard.train.stream import StreamMeta, steps_per_epoch, train_batches, val_batches
 from trainyard.train.schedule import EarlyStopping, apply_hyperparameters, make_scheduler, optimizer_steps
 
 
@@ -67,6 +68,12 @@ class TrainSession:
         import ray.train
 
         return ray.train.get_checkpoint()
+
+    def dataset_shard(self, name: str):
+        """This worker's shard of a streamed dataset (Ray Train splits it)."""
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.train
@@ -128,11 +135,29 @@ def autocast_dtype(cfg: Any, device: Any) -> Any:
 
 
 @dataclass
+class Streamed:
+    """A streamed dataset on one worker: the driver's fitted processor and this worker's
+    shards (Ray Data iterators, each epoch a new pass)."""
+
+    meta: StreamMeta
+    train: Any
+    val: Any
+
+    @property
+    def info(self) -> Any:
+        return self.meta.info
+
+    @property
+    def processor(self) -> Any:
+        return self.meta.processor
+
+
+@dataclass
 class Trainee:
     """What one worker trains with, made once before the first epoch."""
 
     job: ResolvedJob
-    data: Prepared
+    data: Prepared | Streamed
     model: Any
     optimizer: Any
     device: Any
@@ -152,7 +177,7 @@ def run_loop(loop_config: dict, session: Session) -> None:
     cfg = OmegaConf.create(loop_config["config"])
     registry = get_registry()
     job = resolve(cfg, registry)
-    t = setup(job, session)
+    t = setup(job, session, _streamed(loop_config, session))
     plugin = registry.owner("model", cfg.model.name)
     progress = loop_config.get("progress")
 
@@ -165,9 +190,13 @@ def run_loop(loop_config: dict, session: Session) -> None:
     if t.start_epoch >= cfg.train.epochs:
         emit({"type": "done_before", "epoch": t.start_epoch - 1})
     for epoch in range(t.start_epoch, cfg.train.epochs):
-        trained = train_epoch(t, session, epoch, emit)
-        metrics = {**evaluate(job, t.model, t.data, t.device, session.rank, session.world, t.amp_dtype),
-                   **trained}
+        if isinstance(t.data, Streamed):
+            trained = train_epoch_stream(t, session, epoch, emit)
+            checked = evaluate_stream(job, t.model, t.data, t.device, session.world, t.amp_dtype)
+        else:
+            trained = train_epoch(t, session, epoch, emit)
+            checked = evaluate(job, t.model, t.data, t.device, session.rank, session.world, t.amp_dtype)
+        metrics = {**checked, **trained}
         emit({"type": "epoch_end", "epoch": epoch, "metrics": metrics})
         stop = t.stopping is not None and t.stopping.update(metrics[f"val_{job.monitor}"])
         save_and_report(t, session, epoch, metrics, plugin)
@@ -175,6 +204,19 @@ def run_loop(loop_config: dict, session: Session) -> None:
             emit({"type": "early_stop", "epoch": epoch, "monitor": f"val_{job.monitor}",
                   "best": t.stopping.best, "patience": cfg.train.patience})
             return
+
+
+def _streamed(loop_config: dict, session: Session) -> Streamed | None:
+    """The worker's streams: its shards from Ray Train, or (a one-worker Tune trial, which
+    has no trainer to split them) the whole streams the driver passed."""
+    meta = loop_config.get("stream")
+    if meta is None:
+        return None
+    shard = getattr(session, "dataset_shard", None)
+    if shard is not None:
+        return Streamed(meta, shard("train"), shard("val"))
+    streams = loop_config["datasets"]
+    return Streamed(meta, streams["train"].iterator(), streams["val"].iterator())
 
 
 def load_restored_weights(directory: str, model: Any) -> None:
@@ -221,13 +263,13 @@ def _where(rank: int, device: Any) -> dict:
             "host": socket.gethostname(), "pid": os.getpid(), "device": str(device)}
 
 
-def setup(job: ResolvedJob, session: Session) -> Trainee:
+def setup(job: ResolvedJob, session: Session, streamed: Streamed | None = None) -> Trainee:
     """Data, model and optimizer on this worker, restored from the session's checkpoint."""
     import torch
 
     cfg = job.config
     torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
-    data = prepare_data(job)
+    data = streamed if streamed is not None else prepare_data(job)
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker, for any W
     model = job.model.build(job.model_params, data.info, data.processor)
     device = session.device()
@@ -248,8 +290,11 @@ def setup(job: ResolvedJob, session: Session) -> Trainee:
     optimizer = make_optimizer(cfg, model)
     if "optimizer" in saved:
         optimizer.load_state_dict(saved["optimizer"])
-    steps_per_epoch = optimizer_steps(len(data.y_train), cfg, session.world)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
+    if streamed is not None:
+        epoch_steps = steps_per_epoch(streamed.meta, cfg, session.world)
+    else:
+        epoch_steps = optimizer_steps(len(data.y_train), cfg, session.world)
+    scheduler = make_scheduler(cfg, optimizer, epoch_steps)
     if scheduler is not None and "scheduler" in saved:
         scheduler.load_state_dict(saved["scheduler"])  # resume continues the schedule
     if checkpoint is not None:
@@ -299,6 +344,76 @@ def train_epoch(t: Trainee, session: Session, epoch: int, emit: Callable[[dict],
     return {"epoch": epoch, "train_loss": float(total_loss) / max(seen, 1),
             "train_samples_per_s": seen / train_time if train_time > 0 else 0.0,
             "lr": t.optimizer.param_groups[0]["lr"]}
+
+
+def train_epoch_stream(t: Trainee, session: Session, epoch: int, emit: Callable[[dict], None]) -> dict:
+    """One pass over this worker's shard of a streamed training split. Shards are equal,
+    so every worker takes the same steps; each step's local batch is batch_size / W rows,
+    and DDP's mean of the workers' mean losses is the global batch's mean loss."""
+    import torch
+
+    cfg, world = t.job.config, session.world
+    criterion = loss_fn(t.job.task)
+    on_gpu = t.device.type == "cuda"
+    grad_clip = cfg.train.grad_clip
+    accum = cfg.train.grad_accum_steps
+    t.model.train()
+    steps = steps_per_epoch(t.data.meta, cfg, world)
+    emit({"type": "epoch_start", "epoch": epoch, "batches": steps,
+          "resumed": epoch == t.start_epoch and epoch > 0})
+    total_loss = torch.zeros((), device=t.device) if on_gpu else 0.0
+    seen, last_emit, started = 0, 0.0, time.perf_counter()
+    for step, (x, y) in enumerate(train_batches(t.data.train, t.data.meta, cfg, world, epoch)):
+        x, y = to_device(x, t.device), y.to(t.device, non_blocking=True)
+        rows = len(y)
+        if accum == 1:
+            loss = _stream_loss(t, criterion, x, y)
+            backward(t, loss)
+        else:
+            import contextlib
+
+            t.optimizer.zero_grad(set_to_none=True)
+            chunks = [i for i in torch.arange(rows).chunk(accum) if len(i)]
+            loss = 0.0
+            for i, index in enumerate(chunks):
+                part = _stream_loss(t, criterion, take(x, index), y[index]) * (len(index) / rows)
+                no_sync = getattr(t.model, "no_sync", None)
+                last = i == len(chunks) - 1
+                with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                    (t.scaler.scale(part) if t.scaler is not None else part).backward()
+                loss = loss + part.detach()
+        optimizer_step(t, grad_clip)
+        total_loss += loss.detach() * rows if on_gpu else float(loss.detach()) * rows
+        seen += rows
+        now = time.perf_counter()
+        if now - last_emit > 0.5:
+            last_emit = now
+            emit({"type": "step", "epoch": epoch, "step": step + 1, "loss": float(total_loss) / max(seen, 1)})
+    train_time = time.perf_counter() - started
+    # Every worker's shard is as large: the epoch's global rows are seen x W.
+    return {"epoch": epoch, "train_loss": float(total_loss) / max(seen, 1),
+            "train_samples_per_s": seen * world / train_time if train_time > 0 else 0.0,
+            "lr": t.optimizer.param_groups[0]["lr"], "rss_peak_mb": _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> float:
+    """This worker's peak resident memory so far (what streaming keeps bounded)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def _stream_loss(t: Trainee, criterion: Callable, x: Any, y: Any) -> Any:
+    import torch
+
+    if t.amp_dtype is None:
+        out = call_model(t.model, x)
+    else:
+        with torch.autocast(t.device.type, dtype=t.amp_dtype):
+            out = call_model(t.model, x)
+    return criterion(out, y, "mean")
 
 
 def forward_loss(t: Trainee, criterion: Callable, rows: Any, global_size: int, world: int,
@@ -389,6 +504,37 @@ def evaluate(job, model, data, device, rank: int, world: int, amp_dtype=None) ->
     else:
         full = local
     return compute_metrics(job, data.info, full, data.y_val.numpy())
+
+
+def evaluate_stream(job, model, data: Streamed, device, world: int, amp_dtype=None) -> dict:
+    """Validation metrics over a streamed validation split: each worker evaluates its shard
+    (every row is in exactly one), and the outputs and targets of all are gathered, so the
+    metrics are the one-process values."""
+    import torch
+    import torch.distributed as dist
+
+    model.eval()
+    outputs, targets = [], []
+    with torch.inference_mode():
+        for x, y in val_batches(data.val, data.meta, job.config):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                outputs.append(call_model(model, to_device(x, device)).float().cpu().numpy())
+            targets.append(y.cpu().numpy())
+    width = data.info.num_outputs
+    local = (np.concatenate(outputs) if outputs else np.zeros((0, width), np.float32),
+             np.concatenate(targets) if targets else np.zeros((0,), np.int64 if job.task == "classification" else np.float32))
+    if world > 1 and dist.is_initialized():
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, local)
+        parts = [g for g in gathered if len(g[0])]
+        full = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])) if parts else local
+    else:
+        full = local
+    if not len(full[0]):
+        from trainyard.errors import TrainingError
+
+        raise TrainingError(f"dataset {job.dataset.name!r}: the validation split is empty")
+    return compute_metrics(job, data.info, full[0], full[1])
 
 
 def save_and_report(t: Trainee, session: Session, epoch: int, metrics: dict, plugin: str) -> None:

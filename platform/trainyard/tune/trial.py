@@ -8,6 +8,7 @@ reports reach Tune through ``TuneReportCallback``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,11 +44,37 @@ class TuneTrialSession:
         ray.tune.report(metrics, checkpoint=checkpoint)
 
 
-def trial_fn(values: dict, job: dict | None = None) -> None:
-    """One Tune trial: the job with this trial's values, trained and reported per epoch."""
+def search_stream(cfg: DictConfig, concurrent: int | None) -> Any:
+    """A streamed dataset's encoded streams, prepared once on the search's driver and shared
+    by every trial (kept in the object store after the first pass when
+    ``data.stream.cache`` says so); None for an in-memory dataset. ``concurrent``: the
+    most trials running at once (None: as many as fit)."""
+    from trainyard.config import resolve
+    from trainyard.errors import ConfigError
+    from trainyard.train.stream import check_data_cpus, prepare_stream
+
+    job = resolve(apply_values(cfg, {}))
+    if not job.dataset.streaming:
+        return None
+    if any(str(key).startswith("data.") for key in cfg.tune.space):
+        raise ConfigError(f"tune.space: dataset {job.dataset.name!r} is streamed, read once for the "
+                          "whole search, so its data.* keys cannot vary between trials")
+    check_data_cpus(cfg, (concurrent or 1) * cfg.scaling.num_workers)
+    return prepare_stream(job, search=True)
+
+
+def trial_fn(values: dict, job: dict | None = None, stream: Any = None) -> None:
+    """One Tune trial: the job with this trial's values, trained and reported per epoch.
+    ``stream``: a streamed dataset's streams (see :func:`search_stream`)."""
     cfg = apply_values(OmegaConf.create(job), values)
-    loop_config = {"config": OmegaConf.to_container(cfg, resolve=True)}
+    loop_config: dict = {"config": OmegaConf.to_container(cfg, resolve=True)}
+    datasets = None
+    if stream is not None:
+        datasets = {"train": stream.train, "val": stream.val}
+        loop_config["stream"] = stream.meta
     if cfg.scaling.num_workers == 1:
+        if datasets is not None:
+            loop_config["datasets"] = datasets
         run_loop(loop_config, TuneTrialSession())
         return
     import ray.tune
@@ -58,7 +85,7 @@ def trial_fn(values: dict, job: dict | None = None) -> None:
     context = ray.tune.get_context()
     trainer = make_trainer(cfg, loop_config, context.get_trial_id(),
                            str(Path(context.get_trial_dir()).parent / "_train"),
-                           callbacks=[TuneReportCallback()])
+                           callbacks=[TuneReportCallback()], datasets=datasets)
     trainer.fit()
 
 

@@ -1,0 +1,311 @@
+"""``files``: train on files without writing a plugin, streamed by Ray Data.
+
+A local file, folder or glob, or an object-storage URI (``s3://bucket/table/*.parquet``,
+``gs://...``), read through pyarrow's filesystems, in one of four formats:
+
+- ``parquet``, ``csv``: one row per example; feature columns (or a ``text`` column) and a
+  ``label`` column;
+- ``jsonl``: JSON Lines, the same columns (typically ``text`` and ``label``);
+- ``images``: a folder with one sub-folder per class (``root/cat/1.png``, ...).
+
+Nothing is read in full on the driver: the schema and the class names (a streaming
+``unique`` over the label column, unless ``classes`` names them) are checked before the
+workers start, and the rows stream to each worker's shard.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from trainyard import DataInfo, DatasetSpec, StreamingData, hookimpl
+
+FORMATS = ("parquet", "csv", "jsonl", "images")
+EXTENSIONS = {
+    "parquet": (".parquet", ".pq"),
+    "csv": (".csv", ".csv.gz", ".csv.bz2"),
+    "jsonl": (".jsonl", ".json", ".jsonl.gz", ".ndjson"),
+    "images": (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"),
+}
+
+
+@dataclass
+class FilesParams:
+    #: A file, a folder (every file of the format under it) or a glob; local, or a URI
+    #: such as s3://bucket/table/*.parquet.
+    uri: str = ""
+    #: parquet | csv | jsonl | images
+    format: str = "parquet"
+    #: classification or regression.
+    task: str = "classification"
+    #: The label (classification) or target (regression) column. Images: the class is
+    #: the name of the image's folder.
+    label: str = "label"
+    #: Feature columns; empty: every numeric column but the label (features input).
+    features: list[str] | None = None
+    #: A text column: the examples are texts (for BERT) rather than feature rows.
+    text: str = ""
+    #: Files of the validation split (same format and columns); empty: trainyard holds out
+    #: data.val_fraction of the rows.
+    val_uri: str = ""
+    #: Class names, in index order; empty: the sorted distinct labels (one streaming pass
+    #: over the label column) or, for images, the sorted folder names.
+    classes: list[str] | None = None
+    #: Images: [height, width] every image is resized to; empty: the first image's size.
+    image_size: list[int] | None = None
+    #: Images: RGB (3 channels) or L (grayscale, 1 channel).
+    image_mode: str = "RGB"
+
+    def __post_init__(self):
+        if not self.uri:
+            raise ValueError("uri: give the files to read (a file, folder, glob or s3:// URI)")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)} (got {self.format!r})")
+        if self.task not in ("classification", "regression"):
+            raise ValueError("task must be classification or regression")
+        if self.format == "images" and self.task != "classification":
+            raise ValueError("format images: the task is classification (one folder per class)")
+        if self.image_mode not in ("RGB", "L"):
+            raise ValueError("image_mode must be RGB or L")
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise ValueError("image_size must be [height, width]")
+
+
+def input_kind(params: FilesParams) -> str:
+    if params.format == "images":
+        return "image"
+    return "text" if params.text else "features"
+
+
+# --------------------------------------------------------------------------------------
+# Finding the files
+# --------------------------------------------------------------------------------------
+
+
+def _filesystem(uri: str):
+    import pyarrow.fs
+
+    if "://" not in uri:
+        uri = str(Path(uri).expanduser().resolve())
+    try:
+        return pyarrow.fs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{uri}: cannot open ({_line(exc)})") from None
+
+
+def _line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def find_files(uri: str, fmt: str):
+    """``(filesystem, paths)`` of the files ``uri`` names: a file, the files of the format
+    under a folder, or the matches of a glob (``*``, ``?``, ``[``)."""
+    import pyarrow.fs
+
+    glob = any(c in uri for c in "*?[")
+    base = uri
+    if glob:
+        head = uri.split("://", 1)[-1]
+        cut = min(head.find(c) for c in "*?[" if c in head)
+        base = uri[: len(uri) - len(head) + head.rfind("/", 0, cut) + 1] or "."
+    fs, inner = _filesystem(base)
+    try:
+        info = fs.get_file_info(inner)
+        if info.type == pyarrow.fs.FileType.NotFound:
+            raise ValueError(f"{uri}: no such file or folder")
+        if info.type == pyarrow.fs.FileType.File and not glob:
+            if not inner.lower().endswith(EXTENSIONS[fmt]):
+                raise ValueError(f"{uri}: not a {fmt} file ({', '.join(EXTENSIONS[fmt])}); is "
+                                 f"data.params.format right?")
+            return fs, [inner]
+        listing = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True))
+    except OSError as exc:
+        raise ValueError(f"{uri}: cannot read ({_line(exc)})") from None
+    files = sorted(i.path for i in listing if i.type == pyarrow.fs.FileType.File
+                   and not i.base_name.startswith((".", "_")))
+    if glob:
+        _, pattern = _filesystem(uri) if "://" in uri else (None, str(Path(uri).expanduser().resolve()))
+        files = [f for f in files if fnmatch.fnmatchcase(f, pattern)]
+    else:
+        files = [f for f in files if f.lower().endswith(EXTENSIONS[fmt])]
+    if not files:
+        what = "matches no file" if glob else f"holds no {fmt} file ({', '.join(EXTENSIONS[fmt])})"
+        raise ValueError(f"{uri}: {what}")
+    return fs, files
+
+
+def files_bytes(fs, files: list[str]) -> int | None:
+    """The files' total size on storage (one listing, no read)."""
+    try:
+        return sum(info.size or 0 for info in fs.get_file_info(files))
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+
+
+def _read(params: FilesParams, uri: str, columns: list[str] | None = None):
+    fs, files = find_files(uri, params.format)
+    try:
+        return _reader(params, fs, files, columns)
+    except Exception as exc:  # pyarrow's and Ray Data's errors: name the URI
+        raise ValueError(f"{uri}: cannot read ({_line(exc)})") from None
+
+
+def _reader(params: FilesParams, fs, files: list[str], columns: list[str] | None):
+    import ray.data
+
+    if params.format == "parquet":
+        return ray.data.read_parquet(files, filesystem=fs, columns=columns), fs, files
+    if params.format == "csv":
+        return ray.data.read_csv(files, filesystem=fs), fs, files
+    if params.format == "jsonl":
+        return ray.data.read_json(files, filesystem=fs), fs, files  # JSON Lines: pyarrow's reader
+    size = tuple(params.image_size) if params.image_size else _first_image_size(fs, files[0])
+    return ray.data.read_images(files, filesystem=fs, size=size, mode=params.image_mode,
+                                include_paths=True), fs, files
+
+
+def _first_image_size(fs, path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    with fs.open_input_file(path) as f:
+        width, height = Image.open(f).size
+    return height, width
+
+
+def _schema_names(ds, uri: str) -> list[str]:
+    try:
+        schema = ds.schema()
+    except Exception as exc:
+        raise ValueError(f"{uri}: cannot read ({_line(exc)})") from None
+    if schema is None:
+        raise ValueError(f"{uri}: the files hold no rows")
+    return list(schema.names), schema
+
+
+class ToRows:
+    """Rows of the files to trainyard's ``input`` and ``target`` columns."""
+
+    def __init__(self, params: FilesParams, features: list[str], classes: list[str], uri: str):
+        self.p, self.features, self.uri = params, features, uri
+        self.index = {c: i for i, c in enumerate(classes)}
+
+    def _targets(self, values) -> np.ndarray:
+        if self.p.task == "regression":
+            return np.asarray(values, dtype=np.float32)
+        try:
+            return np.fromiter((self.index[str(v)] for v in values), dtype=np.int64, count=len(values))
+        except KeyError as exc:
+            raise ValueError(f"{self.uri}: label {exc.args[0]!r} in column {self.p.label!r} is not one "
+                             f"of the classes {list(self.index)}") from None
+
+    def __call__(self, batch) -> dict:
+        if self.p.format == "images":
+            images = np.asarray(batch["image"], dtype=np.float32)
+            images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+            labels = [Path(p).parent.name for p in batch["path"]]
+            return {"input": np.ascontiguousarray(images), "target": self._targets(labels)}
+        if self.p.text:
+            x = batch[self.p.text].astype(str).to_numpy()
+        else:
+            x = batch[self.features].to_numpy(dtype=np.float32)
+        return {"input": x, "target": self._targets(batch[self.p.label].to_numpy())}
+
+
+def load_files(params: FilesParams, seed):
+    import pyarrow as pa
+
+    kind = input_kind(params)
+    label = params.label
+    train, fs, files = _read(params, params.uri)
+    features: list[str] = []
+    if params.format == "images":
+        classes = params.classes or sorted({Path(f).parent.name for f in files})
+        first = train.take_batch(1, batch_format="numpy")["image"][0]
+        shape = [1, *first.shape] if first.ndim == 2 else [first.shape[2], first.shape[0], first.shape[1]]
+    else:
+        names, schema = _schema_names(train, params.uri)
+        if label not in names:
+            raise ValueError(f"{params.uri}: no column {label!r} (label); columns: {', '.join(names)}")
+        if kind == "text":
+            if params.text not in names:
+                raise ValueError(f"{params.uri}: no column {params.text!r} (text); columns: {', '.join(names)}")
+        else:
+            if params.features:
+                missing = [c for c in params.features if c not in names]
+                if missing:
+                    raise ValueError(f"{params.uri}: no column {missing[0]!r} (features); "
+                                     f"columns: {', '.join(names)}")
+                features = list(params.features)
+            else:
+                features = [n for n, t in zip(schema.names, schema.types) if n != label
+                            and isinstance(t, pa.DataType) and (pa.types.is_integer(t) or pa.types.is_floating(t))]
+                if not features:
+                    raise ValueError(f"{params.uri}: no numeric feature columns besides {label!r}")
+        if params.format == "parquet":  # read only the columns used
+            train, _, _ = _read(params, params.uri, [*features, label] if kind != "text" else [params.text, label])
+        classes = []
+        if params.task == "classification":
+            if params.classes:
+                classes = list(params.classes)
+            else:
+                try:
+                    values = train.select_columns([label]).unique(label)
+                except Exception as exc:
+                    raise ValueError(f"{params.uri}: cannot read column {label!r} ({_line(exc)})") from None
+                classes = sorted({str(v) for v in values if v is not None})
+            if len(classes) < 2:
+                raise ValueError(f"{params.uri}: column {label!r} holds fewer than two classes ({classes})")
+        shape = [len(features)] if kind == "features" else []
+    info = DataInfo(
+        task=params.task, inputs=kind, classes=[str(c) for c in classes], input_shape=shape,
+        feature_names=features, target_names=[label] if params.task == "regression" else [],
+    )
+    fmt = "numpy" if params.format == "images" else "pandas"
+    rows = ToRows(params, features, info.classes, params.uri)
+    val = None
+    if params.val_uri:
+        val_ds, _, _ = _read(params, params.val_uri)
+        if params.format != "images":
+            names, _schema = _schema_names(val_ds, params.val_uri)
+            needed = [params.text] if kind == "text" else features
+            missing = [c for c in [*needed, label] if c not in names]
+            if missing:
+                raise ValueError(f"{params.val_uri}: no column {missing[0]!r}; columns: {', '.join(names)}")
+        val = val_ds.map_batches(ToRows(params, features, info.classes, params.val_uri), batch_format=fmt)
+    count = None
+    if params.format == "parquet":
+        count = _parquet_rows(fs, files)
+    size = files_bytes(fs, files)
+    if size is not None and params.format in ("parquet", "images"):
+        size *= 4  # compressed on storage: several times larger in memory
+    return StreamingData(info, train.map_batches(rows, batch_format=fmt), val, count, size)
+
+
+def _parquet_rows(fs, files: list[str]) -> int | None:
+    """The training rows from the Parquet footers (no row is read)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    try:
+        for path in files:
+            with fs.open_input_file(path) as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+    except (OSError, ValueError):
+        return None
+    return total
+
+
+@hookimpl
+def register_datasets(register):
+    register(DatasetSpec(
+        "files", load_files, input_kind, lambda p: p.task, FilesParams, streaming=True,
+        description="Parquet, CSV, JSON Lines or an image folder, local or s3://, streamed by Ray Data",
+    ))
