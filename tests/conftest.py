@@ -6,14 +6,21 @@ from pathlib import Path
 
 import pytest
 
+from tests.s3server import s3_bucket, s3_server, session_uses_s3  # noqa: F401 - fixtures
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A real embedded Ray, started once by trainyard's own start-up path."""
+def ray_cluster(request):
+    """A real embedded Ray, started once by trainyard's own start-up path. When the session
+    has tests using the S3 server, it starts first, so Ray's processes inherit its
+    environment (tests/s3server.py)."""
     import ray
+
+    if session_uses_s3(request.session):
+        request.getfixturevalue("s3_server")
 
     from trainyard.runtime.cluster import init_ray
 

@@ -114,9 +114,6 @@ def test_train_config_cannot_be_submitted_as_a_search_or_deployed(tmp_path):
         stage(cfg, mode="tune", folder=tmp_path / "a")
     with pytest.raises(ConfigError, match="--deploy"):
         stage(cfg, deploy=True, folder=tmp_path / "b")
-    search = load_config(CONFIGS / "tune_mlp.yaml", [f"storage_path={tmp_path}", "tune.registry=s3://bucket/w"])
-    with pytest.raises(ConfigError, match="tune.registry: 's3://bucket/w' is a URI; --deploy"):
-        stage(search, deploy=True, folder=tmp_path / "c")
 
 
 def test_a_third_party_plugin_the_config_uses_travels_with_the_job(tmp_path):

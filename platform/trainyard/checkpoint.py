@@ -46,7 +46,7 @@ from omegaconf import OmegaConf
 
 from trainyard.errors import TrainyardError
 from trainyard.hookspecs import DataInfo, Processor
-from trainyard.runtime.storage import atomic_write_text
+from trainyard.runtime.storage import atomic_write_text, is_uri, join, read_text
 
 FORMAT_VERSION = 2
 #: The checkpoint's manifest, written last: its completion marker.
@@ -137,8 +137,10 @@ def _file_sizes(directory: Path) -> dict[str, int]:
 
 
 def incomplete_reason(directory: str | Path) -> str | None:
-    """Why ``directory`` is not a complete checkpoint (see the module docstring); None when
-    it is one."""
+    """Why ``directory`` (a folder, or a URI such as ``s3://bucket/prefix``) is not a
+    complete checkpoint (see the module docstring); None when it is one."""
+    if is_uri(directory):
+        return _remote_incomplete_reason(str(directory))
     path = Path(directory) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
@@ -146,6 +148,41 @@ def incomplete_reason(directory: str | Path) -> str | None:
         return "no manifest.json"
     except (OSError, ValueError) as exc:
         return f"manifest.json is unreadable ({exc})"
+    return _missing_files(manifest, lambda name: (Path(directory) / name).stat().st_size)
+
+
+def _remote_incomplete_reason(uri: str) -> str | None:
+    """:func:`incomplete_reason` for a checkpoint in object storage: its manifest read, and
+    its objects' sizes listed, through pyarrow's filesystem."""
+    import pyarrow.fs
+
+    try:
+        text = read_text(join(uri, MANIFEST))
+    except OSError as exc:
+        return f"manifest.json is unreadable ({str(exc).splitlines()[0] if str(exc) else exc})"
+    if text is None:
+        return "no manifest.json"
+    try:
+        manifest = json.loads(text)
+    except ValueError as exc:
+        return f"manifest.json is unreadable ({exc})"
+    fs, inner = pyarrow.fs.FileSystem.from_uri(uri)
+    inner = inner.rstrip("/")
+    sizes = {info.path[len(inner) + 1:]: info.size
+             for info in fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True))
+             if info.type == pyarrow.fs.FileType.File}
+
+    def size(name: str) -> int:
+        if name not in sizes:
+            raise FileNotFoundError(name)
+        return sizes[name]
+
+    return _missing_files(manifest, size)
+
+
+def _missing_files(manifest: Any, size: Any) -> str | None:
+    """Why the files a manifest lists are not all there at their sizes (``size(name)``
+    gives one's size, or raises OSError); None when they are."""
     if not isinstance(manifest, dict):
         return "manifest.json is not a JSON object"
     files = manifest.get("files")
@@ -153,14 +190,75 @@ def incomplete_reason(directory: str | Path) -> str | None:
         return None
     if not isinstance(files, Mapping):
         return "manifest.json files is not a mapping"
-    for name, size in files.items():
+    for name, want in files.items():
         try:
-            have = (Path(directory) / name).stat().st_size
+            have = size(name)
         except OSError:
             return f"{name} is missing"
-        if have != size:
-            return f"{name} has {have} bytes, the manifest says {size}"
+        if have != want:
+            return f"{name} has {have} bytes, the manifest says {want}"
     return None
+
+
+#: Where checkpoints read from object storage are kept on this machine (see fetch_checkpoint).
+CACHE_ENV = "TRAINYARD_CACHE_DIR"
+
+
+def checkpoint_cache() -> Path:
+    """The folder :func:`fetch_checkpoint` downloads to: ``$TRAINYARD_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/trainyard`` (``~/.cache/trainyard``), ``checkpoints/`` in it; made
+    readable by this user alone (replicas load what it holds)."""
+    import os
+
+    base = os.environ.get(CACHE_ENV) or str(Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "trainyard")
+    folder = Path(base).expanduser() / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder
+
+
+def fetch_checkpoint(uri: str) -> Path:
+    """A local copy of the (complete) checkpoint at ``uri`` (``s3://...``, ``gs://...``),
+    downloaded through pyarrow into :func:`checkpoint_cache` unless a copy of the same
+    manifest is there already (the stored checkpoint is checked complete either way). The download lands under a temporary name and is renamed
+    into place once complete, so concurrent replicas on one node never see a part."""
+    import hashlib
+
+    import pyarrow.fs
+
+    from trainyard.runtime.storage import remove_tree, replace_dir, tmp_name
+
+    manifest = read_text(join(uri, MANIFEST))
+    if manifest is None:
+        raise TrainyardError(f"{uri} is not a trainyard checkpoint (no manifest.json)")
+    key = hashlib.sha256(f"{uri.rstrip('/')}\n{manifest}".encode()).hexdigest()[:24]
+    reason = incomplete_reason(uri)  # the stored one, even when a copy is cached
+    if reason is not None:
+        raise TrainyardError(
+            f"{uri} is an incomplete checkpoint ({reason}): its writing or copying was "
+            "interrupted; use an earlier checkpoint"
+        )
+    cache = checkpoint_cache()
+    folder = cache / key
+    if folder.is_dir() and incomplete_reason(folder) is None:
+        return folder
+    staging = cache / tmp_name(key)
+    try:
+        pyarrow.fs.copy_files(uri.rstrip("/"), str(staging))
+        reason = incomplete_reason(staging)
+        if reason is not None:
+            raise TrainyardError(f"{uri}: the downloaded copy is incomplete ({reason})")
+        if folder.is_dir():  # another process's complete copy, or a broken one: replaced
+            if incomplete_reason(folder) is None:
+                return folder
+            remove_tree(folder)
+        try:
+            replace_dir(staging, folder)
+        except OSError:
+            if not (folder.is_dir() and incomplete_reason(folder) is None):
+                raise
+    finally:
+        remove_tree(staging)
+    return folder
 
 
 def is_complete(directory: str | Path) -> bool:
@@ -224,7 +322,8 @@ class Predictor:
 
 
 def load_predictor(directory: str | Path, device: str = "cpu", registry: Any = None) -> Predictor:
-    """Rebuild a model and its processing from a checkpoint folder alone.
+    """Rebuild a model and its processing from a checkpoint folder alone (a local folder,
+    or a URI such as ``s3://bucket/.../rank_1``, downloaded first by :func:`fetch_checkpoint`).
 
     The model plugin is looked up by the name in the manifest, and the model is built
     with the params the manifest records (the full params as trained). The training job
@@ -232,6 +331,8 @@ def load_predictor(directory: str | Path, device: str = "cpu", registry: Any = N
     ``predictor.config`` is ``job.yaml`` as written.
     """
 
+    if is_uri(directory):  # object storage: a verified local copy (fetch_checkpoint)
+        directory = fetch_checkpoint(str(directory))
     directory = Path(directory)
     if not (directory / MANIFEST).is_file():
         raise TrainyardError(f"{directory} is not a trainyard checkpoint (no manifest.json)")

@@ -357,11 +357,19 @@ def plugins_used(cfg: Any, registry: Any) -> list[str]:
 
 
 def _check_storage(cfg: Any) -> None:
-    """A cluster job's storage must be reachable from every node and outlive the job."""
+    """A cluster job's storage must be reachable from every node and outlive the job. A
+    bucket URI's form is checked here; whether the bucket exists and the credentials work
+    is checked on the cluster (its nodes have their own credentials, such as an instance
+    profile), where the job's ``trainyard train``/``tune`` does so before its workers start."""
+    from trainyard.runtime.storage import uri_problem
+
     paths = [("storage_path", cfg.storage_path)]
     if cfg.get("tune") is not None:
         paths.append(("tune.registry", cfg.tune.registry))
     for key, value in paths:
+        problem = uri_problem(value) if "://" in value else None
+        if problem:
+            raise ConfigError(f"{key}: {value!r}: {problem}")
         if "://" not in value and not Path(value).expanduser().is_absolute() and not value.startswith("~"):
             raise ConfigError(
                 f"{key}: {value!r} is relative; on a cluster it would land in the job's temporary "
@@ -399,11 +407,6 @@ def stage(cfg: Any, mode: str = "auto", deploy: bool = False, serve_port: int = 
     if deploy and mode != "tune":
         raise ConfigError("--deploy deploys a search's winner; the job is a training run (no tune section)")
     _check_storage(cfg)
-    if deploy and "://" in cfg.tune.registry:
-        raise ConfigError(
-            f"tune.registry: {cfg.tune.registry!r} is a URI; --deploy serves winners from a folder "
-            "every node mounts (e.g. tune.registry=/mnt/cluster_storage/winners)"
-        )
     if mode == "tune":
         from trainyard.tune.space import validate_space
 

@@ -39,8 +39,10 @@ from trainyard.checkpoint import MANIFEST, incomplete_reason, is_complete
 from trainyard.errors import TrainyardError
 from trainyard.runtime.storage import (
     atomic_write_text,
+    check_uri,
     copy_into,
     is_uri,
+    join,
     list_names,
     read_text,
     remove_stale_tmp,
@@ -96,7 +98,7 @@ def export_winners(trials: list[dict], cfg: DictConfig, metric: str, mode: str) 
         return []
     for trial in chosen:
         source = trial["checkpoint"]
-        reason = None if is_uri(source) else incomplete_reason(source)
+        reason = incomplete_reason(source)
         if reason is not None:
             raise TrainyardError(
                 f"trial {trial['trial_id']}: its checkpoint {source} is incomplete ({reason}); "
@@ -246,23 +248,30 @@ def _export_to_uri(chosen: list[dict], cfg: DictConfig, metric: str, mode: str, 
     entries = _entries(chosen, cfg, metric, mode, target, version, previous)
     for entry, trial in zip(entries, chosen):
         copy_into(trial["checkpoint"], entry["path"])
+        reason = incomplete_reason(entry["path"])
+        if reason is not None:
+            raise TrainyardError(f"exporting trial {trial['trial_id']}: the copy is incomplete ({reason})")
         write_text(f"{entry['path']}/winner.json", _dumps(entry))
     write_text(f"{target}/v{version}/{INDEX}", _dumps(entries))
     write_text(f"{target}/{INDEX}", _dumps(entries))  # the commit, last
     return entries
 
 
-def resolve_checkpoint(target: str | Path) -> Path:
+def resolve_checkpoint(target: str | Path) -> Path | str:
     """A winners folder, a rank folder, a tuning run, a training run, a checkpoint or a
     model registered in MLflow (``models:/<name>/<version>``, ``models:/<name>@<alias>``),
     to the (complete) checkpoint folder it stands for. A winners folder gives its current
     version's ``v<N>/rank_1``; a training run its latest complete checkpoint; a registered
     model its checkpoint_uri tag's folder, or its artifacts downloaded (see
-    ``trainyard.tracking.registered_checkpoint``)."""
+    ``trainyard.tracking.registered_checkpoint``). In object storage (``s3://...``) the
+    same, read through pyarrow: the checkpoint's URI (a str) is returned, for each replica
+    to fetch (``trainyard.checkpoint.load_predictor`` takes it)."""
     if isinstance(target, str) and target.startswith("models:/"):
         from trainyard.tracking import registered_checkpoint
 
         return _complete(registered_checkpoint(target))
+    if is_uri(target):
+        return _resolve_uri(str(target).rstrip("/"))
     path = Path(target).expanduser()
     if (path / MANIFEST).is_file():
         return _complete(path)
@@ -293,6 +302,52 @@ def resolve_checkpoint(target: str | Path) -> Path:
     )
 
 
+def _resolve_uri(uri: str) -> str:
+    """:func:`resolve_checkpoint` for a winners folder, rank folder, training run or
+    checkpoint in object storage."""
+    check_uri(uri, "WINNER")  # a missing bucket, credentials or endpoint: one line, now
+    if read_text(join(uri, MANIFEST)) is not None:
+        return _complete_uri(uri)
+    index = read_index(uri)
+    if index and isinstance(index[0].get("version"), int):
+        folder = join(uri, f"v{index[0]['version']}", f"rank_{index[0].get('rank', 1)}")
+        if read_text(join(folder, MANIFEST)) is not None:
+            return _complete_uri(folder)
+        raise TrainyardError(f"{uri}: its winners.json names v{index[0]['version']}, which is not there")
+    if read_text(join(uri, "rank_1", MANIFEST)) is not None:
+        return _complete_uri(join(uri, "rank_1"))
+    trials = read_text(join(uri, "trainyard_trials.json"))
+    if trials is not None:
+        winners = json.loads(trials).get("winners") or []
+        if winners:
+            return resolve_checkpoint(str(winners[0]["path"]))
+        raise TrainyardError(f"{uri}: the tuning run exported no winner")
+    found = [join(uri, name) for name in list_names(uri) if name.startswith("checkpoint_")]
+    complete = [c for c in found if incomplete_reason(c) is None]
+    if complete:  # a training run: its latest complete checkpoint
+        return max(complete, key=lambda c: (_epoch_at(c), c))
+    if found:
+        raise TrainyardError(
+            f"{uri}: none of its {len(found)} checkpoint folders is complete (each was "
+            "interrupted while written or copied)"
+        )
+    raise TrainyardError(f"{uri}: not a checkpoint, a winners folder, a tuning run or a training run")
+
+
+def _complete_uri(uri: str) -> str:
+    reason = incomplete_reason(uri)
+    if reason is not None:
+        raise TrainyardError(f"{uri}: incomplete checkpoint ({reason}): its writing or copying was interrupted")
+    return uri
+
+
+def _epoch_at(checkpoint: str) -> int:
+    try:
+        return int(json.loads(read_text(join(checkpoint, "trainer_state.json")) or "")["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
 def _current_winner(path: Path) -> Path | None:
     """The current version's best rank folder, when ``path`` has a versioned index."""
     index = read_index(path)
@@ -320,7 +375,10 @@ def _epoch(checkpoint: Path) -> int:
         return -1
 
 
-def model_name_for(checkpoint: Path) -> str:
-    """The name a checkpoint is served under by default: its run's name."""
-    manifest = json.loads((checkpoint / MANIFEST).read_text())
+def model_name_for(checkpoint: Path | str) -> str:
+    """The name a checkpoint (a folder or a URI) is served under by default: its run's name."""
+    text = read_text(join(checkpoint, MANIFEST))
+    if text is None:
+        raise TrainyardError(f"{checkpoint}: not a trainyard checkpoint (no manifest.json)")
+    manifest = json.loads(text)
     return str(manifest.get("run") or manifest["model"])

@@ -18,11 +18,139 @@ import uuid
 from pathlib import Path
 
 
-def storage_root(storage_path: str) -> str:
-    """A storage path as Ray wants it: a URI as is, a local folder made absolute."""
+def storage_root(storage_path: str, key: str = "storage_path") -> str:
+    """A storage path as Ray wants it: a URI as is, a local folder made absolute. A URI is
+    checked first (:func:`check_uri`, once per process): a bucket that does not exist,
+    credentials missing or refused, or an endpoint that does not answer is one
+    ConfigError naming ``key`` and the URI, before any worker starts."""
     if "://" in storage_path:
+        check_uri(storage_path, key, write=True)
         return storage_path
     return str(Path(storage_path).expanduser().resolve())
+
+
+# ---------------------------------------------------------------------------------------
+# Object storage: checking a URI before anything is written to it
+# ---------------------------------------------------------------------------------------
+
+#: URIs :func:`check_uri` found usable in this process (uri, write).
+_CHECKED: set[tuple[str, bool]] = set()
+
+#: Where an AWS client finds credentials without asking the network (besides the instance
+#: profile of an EC2 node, which only a request can tell).
+_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                         "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+
+
+def uri_problem(uri: str) -> str | None:
+    """What is wrong with a storage URI's form, without contacting anything (None if
+    nothing): a scheme pyarrow has no filesystem for, or no bucket."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme == "file":
+        return None
+    if scheme not in ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"):
+        return f"the scheme {scheme + '://'!r} is not one trainyard stores to (s3://, gs://, hdfs://, abfs://, file://)"
+    if not parsed.netloc:
+        return "it names no bucket (s3://BUCKET/PREFIX)"
+    return None
+
+
+def s3_endpoint(uri: str = "") -> str:
+    """The S3 endpoint a URI goes to: its ``endpoint_override`` query, else
+    AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (which pyarrow and boto honour), else AWS's."""
+    from urllib.parse import parse_qs, urlparse
+
+    query = parse_qs(urlparse(uri).query)
+    if query.get("endpoint_override"):
+        return query["endpoint_override"][0]
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(name):
+            return f"{os.environ[name]} ({name})"
+    return "AWS's S3 endpoint"
+
+
+def aws_credentials_source() -> str | None:
+    """Where credentials an AWS client would use come from, as far as can be told without
+    a request (an EC2 instance profile cannot be): None when there are none."""
+    for name in _CREDENTIAL_VARIABLES:
+        if os.environ.get(name):
+            return name
+    for variable, default in (("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+                              ("AWS_CONFIG_FILE", "~/.aws/config")):
+        path = Path(os.environ.get(variable) or default).expanduser()
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def _short(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _access_problem(uri: str, exc: BaseException) -> str:
+    """One line saying why a request to object storage failed."""
+    text = str(exc)
+    upper = text.upper()
+    if "NETWORK_CONNECTION" in upper or "CURLCODE" in upper or "COULD NOT CONNECT" in upper \
+            or "COULD NOT RESOLVE" in upper or "TIMED OUT" in upper:
+        return f"cannot reach the storage endpoint {s3_endpoint(uri)}: {_short(exc)}"
+    if "NO_SUCH_BUCKET" in upper or ("BUCKET" in upper and "NOT FOUND" in upper):
+        return f"the bucket does not exist at {s3_endpoint(uri)}; create it first"
+    if uri.lower().startswith("s3://"):
+        source = aws_credentials_source()
+        if source is None:
+            return ("no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                    f"or AWS_PROFILE, or give the node an instance profile), and the store refused the "
+                    f"request: {_short(exc)}")
+        if any(code in upper for code in ("ACCESS_DENIED", "INVALID_ACCESS_KEY", "SIGNATURE_DOES_NOT_MATCH",
+                                          "EXPIRED", "HTTP STATUS 403", "FORBIDDEN")):
+            return f"the store refused the credentials from {source}: {_short(exc)}"
+    return _short(exc)
+
+
+def check_uri(uri: str, key: str, write: bool = False) -> None:
+    """Check that object storage at ``uri`` can be used, through the same pyarrow client
+    Ray Train uses; raise one ConfigError naming ``key`` and the URI otherwise: a URI of an
+    unknown form, a bucket that does not exist, missing or refused credentials, an endpoint
+    that does not answer. ``write``: also write and delete a small object under it. A
+    URI found usable is not checked again in this process."""
+    from trainyard.errors import ConfigError
+
+    if (uri, write) in _CHECKED or (uri, True) in _CHECKED:
+        return
+    where = f"{key}: {uri!r}"
+    problem = uri_problem(uri)
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
+    import pyarrow.fs
+
+    try:
+        fs, inner = pyarrow.fs.FileSystem.from_uri(uri)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ValueError
+        raise ConfigError(f"{where}: {_access_problem(uri, exc)}") from None
+    inner = inner.rstrip("/")
+    if fs.type_name != "local":
+        bucket = inner.split("/", 1)[0]
+        try:
+            found = fs.get_file_info(bucket)
+        except Exception as exc:
+            raise ConfigError(f"{where}: {_access_problem(uri, exc)}") from None
+        if found.type == pyarrow.fs.FileType.NotFound:
+            at = f" at {s3_endpoint(uri)}" if fs.type_name == "s3" else ""
+            raise ConfigError(f"{where}: the bucket {bucket!r} does not exist{at}; create it first")
+        if write:
+            probe = f"{inner}/.trainyard-write-check-{uuid.uuid4().hex[:12]}"
+            try:
+                with fs.open_output_stream(probe) as f:
+                    f.write(b"trainyard checks it can write here\n")
+                fs.delete_file(probe)
+            except Exception as exc:
+                raise ConfigError(f"{where}: cannot write there: {_access_problem(uri, exc)}") from None
+    _CHECKED.add((uri, write))
 
 
 def is_uri(path: str | Path) -> bool:
@@ -212,3 +340,24 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def file_size(uri: str) -> int | None:
+    """The size of the object (or local file) at ``uri``; None when there is none."""
+    if not is_uri(uri):
+        try:
+            return Path(uri).stat().st_size
+        except OSError:
+            return None
+    import pyarrow.fs
+
+    fs, inner = pyarrow.fs.FileSystem.from_uri(uri)
+    info = fs.get_file_info(inner)
+    return info.size if info.type == pyarrow.fs.FileType.File else None
+
+
+def join(base: str | Path, *parts: str) -> str:
+    """``base/part/...`` for a local path or a URI (whose ``//`` a Path would collapse)."""
+    if is_uri(base):
+        return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(base, *parts))

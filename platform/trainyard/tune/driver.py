@@ -19,7 +19,7 @@ from trainyard.config import load_config, resolve
 from trainyard.errors import ConfigError
 from trainyard.runtime.cluster import init_ray
 from trainyard.runtime.resources import check_workers_fit
-from trainyard.runtime.storage import atomic_write_text, storage_root
+from trainyard.runtime.storage import atomic_write_text, check_uri, is_uri, join, read_text, storage_root
 from trainyard.tune.reaper import PlacementGroupReaper
 from trainyard.tune.records import (
     BUDGET_MARK,
@@ -175,8 +175,48 @@ def run_tuning(
          "winners": winners, "stopped_by": stopped_by, "stop_message": message,
          "exploits": exploits}, indent=2, default=str))
     registered = tracking.register_winners(tracked, winners)
+    storage = storage_root(cfg.storage_path)
+    if is_uri(storage):  # the search's records go next to Tune's own state in the bucket
+        _upload_records(run_dir, join(storage, cfg.name))
     return TuneOutcome(str(run_dir), metric, mode, trials, winners, registry_dir(cfg),
                        stopped_by, message, exploits, registered)
+
+
+def local_run_dir(storage: str, name: str) -> Path:
+    """The folder a search's own records (config, trials, history, exploits, the report)
+    are kept in: ``<storage>/<name>`` for a local storage path; for object storage, a
+    local folder for the search (under trainyard's cache, one per storage URI), uploaded
+    to ``<storage>/<name>/`` when the search ends. Tune keeps its state and the trials'
+    checkpoints at the URI itself."""
+    if not is_uri(storage):
+        return Path(storage) / name
+    import hashlib
+
+    from trainyard.checkpoint import checkpoint_cache
+
+    key = hashlib.sha256(storage.rstrip("/").encode()).hexdigest()[:12]
+    return checkpoint_cache().parent / "runs" / key / name
+
+
+def _upload_records(run_dir: Path, target: str) -> None:
+    """Copy the files of a search's local run folder (not its sub-folders: Tune uploads
+    the trials itself) to ``target`` in object storage."""
+    import pyarrow.fs
+
+    for path in sorted(run_dir.iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            pyarrow.fs.copy_files(str(path), join(target, path.name))
+
+
+def _checkpoint_uri(checkpoint: Any) -> str:
+    """A Ray checkpoint's location as trainyard names it: its path for a local one, a URI
+    (``s3://bucket/...``) for one in object storage (Ray's ``path`` drops the scheme)."""
+    fs = getattr(checkpoint, "filesystem", None)
+    kind = getattr(fs, "type_name", "local")
+    if kind == "local" or is_uri(checkpoint.path):
+        return checkpoint.path
+    scheme = "gs" if kind == "gcs" else kind
+    return f"{scheme}://{checkpoint.path}"
 
 
 def _planned(cfg: DictConfig) -> int:
@@ -203,7 +243,13 @@ def _search(cfg: DictConfig | None, resume: str | None) -> tuple[DictConfig, Pat
     if metric_name not in cfg.train.metrics and metric_name not in job.config.train.metrics:
         raise ConfigError(f"tune.metric: {metric_name!r} is not one of train.metrics")
     mode = cfg.tune.mode or next(m.mode for m in job.metrics if m.name == metric_name)
-    run_dir = Path(run_dir or Path(storage_root(cfg.storage_path)) / cfg.name)
+    if is_uri(cfg.storage_path) and resume:
+        raise ConfigError(f"--resume: the search's storage_path {cfg.storage_path!r} is in object "
+                          "storage; resuming such a search is not supported yet")
+    storage = storage_root(cfg.storage_path)  # a URI: checked here, before Ray starts
+    if is_uri(cfg.tune.registry):
+        check_uri(cfg.tune.registry, "tune.registry", write=True)
+    run_dir = Path(run_dir or local_run_dir(storage, cfg.name))
     return cfg, run_dir, f"val_{metric_name}", mode
 
 
@@ -215,7 +261,12 @@ class _Tuners:
 
         self.cfg, self.run_dir, self.metric, self.mode, self.callbacks = cfg, run_dir, metric, mode, callbacks
         base = OmegaConf.to_container(apply_values(cfg, {}), resolve=True)
-        self.trainable = tune.with_resources(tune.with_parameters(trial_fn, job=base), trial_resources(cfg))
+        from trainyard.tune.trial import search_stream
+
+        # A streamed dataset: read lazily, encoded once here, shared by every trial.
+        stream = search_stream(cfg, _max_concurrent(cfg))
+        self.trainable = tune.with_resources(tune.with_parameters(trial_fn, job=base, stream=stream),
+                                             trial_resources(cfg))
 
     def can_restore(self) -> bool:
         from ray import tune
@@ -378,7 +429,7 @@ def _collect(grid: Any, metric: str, mode: str, keys: list[str], max_t: int,
         pick = max if mode == "max" else min
         checkpoint = None
         if result.checkpoint is not None:
-            checkpoint = result.checkpoint.path
+            checkpoint = _checkpoint_uri(result.checkpoint)
         elif result.metrics and result.metrics.get(CHECKPOINT_PATH_KEY):
             # A multi-worker trial's nested trainer reports through Ray's TuneReportCallback,
             # which puts its checkpoint's path in the metrics instead of a Tune checkpoint.
@@ -390,7 +441,7 @@ def _collect(grid: Any, metric: str, mode: str, keys: list[str], max_t: int,
                 key=lambda c: c[1][metric], reverse=(mode == "max"),
             )
             if ordered:
-                best_checkpoint = ordered[0][0].path
+                best_checkpoint = _checkpoint_uri(ordered[0][0])
         reached = history[-1]["iteration"] if history else 0
         params = {k: (result.config or {}).get(k) for k in keys}
         if pbt and best_checkpoint:  # the values that trained the exported checkpoint
@@ -414,11 +465,14 @@ def _collect(grid: Any, metric: str, mode: str, keys: list[str], max_t: int,
 def _checkpoint_params(checkpoint: str, params: dict) -> dict:
     """``params`` as the checkpoint's own config has them: under PBT a trial's best
     checkpoint may predate an exploit that changed its values."""
-    job = Path(checkpoint, "job.yaml")
-    if not job.is_file():
+    try:
+        text = read_text(join(checkpoint, "job.yaml"))
+    except OSError:
+        text = None
+    if text is None:
         return params
     try:
-        saved = OmegaConf.load(job)
+        saved = OmegaConf.create(text)
     except Exception:  # an unreadable config keeps the trial's final values
         return params
     return {k: _plain(OmegaConf.select(saved, k, default=v)) for k, v in params.items()}

@@ -1,0 +1,209 @@
+"""Object storage (s3://) for training runs and their checkpoints, searches and the winners
+registry, deploy and submit: against a real S3-protocol server on loopback
+(tests/s3server.py), through pyarrow's S3 client as a user's run uses it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+
+import pyarrow.fs as pafs
+import pytest
+
+from tests.conftest import CONFIGS
+from tests.s3server import free_port
+from trainyard.config import load_config
+from trainyard.errors import ConfigError, TrainyardError
+
+#: One row of breast_cancer, as a client sends it.
+ROW = [17.99, 10.38, 122.8, 1001, 0.1184, 0.2776, 0.3001, 0.1471, 0.2419, 0.07871, 1.095, 0.9053,
+       8.589, 153.4, 0.006399, 0.04904, 0.05373, 0.01587, 0.03003, 0.006193, 25.38, 17.33, 184.6,
+       2019, 0.1622, 0.6656, 0.7119, 0.2654, 0.4601, 0.1189]
+
+
+def _keys(s3_server, uri: str) -> list[str]:
+    """Every object under ``uri``, relative to it, as the server lists them."""
+    prefix = uri.removeprefix("s3://").rstrip("/")
+    infos = s3_server.filesystem().get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(prefix) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+def _checkpoints(keys: list[str]) -> list[str]:
+    return sorted({k.split("/")[1] for k in keys if k.startswith("s3run/checkpoint_") and k.count("/") >= 2})
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_training_checkpoints_to_a_bucket_and_a_second_run_resumes_from_them(s3_bucket, s3_server):
+    from trainyard.checkpoint import load_predictor
+    from trainyard.train.driver import run_training
+    from trainyard.winners import resolve_checkpoint
+
+    storage = f"{s3_bucket}/runs"
+    common = [f"storage_path={storage}", "name=s3run", "scaling.num_workers=1", "checkpoint.num_to_keep=2"]
+    run_training(load_config(CONFIGS / "mlp_breast_cancer.yaml", [*common, "train.epochs=1"]))
+    keys = _keys(s3_server, storage)
+    first = _checkpoints(keys)
+    assert len(first) == 1, keys
+    assert f"s3run/{first[0]}/manifest.json" in keys and f"s3run/{first[0]}/model.safetensors" in keys
+
+    events = []
+    run_training(load_config(CONFIGS / "mlp_breast_cancer.yaml", [*common, "train.epochs=2"]),
+                 on_event=events.append)
+    # The second run went on from the bucket's checkpoint: it trained epoch 1 only.
+    assert [e["epoch"] for e in events if e["type"] == "epoch_start"] == [1]
+    assert all(e.get("resumed") for e in events if e["type"] == "epoch_start")
+    checkpoints = _checkpoints(_keys(s3_server, storage))
+    assert len(checkpoints) == 2 and first[0] in checkpoints
+
+    # The run in the bucket resolves to its latest complete checkpoint, which loads and predicts.
+    latest = resolve_checkpoint(f"{storage}/s3run")
+    assert latest.startswith(f"{storage}/s3run/checkpoint_") and latest.rsplit("/", 1)[1] != first[0]
+    predictor = load_predictor(latest)
+    assert json.loads(json.dumps(predictor.manifest))["run"] == "s3run"
+    assert predictor.predict([ROW])[0]["label"] in ("malignant", "benign")
+
+    # A checkpoint whose upload was cut short is skipped, never served.
+    fs = s3_server.filesystem()
+    fs.delete_file(latest.removeprefix("s3://") + "/model.safetensors")
+    older = resolve_checkpoint(f"{storage}/s3run")
+    assert older == f"{storage}/s3run/{first[0]}"
+    with pytest.raises(TrainyardError, match="incomplete checkpoint .*model.safetensors is missing"):
+        load_predictor(latest)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_search_exports_winners_to_a_bucket_and_deploy_serves_them_over_http(s3_bucket, s3_server):
+    from omegaconf import OmegaConf
+    from ray import serve
+
+    from trainyard.serve.config import load_serve_config
+    from trainyard.serve.deploy import deploy
+    from trainyard.tune.driver import run_tuning
+
+    raw = OmegaConf.to_container(OmegaConf.load(CONFIGS / "tune_mlp.yaml"))
+    raw.update(name="s3tune", storage_path=f"{s3_bucket}/runs")
+    raw["tune"].update(registry=f"{s3_bucket}/winners", search="grid", scheduler="none", num_samples=1,
+                       top_k=1, space={"train.lr": {"type": "grid", "values": [0.003]}})
+    outcome = run_tuning(load_config(base=raw, overrides=["train.epochs=1", "scaling.num_workers=1"]))
+
+    registry = f"{s3_bucket}/winners/s3tune"
+    assert outcome.registry_dir == registry
+    winner = outcome.winners[0]
+    assert winner["path"] == f"{registry}/v1/rank_1"
+    assert winner["value"] == outcome.trials[0]["best"] and winner["trial_id"] == outcome.trials[0]["trial_id"]
+    keys = _keys(s3_server, registry)
+    assert {"winners.json", "v1/winners.json", "v1/rank_1/manifest.json", "v1/rank_1/winner.json",
+            "v1/rank_1/model.safetensors"} <= set(keys)
+    index = json.loads(s3_server.filesystem().open_input_stream(registry[5:] + "/winners.json").read())
+    assert [e["trial_id"] for e in index] == [winner["trial_id"]]
+    # The trials' checkpoints and the search's own records are in the bucket too.
+    run_keys = _keys(s3_server, f"{s3_bucket}/runs/s3tune")
+    assert "trainyard_trials.json" in run_keys and any("/checkpoint_" in k for k in run_keys)
+    from trainyard.winners import resolve_checkpoint
+
+    assert resolve_checkpoint(f"{s3_bucket}/runs/s3tune") == winner["path"]  # the run names its winner
+
+    # Deploy the registry (its current version) straight from the bucket; ask it over HTTP.
+    port = free_port()
+    cfg = load_serve_config(base={"port": port, "models": [{"winner": registry, "name": "s3mlp", "num_cpus": 0.1}]})
+    try:
+        endpoints = deploy(cfg)
+        assert endpoints == {"s3mlp": f"http://127.0.0.1:{port}/v2/models/s3mlp"}
+        request = urllib.request.Request(f"{endpoints['s3mlp']}/predict", data=json.dumps({"inputs": [ROW]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        assert response.status == 200
+        assert answer["predictions"][0]["label"] in ("malignant", "benign"), answer
+    finally:
+        serve.shutdown()
+
+
+def test_submit_accepts_bucket_storage_and_deploys_from_a_bucket_registry(tmp_path):
+    from trainyard.jobs import stage
+
+    cfg = load_config(CONFIGS / "tune_mlp.yaml", ["storage_path=s3://team-bucket/runs",
+                                                  "tune.registry=s3://team-bucket/winners"])
+    job = stage(cfg, deploy=True, folder=tmp_path / "job")
+    assert job.entrypoint.startswith("python -m trainyard.cli tune job.yaml --address auto && ")
+    assert "deploy s3://team-bucket/winners/tune_mlp --name tune_mlp" in job.entrypoint
+    carried = load_config(job.folder / "job.yaml")
+    assert carried.storage_path == "s3://team-bucket/runs"
+    assert not any(k.startswith("AWS_") for k in job.runtime_env["env_vars"])  # never credentials
+    for value, message in (("s3://", "names no bucket"), ("s3:///runs", "names no bucket"),
+                           ("ftp://host/runs", "scheme 'ftp://'")):
+        with pytest.raises(ConfigError, match=f"storage_path: '{value}': .*{message}"):
+            stage(load_config(CONFIGS / "mlp_breast_cancer.yaml", [f"storage_path={value}"]),
+                  folder=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def _train(storage: str):
+    from trainyard.train.driver import run_training
+
+    return run_training(load_config(CONFIGS / "mlp_breast_cancer.yaml", [f"storage_path={storage}",
+                                                                         "train.epochs=1"]))
+
+
+def test_bad_object_storage_is_one_line_naming_the_uri_before_anything_starts(s3_bucket, s3_server,
+                                                                               monkeypatch, tmp_path):
+    """Each is refused by the check before Ray is contacted: run alone, this test never
+    starts Ray."""
+    import ray
+
+    from trainyard.serve.config import application_specs, load_serve_config
+    from trainyard.tune.driver import run_tuning
+
+    ray_before = ray.is_initialized()
+
+    missing = "s3://no-such-bucket-here/runs"
+    with pytest.raises(ConfigError, match=f"^storage_path: '{missing}': the bucket 'no-such-bucket-here' "
+                                          f"does not exist at {s3_server.endpoint}"):
+        _train(missing)
+    search = load_config(CONFIGS / "tune_mlp.yaml", [f"storage_path={tmp_path}", f"tune.registry={missing}"])
+    with pytest.raises(ConfigError, match=f"^tune.registry: '{missing}': the bucket .* does not exist"):
+        run_tuning(search)
+    serve_cfg = load_serve_config(base={"models": [{"winner": f"{missing}/w", "name": "m"}]})
+    with pytest.raises(ConfigError, match=f"^WINNER: '{missing}/w': the bucket .* does not exist"):
+        application_specs(serve_cfg)
+    with pytest.raises(TrainyardError, match=f"{s3_bucket}/nothing: not a checkpoint, a winners folder"):
+        application_specs(load_serve_config(base={"models": [{"winner": f"{s3_bucket}/nothing", "name": "m"}]}))
+
+    with monkeypatch.context() as env:  # no credentials anywhere
+        env.delenv("AWS_ACCESS_KEY_ID")
+        env.delenv("AWS_SECRET_ACCESS_KEY")
+        with pytest.raises(ConfigError, match=f"^storage_path: '{s3_bucket}/a': no AWS credentials found "
+                                              r"\(set AWS_ACCESS_KEY_ID"):
+            _train(f"{s3_bucket}/a")
+    with monkeypatch.context() as env:  # credentials the store does not know
+        env.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE00")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        with pytest.raises(ConfigError, match=f"^storage_path: '{s3_bucket}/b': the store refused the "
+                                              "credentials from AWS_ACCESS_KEY_ID"):
+            _train(f"{s3_bucket}/b")
+    with monkeypatch.context() as env:  # an endpoint where nothing listens
+        down = f"http://127.0.0.1:{free_port()}"
+        env.setenv("AWS_ENDPOINT_URL", down)
+        with pytest.raises(ConfigError, match=f"^storage_path: '{s3_bucket}/c': cannot reach the storage "
+                                              f"endpoint {down} \\(AWS_ENDPOINT_URL\\)"):
+            _train(f"{s3_bucket}/c")
+    assert ray.is_initialized() == ray_before
+
+
+@pytest.mark.parametrize("command", [
+    ["tune", str(CONFIGS / "tune_mlp.yaml"), "tune.registry=s3://no-such-bucket-cli/winners"],
+    ["deploy", "s3://no-such-bucket-cli/winners/tune_mlp"],
+])
+def test_the_cli_says_so_in_one_line_before_it_contacts_ray(s3_server, tmp_path, command):
+    """Nothing listens at the Ray address given: the storage error comes first, so the
+    bucket was checked before any Ray connection, let alone a worker."""
+    extra = [f"storage_path={tmp_path}"] if command[0] == "tune" else []
+    result = subprocess.run(
+        [sys.executable, "-m", "trainyard.cli", *command, *extra, "--address", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and "no-such-bucket-cli" in lines[0] and "does not exist" in lines[0], lines
+    assert "Traceback" not in result.stderr and "Ray cluster" not in lines[0]
