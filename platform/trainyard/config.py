@@ -28,6 +28,7 @@ Mode = Literal["", "max", "min"]
 LRSchedule = Literal["none", "cosine", "linear", "step", "onecycle"]
 Stopper = Literal["none", "plateau"]
 Backend = Literal["auto", "nccl", "gloo"]
+Placement = Literal["pack", "spread"]
 Shuffle = Literal["none", "local", "full"]
 #: Kept a plain string: YAML reads a bare true/false as a boolean.
 USE_GPU = ("auto", "true", "false")
@@ -133,6 +134,10 @@ class ScalingConfig:
     #: The DDP process group: auto (NCCL on GPUs, gloo on CPUs), nccl or gloo. gloo on
     #: GPUs lets several workers share one GPU (gpus_per_worker=0.5), which NCCL refuses.
     backend: Backend = "auto"
+    #: Where the workers go: pack (as few nodes as possible, Ray Train's default) or
+    #: spread (one per node as far as they go: each node reads its own share of streamed
+    #: data, and one node's loss stops fewer workers).
+    placement: Placement = "pack"
 
 
 @dataclass

@@ -377,6 +377,19 @@ def model_openapi(routes: list, server: str, sig: ModelSignature, name: str, ver
     return doc
 
 
+def replica_device() -> str:
+    """Where a replica runs its model: the GPU Ray gave it (``num_gpus`` in the serve
+    config), else the CPU."""
+    import ray
+
+    if ray.get_gpu_ids():
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+    return "cpu"
+
+
 @serve.deployment
 @serve.ingress(model_api)
 class ModelServer:
@@ -389,7 +402,7 @@ class ModelServer:
         # fails at once (Serve reports the deployment unhealthy; `trainyard deploy` names why).
         self.api_key = load_api_key(options)
         self.name, self.version = name, version
-        self.predictor = load_predictor(checkpoint)
+        self.predictor = load_predictor(checkpoint, device=replica_device())
         info = self.predictor.info
         self.signature = ModelSignature(info.inputs, list(info.input_shape), info.task, list(info.classes))
         self.output_names = tuple(o["name"] for o in self.signature.output_metadata())

@@ -42,6 +42,8 @@ def make_trainer(cfg: Any, loop_config: dict, name: str, storage: str, callbacks
 
     use_gpu, resources = worker_resources(cfg)
     backend = cfg.scaling.backend
+    if backend == "auto" and use_gpu and cfg.scaling.num_workers > 1 and cfg.scaling.gpus_per_worker < 1:
+        backend = "gloo"  # workers sharing a GPU: NCCL refuses two ranks on one device
     streams: dict = {}
     if datasets is not None:
         from trainyard.train.stream import data_config
@@ -52,7 +54,8 @@ def make_trainer(cfg: Any, loop_config: dict, name: str, storage: str, callbacks
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend=None if backend == "auto" else backend),
         scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+            placement_strategy=cfg.scaling.placement.upper(),
         ),
         run_config=RunConfig(
             name=name,

@@ -341,7 +341,10 @@ def train_epoch(t: Trainee, session: Session, epoch: int, emit: Callable[[dict],
             last_emit = now
             emit({"type": "step", "epoch": epoch, "step": step + 1, "loss": float(total_loss) / max(seen, 1)})
     train_time = time.perf_counter() - started
-    return {"epoch": epoch, "train_loss": float(total_loss) / max(seen, 1),
+    # Each worker's running loss covers its shard of every global batch: their mean over
+    # the workers is the one-process epoch loss.
+    total = _sum_over_workers(total_loss, world, t.device) / world
+    return {"epoch": epoch, "train_loss": total / max(seen, 1),
             "train_samples_per_s": seen / train_time if train_time > 0 else 0.0,
             "lr": t.optimizer.param_groups[0]["lr"]}
 
@@ -390,10 +393,24 @@ def train_epoch_stream(t: Trainee, session: Session, epoch: int, emit: Callable[
             last_emit = now
             emit({"type": "step", "epoch": epoch, "step": step + 1, "loss": float(total_loss) / max(seen, 1)})
     train_time = time.perf_counter() - started
-    # Every worker's shard is as large: the epoch's global rows are seen x W.
-    return {"epoch": epoch, "train_loss": float(total_loss) / max(seen, 1),
+    # The epoch's loss over every worker's rows (shards are equal: the rows are seen x W).
+    total = _sum_over_workers(total_loss, world, t.device)
+    return {"epoch": epoch, "train_loss": total / max(seen * world, 1),
             "train_samples_per_s": seen * world / train_time if train_time > 0 else 0.0,
             "lr": t.optimizer.param_groups[0]["lr"], "rss_peak_mb": _peak_rss_mb()}
+
+
+def _sum_over_workers(value: Any, world: int, device: Any) -> float:
+    """``value`` (a float or a 0-d tensor) summed over the workers; one all-reduce an epoch."""
+    import torch
+    import torch.distributed as dist
+
+    if world == 1 or not dist.is_initialized():
+        return float(value)
+    backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.as_tensor(float(value), dtype=torch.float64, device=backend_device)
+    dist.all_reduce(tensor)
+    return float(tensor)
 
 
 def _peak_rss_mb() -> float:
