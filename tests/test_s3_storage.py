@@ -49,8 +49,13 @@ def test_training_checkpoints_to_a_bucket_and_a_second_run_resumes_from_them(s3_
     assert f"s3run/{first[0]}/manifest.json" in keys and f"s3run/{first[0]}/model.safetensors" in keys
 
     events = []
-    run_training(load_config(CONFIGS / "mlp_breast_cancer.yaml", [*common, "train.epochs=2"]),
-                 on_event=events.append)
+    result = run_training(load_config(CONFIGS / "mlp_breast_cancer.yaml", [*common, "train.epochs=2"]),
+                          on_event=events.append)
+    # The result names the checkpoint by its URI, and the run's records sit beside it.
+    assert str(result.checkpoint).startswith(f"{storage}/s3run/checkpoint_")
+    assert [row["epoch"] for row in result.history] == [0, 1] and result.best is not None
+    keys = _keys(s3_server, storage)
+    assert {"s3run/config.yaml", "s3run/metrics.jsonl", "s3run/workers.json"} <= set(keys), keys
     # The second run went on from the bucket's checkpoint: it trained epoch 1 only.
     assert [e["epoch"] for e in events if e["type"] == "epoch_start"] == [1]
     assert all(e.get("resumed") for e in events if e["type"] == "epoch_start")

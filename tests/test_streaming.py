@@ -236,3 +236,33 @@ def test_a_third_party_streaming_dataset_trains_through_a_search(ray_cluster, tm
     outcome = run_tuning(cfg)
     assert [t["state"] for t in outcome.trials] == ["TERMINATED", "TERMINATED"], outcome.trials
     assert outcome.winners and max(t["best"] for t in outcome.trials) > 0.7
+
+
+# --------------------------------------------------------------------------------------
+# Object storage: the files dataset reads a bucket through the same client code
+# --------------------------------------------------------------------------------------
+
+
+def test_parquet_in_a_bucket_streams_and_bad_credentials_are_one_line(ray_cluster, s3_bucket, s3_server,
+                                                                      tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = _breast_cancer_frame()
+    fs = s3_server.filesystem()
+    bucket = s3_bucket.removeprefix("s3://")
+    for i in range(2):
+        part = frame.iloc[i * len(frame) // 2:(i + 1) * len(frame) // 2]
+        with fs.open_output_stream(f"{bucket}/table/part-{i}.parquet") as f:
+            pq.write_table(pa.Table.from_pandas(part, preserve_index=False), f)
+    uri = f"{s3_bucket}/table/*.parquet"
+    cfg = _files_cfg(tmp_path, "mlp", {"uri": uri, "format": "parquet"}, "train.epochs=2",
+                     "train.metrics=[accuracy]")
+    session = _run_in_process(cfg, tmp_path / "ckpt")
+    assert session.reports[-1]["val_accuracy"] > 0.85
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-key")  # this process only
+    with pytest.raises(ConfigError) as err:
+        prepare_stream(resolve(cfg))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("data (files): ") and "table" in message, message

@@ -422,3 +422,38 @@ def _model_params(
         return typed_params(spec.params, dict(recorded), "model.params")
     except TrainyardError as exc:
         raise TrainyardError(f"{where} rejects the recorded params: {exc}") from None
+
+
+def local_run_dir(storage: str, name: str) -> Path:
+    """The folder a run's or a search's own records (config, metrics, trials, history, the
+    report) are kept in: ``<storage>/<name>`` for a local storage path; for object storage,
+    a local folder (under trainyard's cache, one per storage URI), uploaded to
+    ``<storage>/<name>/`` when the run ends. Ray keeps its state and the checkpoints at the
+    URI itself."""
+    if not is_uri(storage):
+        return Path(storage) / name
+    import hashlib
+
+    key = hashlib.sha256(storage.rstrip("/").encode()).hexdigest()[:12]
+    return checkpoint_cache().parent / "runs" / key / name
+
+
+def upload_records(run_dir: Path, target: str) -> None:
+    """Copy the files of a search's local run folder (not its sub-folders: Tune uploads
+    the trials itself) to ``target`` in object storage."""
+    import pyarrow.fs
+
+    for path in sorted(run_dir.iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            pyarrow.fs.copy_files(str(path), join(target, path.name))
+
+
+def checkpoint_uri(checkpoint: Any) -> str:
+    """A Ray checkpoint's location as trainyard names it: its path for a local one, a URI
+    (``s3://bucket/...``) for one in object storage (Ray's ``path`` drops the scheme)."""
+    fs = getattr(checkpoint, "filesystem", None)
+    kind = getattr(fs, "type_name", "local")
+    if kind == "local" or is_uri(checkpoint.path):
+        return checkpoint.path
+    scheme = "gs" if kind == "gcs" else kind
+    return f"{scheme}://{checkpoint.path}"

@@ -124,6 +124,9 @@ def train(config, overrides, address, dry_run, tracking_uri):
     if dry_run:
         console.print(to_yaml(cfg), end="")
         return
+    from trainyard.runtime.storage import storage_root
+
+    storage_root(cfg.storage_path)  # a bucket is checked before Ray starts
     import threading
 
     from trainyard.runtime.cluster import init_ray

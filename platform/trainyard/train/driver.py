@@ -3,6 +3,7 @@ the run folder (config, metrics, where each worker ran), and report the outcome.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Callable
@@ -17,7 +18,8 @@ from trainyard.config import resolve
 from trainyard.errors import ConfigError, TrainingError
 from trainyard.runtime.cluster import init_ray
 from trainyard.runtime.resources import check_workers_fit, worker_resources
-from trainyard.runtime.storage import atomic_write_text, remove_stale_tmp, storage_root
+from trainyard.checkpoint import checkpoint_uri, local_run_dir, upload_records
+from trainyard.runtime.storage import atomic_write_text, is_uri, join, read_text, remove_stale_tmp, storage_root
 from trainyard.train.loop import train_loop_per_worker
 
 
@@ -25,7 +27,8 @@ from trainyard.train.loop import train_loop_per_worker
 class TrainResult:
     run_dir: Path
     history: list[dict]
-    checkpoint: Path | None
+    #: A local folder, or a URI (str) when storage_path is object storage.
+    checkpoint: Path | str | None
     best: dict | None
     monitor: str
     resumed_from: int | None = None
@@ -129,7 +132,10 @@ def run_training(
     job = resolve(cfg, registry)  # every config error surfaces before Ray starts
     tracking.check(cfg)
     storage = storage_root(cfg.storage_path)
-    run_dir = Path(storage) / cfg.name if "://" not in storage else None
+    remote = join(storage, cfg.name) if is_uri(storage) else None
+    # The run's own records (config, metrics, workers): the run folder, or for object
+    # storage a local folder uploaded next to Ray's checkpoints when the run ends.
+    run_dir = local_run_dir(storage, cfg.name)
     init_ray(address)
     check_workers_fit(cfg)
     datasets = None
@@ -143,11 +149,10 @@ def run_training(
 
     sink = ProgressSink.remote()
     loop_config["progress"] = sink
-    if run_dir is not None:
-        _check_resumable(run_dir, cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    log = _MetricsLog(run_dir / "metrics.jsonl") if run_dir is not None else None
+    _check_resumable(read_text(join(remote or str(run_dir), "config.yaml")), remote or str(run_dir), cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    log = _MetricsLog(run_dir / "metrics.jsonl")
     # Tracking (tracking.backend) logs from here, the driver: rank 0's events, one run.
     tracker = tracking.train_run(cfg, run_dir, storage)
     if tracker is not None:
@@ -159,6 +164,10 @@ def run_training(
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             tracker.finish(status, report=_report(cfg, run_dir, log, None))
         raise
+    finally:
+        if remote is not None:
+            with contextlib.suppress(OSError):  # the run's outcome stands without them
+                upload_records(run_dir, remote)
     if tracker is not None:
         tracker.finish("FINISHED", checkpoint=final, report=_report(cfg, run_dir, log, result))
     return result
@@ -227,28 +236,31 @@ def _fit(cfg: Any, job: Any, loop_config: dict, storage: str, sink: Any, run_dir
     if result.error is not None:
         raise TrainingError(f"training failed: {_root_cause(result.error)}")
     history = log.history if log is not None else []
-    checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    checkpoint = None
+    if result.checkpoint is not None:
+        where = checkpoint_uri(result.checkpoint)
+        checkpoint = where if is_uri(where) else Path(where)
     best = None
     monitor = f"val_{job.monitor}"
     if history:
         pick = max if job.monitor_mode == "max" else min
         best = pick(history, key=lambda row: row[monitor])
-    return TrainResult(run_dir or Path(storage), history, checkpoint, best, monitor, resumed_from,
+    return TrainResult(run_dir, history, checkpoint, best, monitor, resumed_from,
                        stopped_early_at), result.checkpoint
 
 
-def _check_resumable(run_dir: Path, cfg: Any) -> None:
-    """A run started again resumes; its model and data must be those it was trained on."""
+def _check_resumable(previous: str | None, run_dir: str, cfg: Any) -> None:
+    """A run started again resumes; its model and data must be those it was trained on.
+    ``previous``: the run's saved config.yaml, if it has one."""
     from omegaconf import OmegaConf
 
-    previous = run_dir / "config.yaml"
-    if not previous.exists():
+    if previous is None:
         return
-    old = OmegaConf.load(previous)
+    old = OmegaConf.create(previous)
     for key in ("model", "data"):
         if OmegaConf.to_container(old[key]) != OmegaConf.to_container(cfg[key]):
             raise ConfigError(
-                f"{key}: run {cfg.name!r} already exists in {run_dir.parent} with a different "
+                f"{key}: run {cfg.name!r} already exists in {cfg.storage_path} with a different "
                 f"{key} section, so it cannot resume; choose another name= or remove {run_dir}"
             )
 

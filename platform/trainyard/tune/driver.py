@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from trainyard.checkpoint import checkpoint_uri, local_run_dir, upload_records
 from trainyard.config import load_config, resolve
 from trainyard.errors import ConfigError
 from trainyard.runtime.cluster import init_ray
@@ -177,46 +178,9 @@ def run_tuning(
     registered = tracking.register_winners(tracked, winners)
     storage = storage_root(cfg.storage_path)
     if is_uri(storage):  # the search's records go next to Tune's own state in the bucket
-        _upload_records(run_dir, join(storage, cfg.name))
+        upload_records(run_dir, join(storage, cfg.name))
     return TuneOutcome(str(run_dir), metric, mode, trials, winners, registry_dir(cfg),
                        stopped_by, message, exploits, registered)
-
-
-def local_run_dir(storage: str, name: str) -> Path:
-    """The folder a search's own records (config, trials, history, exploits, the report)
-    are kept in: ``<storage>/<name>`` for a local storage path; for object storage, a
-    local folder for the search (under trainyard's cache, one per storage URI), uploaded
-    to ``<storage>/<name>/`` when the search ends. Tune keeps its state and the trials'
-    checkpoints at the URI itself."""
-    if not is_uri(storage):
-        return Path(storage) / name
-    import hashlib
-
-    from trainyard.checkpoint import checkpoint_cache
-
-    key = hashlib.sha256(storage.rstrip("/").encode()).hexdigest()[:12]
-    return checkpoint_cache().parent / "runs" / key / name
-
-
-def _upload_records(run_dir: Path, target: str) -> None:
-    """Copy the files of a search's local run folder (not its sub-folders: Tune uploads
-    the trials itself) to ``target`` in object storage."""
-    import pyarrow.fs
-
-    for path in sorted(run_dir.iterdir()):
-        if path.is_file() and not path.name.startswith("."):
-            pyarrow.fs.copy_files(str(path), join(target, path.name))
-
-
-def _checkpoint_uri(checkpoint: Any) -> str:
-    """A Ray checkpoint's location as trainyard names it: its path for a local one, a URI
-    (``s3://bucket/...``) for one in object storage (Ray's ``path`` drops the scheme)."""
-    fs = getattr(checkpoint, "filesystem", None)
-    kind = getattr(fs, "type_name", "local")
-    if kind == "local" or is_uri(checkpoint.path):
-        return checkpoint.path
-    scheme = "gs" if kind == "gcs" else kind
-    return f"{scheme}://{checkpoint.path}"
 
 
 def _planned(cfg: DictConfig) -> int:
@@ -429,7 +393,7 @@ def _collect(grid: Any, metric: str, mode: str, keys: list[str], max_t: int,
         pick = max if mode == "max" else min
         checkpoint = None
         if result.checkpoint is not None:
-            checkpoint = _checkpoint_uri(result.checkpoint)
+            checkpoint = checkpoint_uri(result.checkpoint)
         elif result.metrics and result.metrics.get(CHECKPOINT_PATH_KEY):
             # A multi-worker trial's nested trainer reports through Ray's TuneReportCallback,
             # which puts its checkpoint's path in the metrics instead of a Tune checkpoint.
@@ -441,7 +405,7 @@ def _collect(grid: Any, metric: str, mode: str, keys: list[str], max_t: int,
                 key=lambda c: c[1][metric], reverse=(mode == "max"),
             )
             if ordered:
-                best_checkpoint = _checkpoint_uri(ordered[0][0])
+                best_checkpoint = checkpoint_uri(ordered[0][0])
         reached = history[-1]["iteration"] if history else 0
         params = {k: (result.config or {}).get(k) for k in keys}
         if pbt and best_checkpoint:  # the values that trained the exported checkpoint
