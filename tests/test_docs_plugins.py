@@ -26,7 +26,7 @@ from tests.helpers_plugins import plugin_registered, unique
 
 DOC = (ROOT / "docs" / "plugins.md").read_text()
 SPECS = [hookspecs.ModelSpec, hookspecs.DatasetSpec, hookspecs.MetricSpec, hookspecs.DataInfo,
-         hookspecs.LoadedData, hookspecs.Split]
+         hookspecs.LoadedData, hookspecs.StreamingData, hookspecs.Split]
 
 
 def section(heading: str) -> str:

@@ -62,6 +62,10 @@ class StreamConfig:
     fit_sample: int = 10000
     #: Batches each worker prepares ahead of the one it trains on.
     prefetch_batches: int = 2
+    #: Ray Data's largest block, in MB: what a worker holds of the stream at a time is a
+    #: few blocks, so smaller blocks bound its memory (a whole file is one block at most
+    #: 128 MB by default).
+    block_mb: int = 32
     #: Keep the encoded rows in Ray's object store after the first pass: true, false, or
     #: auto (for a search, whose trials then share one read, when the data is under a
     #: quarter of the object store; never for a single training run).
@@ -423,6 +427,7 @@ def _check_values(cfg: DictConfig) -> None:
         (cfg.data.stream.shuffle_buffer >= 1, "data.stream.shuffle_buffer", "must be at least 1"),
         (cfg.data.stream.fit_sample >= 1, "data.stream.fit_sample", "must be at least 1"),
         (cfg.data.stream.prefetch_batches >= 0, "data.stream.prefetch_batches", "must not be negative"),
+        (cfg.data.stream.block_mb >= 1, "data.stream.block_mb", "must be at least 1"),
         (str(cfg.data.stream.cache).lower() in USE_GPU, "data.stream.cache", "must be auto, true or false"),
         (c.num_to_keep >= 1, "checkpoint.num_to_keep", "must be at least 1"),
         (c.max_failures >= -1, "checkpoint.max_failures", "must be -1 (unlimited) or more"),

@@ -346,7 +346,7 @@ def train_epoch(t: Trainee, session: Session, epoch: int, emit: Callable[[dict],
     total = _sum_over_workers(total_loss, world, t.device) / world
     return {"epoch": epoch, "train_loss": total / max(seen, 1),
             "train_samples_per_s": seen / train_time if train_time > 0 else 0.0,
-            "lr": t.optimizer.param_groups[0]["lr"]}
+            "lr": t.optimizer.param_groups[0]["lr"], "rss_peak_mb": _peak_rss_mb()}
 
 
 def train_epoch_stream(t: Trainee, session: Session, epoch: int, emit: Callable[[dict], None]) -> dict:

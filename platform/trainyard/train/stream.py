@@ -170,6 +170,10 @@ def prepare_stream(job: Any, search: bool = False) -> Stream:
     cfg = job.config
     s = cfg.data.stream
     quiet_ray_data()
+    from ray.data import DataContext
+
+    # Datasets take the context they are made in: set before the plugin makes them.
+    DataContext.get_current().target_max_block_size = s.block_mb * 2**20
     data = load_stream(job)
     info, train, val = data.info, data.train, data.val
     if val is None:
