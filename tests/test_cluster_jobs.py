@@ -4,102 +4,20 @@ with `ray start`, token authentication on), submitted and followed through the t
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import CONFIGS
-
-BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-        ports.append(s.getsockname()[1])
-    for s in sockets:
-        s.close()
-    return ports
-
-
-@dataclass
-class TwoNodes:
-    url: str
-    token: str
-    env: dict
-    serve_port: int
-
-    def get(self, path: str):
-        request = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.token}"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-
-    def alive_nodes(self) -> set[str]:
-        nodes = self.get("/api/v0/nodes?limit=100")["data"]["result"]["result"]
-        return {n["node_id"] for n in nodes if n["state"] == "ALIVE"}
-
-    def cli(self, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "trainyard.cli", *args], env=env or self.env,
-                              capture_output=True, text=True, timeout=timeout, check=False)
+from tests.helpers_cluster import free_ports, local_cluster
 
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    temp = Path(tempfile.mkdtemp(prefix="ty2n", dir="/tmp"))  # short: Ray's socket paths
-    token = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0", COLUMNS="200",
-               # As cluster.yaml does on every node: Serve replicas there read the API key
-               # from their node's environment (a --deploy job serves beyond loopback).
-               TRAINYARD_API_KEY=uuid.uuid4().hex)
-    p = _free_ports(12)
-    head = ["ray", "start", "--head", f"--port={p[0]}", "--num-cpus=1", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={p[1]}", f"--ray-client-server-port={p[2]}",
-            f"--dashboard-agent-listen-port={p[3]}", f"--dashboard-agent-grpc-port={p[4]}",
-            f"--runtime-env-agent-port={p[5]}", f"--metrics-export-port={p[6]}",
-            f"--temp-dir={temp}", "--include-dashboard=true", "--disable-usage-stats"]
-    worker = ["ray", "start", f"--address=127.0.0.1:{p[0]}", "--num-cpus=1",
-              f"--dashboard-agent-listen-port={p[7]}", f"--dashboard-agent-grpc-port={p[8]}",
-              f"--runtime-env-agent-port={p[9]}", f"--metrics-export-port={p[10]}", "--disable-usage-stats",
-              # Its own folder, as a node on another machine has: with the head's, its
-              # runtime-env agent would clean up the job's working_dir under the driver.
-              f"--temp-dir={temp / 'w'}"]
-    try:
-        for command in (head, worker):
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
-            assert done.returncode == 0, done.stdout + done.stderr
-        cluster = TwoNodes(f"http://127.0.0.1:{p[1]}", token, env, p[11])
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if len(cluster.alive_nodes()) == 2:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the two-node cluster did not come up"
-            time.sleep(1)
+    with local_cluster(nodes=2, cpus=1) as cluster:
         yield cluster
-    finally:
-        # Only this cluster's processes: every one of them names its temp dir.
-        subprocess.run(["pkill", "-f", str(temp)], check=False)
-        time.sleep(2)
-        subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _job_id(output: str) -> str:
@@ -191,7 +109,7 @@ def test_bad_submissions_are_refused_before_anything_is_sent(two_nodes, tmp_path
     assert deploy_train.returncode == 2 and "--deploy" in deploy_train.stderr
     assert count() == before  # nothing reached the cluster
 
-    nowhere = two_nodes.cli("jobs", "list", "--address", f"http://127.0.0.1:{_free_ports(1)[0]}")
+    nowhere = two_nodes.cli("jobs", "list", "--address", f"http://127.0.0.1:{free_ports(1)[0]}")
     assert nowhere.returncode == 1 and "cannot reach Ray's Jobs API" in nowhere.stderr
     client_address = two_nodes.cli("jobs", "list", "--address", "ray://127.0.0.1:10001")
     assert client_address.returncode == 1 and "http://HEAD:8265" in client_address.stderr

@@ -142,6 +142,11 @@ def test_csv_regression_streams_and_the_checkpoint_serves_unchanged(ray_cluster,
     predictor = load_predictor(session.checkpoints[-1])
     mean = np.asarray(predictor.processor.state["mean"])
     assert np.all(np.abs(mean - x.mean(axis=0)) < 0.3) and not np.allclose(mean, x.mean(axis=0))
+    # A sample request (what `trainyard up` sends) is one row of the stream.
+    from trainyard.train.data import sample_input
+
+    sample = sample_input(session.checkpoints[-1])
+    assert len(sample) == 4 and any(np.allclose(sample, row, atol=1e-6) for row in x)
     got = predictor.predict(x[:50].astype(np.float32))
     truth = x[:50] @ [1.0, -2.0, 0.5, 0.0] + 0.1
     assert np.mean((np.array([g["value"] for g in got]) - truth) ** 2) < 0.5

@@ -114,6 +114,11 @@ def sample_input(checkpoint: str | Path) -> Any:
     """One raw validation input of a checkpoint's dataset, as a client would send it."""
     job = resolve(load_config(Path(checkpoint) / "job.yaml"))
     data = job.dataset.load(job.data_params, job.config.seed)
+    if job.dataset.streaming:  # one row of the stream (Ray is up where this is asked)
+        from trainyard.train.stream import head_split
+
+        first = head_split(data.val if data.val is not None else data.train, data.info, 1).inputs[0]
+        return first if isinstance(first, str) else first.tolist()
     val = data.val if data.val is not None else split_validation(data, job.config.data.val_fraction, job.config.seed)[1]
     first = val.inputs[0]
     return first if isinstance(first, str) else first.tolist()

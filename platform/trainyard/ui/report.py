@@ -642,6 +642,9 @@ def validation_split(checkpoint: str | Path) -> Any:
     from trainyard.train.data import split_validation
 
     job = resolve(load_config(Path(checkpoint) / "job.yaml"))
+    if job.dataset.streaming:
+        raise ValueError(f"dataset {job.dataset.name!r} is streamed by Ray Data; the report does "
+                         "not read it again")
     data = job.dataset.load(job.data_params, job.config.seed)
     if data.val is not None:
         return data.val
