@@ -77,7 +77,7 @@ def test_example_is_discovered_through_its_installed_entry_point_not_registered_
     assert (info.distribution, info.version, info.module, info.builtin) == (DIST, "0.1.0", MODULE, False)
     assert Path(info.location).resolve() == EXAMPLE / "trainyard_example" / "plugin.py"
     assert plugins.get_plugin_manager().get_plugin(PLUGIN) is sys.modules[MODULE]
-    assert info.provides == {"model": ["resmlp"], "dataset": ["wine"], "metric": ["balanced_accuracy"]}
+    assert info.provides == {"model": ["resmlp"], "dataset": ["wine", "spirals"], "metric": ["balanced_accuracy"]}
 
 
 # --------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_builtin_plugins_are_found_through_the_trainyard_entry_points():
         for ep in importlib.metadata.entry_points(group=plugins.ENTRY_POINT_GROUP)
         if ep.dist is not None and ep.dist.metadata["Name"] == "trainyard"
     }
-    assert set(declared) == {"mlp", "cnn", "bert", "tabular", "images", "text", "metrics"}
+    assert set(declared) == {"mlp", "cnn", "bert", "tabular", "images", "text", "metrics", "files"}
 
     registry = plugins.get_registry()
     assert BUILTIN_MODELS <= set(registry.models)
