@@ -162,7 +162,19 @@ def _reader(params: FilesParams, fs, files: list[str], columns: list[str] | None
     import ray.data
 
     if params.format == "parquet":
-        return ray.data.read_parquet(files, filesystem=fs, columns=columns), fs, files
+        # Ray 2.60's default Parquet datasource (V2) starts a pool of footer-reading actors
+        # at every execution, that is every epoch, and packs the files into few blocks:
+        # measured here, 6-10 s a pass against 2 s with the V1 reader, one block per file.
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        saved = ctx.use_datasource_v2
+        ctx.use_datasource_v2 = False
+        try:
+            return ray.data.read_parquet(files, filesystem=fs, columns=columns,
+                                         override_num_blocks=len(files)), fs, files
+        finally:
+            ctx.use_datasource_v2 = saved
     if params.format == "csv":
         return ray.data.read_csv(files, filesystem=fs), fs, files
     if params.format == "jsonl":
