@@ -150,8 +150,9 @@ def files_bytes(fs, files: list[str]) -> int | None:
 # --------------------------------------------------------------------------------------
 
 
-def _read(params: FilesParams, uri: str, columns: list[str] | None = None):
-    fs, files = find_files(uri, params.format)
+def _read(params: FilesParams, uri: str, columns: list[str] | None = None, found: tuple | None = None):
+    """``(dataset, filesystem, files)`` of ``uri``; ``found``: its files, already listed."""
+    fs, files = found or find_files(uri, params.format)
     try:
         return _reader(params, fs, files, columns)
     except Exception as exc:  # pyarrow's and Ray Data's errors: name the URI
@@ -262,7 +263,8 @@ def load_files(params: FilesParams, seed):
                 if not features:
                     raise ValueError(f"{params.uri}: no numeric feature columns besides {label!r}")
         if params.format == "parquet":  # read only the columns used
-            train, _, _ = _read(params, params.uri, [*features, label] if kind != "text" else [params.text, label])
+            train, _, _ = _read(params, params.uri, [*features, label] if kind != "text" else [params.text, label],
+                                found=(fs, files))
         classes = []
         if params.task == "classification":
             if params.classes:

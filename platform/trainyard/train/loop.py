@@ -11,6 +11,7 @@ value.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import tempfile
 import time
@@ -373,8 +374,6 @@ def train_epoch_stream(t: Trainee, session: Session, epoch: int, emit: Callable[
             loss = _stream_loss(t, criterion, x, y)
             backward(t, loss)
         else:
-            import contextlib
-
             t.optimizer.zero_grad(set_to_none=True)
             chunks = [i for i in torch.arange(rows).chunk(accum) if len(i)]
             loss = 0.0
@@ -464,8 +463,6 @@ def accumulate(t: Trainee, criterion: Callable, local: Any, global_size: int, wo
                on_gpu: bool, accum: int) -> Any:
     """Forward and backward over ``accum`` micro-batches of this worker's rows, gradients
     summed; DDP syncs them on the last micro-batch only. Returns the rows' loss."""
-    import contextlib
-
     t.optimizer.zero_grad(set_to_none=True)
     micro = [rows for rows in (local[m::accum] for m in range(accum)) if len(rows)]
     total = 0.0
