@@ -422,14 +422,17 @@ def _peak_rss_mb() -> float:
 
 
 def _stream_loss(t: Trainee, criterion: Callable, x: Any, y: Any) -> Any:
+    return criterion(_outputs(t, x), y, "mean")
+
+
+def _outputs(t: Trainee, x: Any) -> Any:
+    """The model's training outputs for ``x``, under autocast when mixed precision is on."""
     import torch
 
-    if t.amp_dtype is None:
-        out = call_model(t.model, x)
-    else:
-        with torch.autocast(t.device.type, dtype=t.amp_dtype):
-            out = call_model(t.model, x)
-    return criterion(out, y, "mean")
+    if t.amp_dtype is None:  # no autocast context on the hot path when it would do nothing
+        return call_model(t.model, x)
+    with torch.autocast(t.device.type, dtype=t.amp_dtype):
+        return call_model(t.model, x)
 
 
 def forward_loss(t: Trainee, criterion: Callable, rows: Any, global_size: int, world: int,
@@ -437,16 +440,11 @@ def forward_loss(t: Trainee, criterion: Callable, rows: Any, global_size: int, w
     """This worker's loss on ``rows`` of a global batch of ``global_size``, scaled so that
     DDP's mean over workers of the (accumulated) gradients is the one-process gradient of
     the global batch's mean loss."""
-    import torch
 
     x, y = take(t.data.x_train, rows), t.data.y_train[rows]
     if on_gpu:
         x, y = to_device(x, t.device), y.to(t.device, non_blocking=True)
-    if t.amp_dtype is None:  # no autocast context on the hot path when it would do nothing
-        out = call_model(t.model, x)
-    else:
-        with torch.autocast(t.device.type, dtype=t.amp_dtype):
-            out = call_model(t.model, x)
+    out = _outputs(t, x)
     if whole_shard and len(rows) * world == global_size:
         return criterion(out, y, "mean")  # the whole equal shard: DDP's mean of means
     # Sum over the rows / global batch size * W: DDP's mean over workers (of gradients
