@@ -193,6 +193,43 @@ def _first_image_size(fs, path: str) -> tuple[int, int]:
     return height, width
 
 
+#: A classification label column with more distinct values than this is refused.
+MAX_CLASSES = 10_000
+
+
+class _Distinct:
+    """``map_batches`` stage: a block's distinct label values, as strings."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __call__(self, table):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        values = pc.unique(table.column(self.label)).drop_null()
+        return pa.table({"value": pc.cast(values, pa.string())})
+
+
+def _label_values(ds, label: str, uri: str) -> list[str]:
+    """The label column's distinct values, sorted: one streaming pass over that column
+    (each read task keeps its block's distinct values; Ray Data's ``unique`` runs a hash
+    aggregation with actors, seconds slower per call)."""
+    found: set[str] = set()
+    try:
+        distinct = ds.select_columns([label]).map_batches(_Distinct(label), batch_format="pyarrow", batch_size=None)
+        for batch in distinct.iter_batches(batch_size=None, batch_format="pyarrow"):
+            found.update(batch.column("value").to_pylist())
+            if len(found) > MAX_CLASSES:
+                break
+    except Exception as exc:
+        raise ValueError(f"{uri}: cannot read column {label!r} ({_line(exc)})") from None
+    if len(found) > MAX_CLASSES:
+        raise ValueError(f"{uri}: column {label!r} holds more than {MAX_CLASSES:,} distinct values; "
+                         "is data.params.task (classification) right? Or name data.params.classes")
+    return sorted(found)
+
+
 def _schema_names(ds, uri: str) -> list[str]:
     try:
         schema = ds.schema()
@@ -211,13 +248,16 @@ class ToRows:
         self.index = {c: i for i, c in enumerate(classes)}
 
     def _targets(self, values) -> np.ndarray:
+        values = np.asarray(values)
         if self.p.task == "regression":
-            return np.asarray(values, dtype=np.float32)
+            return values.astype(np.float32)
+        names, inverse = np.unique(values.astype(str), return_inverse=True)  # one lookup per class
         try:
-            return np.fromiter((self.index[str(v)] for v in values), dtype=np.int64, count=len(values))
+            codes = np.array([self.index[n] for n in names], dtype=np.int64)
         except KeyError as exc:
             raise ValueError(f"{self.uri}: label {exc.args[0]!r} in column {self.p.label!r} is not one "
                              f"of the classes {list(self.index)}") from None
+        return codes[inverse.reshape(-1)] if len(names) else np.zeros(0, np.int64)
 
     def __call__(self, batch) -> dict:
         if self.p.format == "images":
@@ -225,11 +265,15 @@ class ToRows:
             images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
             labels = [Path(p).parent.name for p in batch["path"]]
             return {"input": np.ascontiguousarray(images), "target": self._targets(labels)}
+        # a pyarrow table: columns straight to numpy, no pandas frame in between
+        labels = batch.column(self.p.label).to_numpy(zero_copy_only=False)
         if self.p.text:
-            x = batch[self.p.text].astype(str).to_numpy()
-        else:
-            x = batch[self.features].to_numpy(dtype=np.float32)
-        return {"input": x, "target": self._targets(batch[self.p.label].to_numpy())}
+            texts = batch.column(self.p.text).to_numpy(zero_copy_only=False)
+            return {"input": np.array([str(t) for t in texts], dtype=object), "target": self._targets(labels)}
+        x = np.empty((batch.num_rows, len(self.features)), dtype=np.float32)
+        for i, name in enumerate(self.features):
+            x[:, i] = batch.column(name).to_numpy(zero_copy_only=False)
+        return {"input": x, "target": self._targets(labels)}
 
 
 def load_files(params: FilesParams, seed):
@@ -270,11 +314,7 @@ def load_files(params: FilesParams, seed):
             if params.classes:
                 classes = list(params.classes)
             else:
-                try:
-                    values = train.select_columns([label]).unique(label)
-                except Exception as exc:
-                    raise ValueError(f"{params.uri}: cannot read column {label!r} ({_line(exc)})") from None
-                classes = sorted({str(v) for v in values if v is not None})
+                classes = _label_values(train, label, params.uri)
             if len(classes) < 2:
                 raise ValueError(f"{params.uri}: column {label!r} holds fewer than two classes ({classes})")
         shape = [len(features)] if kind == "features" else []
@@ -282,7 +322,7 @@ def load_files(params: FilesParams, seed):
         task=params.task, inputs=kind, classes=[str(c) for c in classes], input_shape=shape,
         feature_names=features, target_names=[label] if params.task == "regression" else [],
     )
-    fmt = "numpy" if params.format == "images" else "pandas"
+    fmt = "numpy" if params.format == "images" else "pyarrow"
     rows = ToRows(params, features, info.classes, params.uri)
     val = None
     if params.val_uri:
