@@ -27,11 +27,11 @@ trainyard's ``rss_peak_mb`` metric (should a loop not report it, the worker's Vm
 start to its first epoch) and wall time. Each row prints as it finishes, then the ratios
 against the targets.
 
-    .venv/bin/python bench/ingest.py [--quick] [--rows 100000] [--epochs 4] [--features 32]
+    .venv/bin/python bench/ingest.py [--quick] [--rows 100000] [--epochs 5] [--features 32]
                                      [--batch-size 256] [--hidden [256,256]] [--workers 1,2]
                                      [--extra] [--parquet-reader ray-default|v1] [--read-blocks N]
 
---quick: 40000 rows, 3 epochs. Most of the time is each trainyard run's start-up (7 runs with
+--quick: 40000 rows, 5 epochs. Most of the time is each trainyard run's start-up (7 runs with
 --quick); sized for about 5-8 minutes (default) and 2-3 (--quick) when a run starts in about
 15 s. On a shared 2-core machine under load 10-15, --quick took 7 minutes with the fix below
 and 13 as trainyard is. --extra adds,
@@ -346,9 +346,9 @@ def verdict(name: str, value: float, target: float, above: bool) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="40000 rows, 3 epochs")
+    parser.add_argument("--quick", action="store_true", help="40000 rows, 5 epochs")
     parser.add_argument("--rows", type=int, default=None, help="training rows (default 100000; --quick 40000)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs (default 4; --quick 3)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default 5)")
     parser.add_argument("--features", type=int, default=32)
     parser.add_argument("--files", type=int, default=8, help="Parquet files of the training folder")
     parser.add_argument("--row-group", type=int, default=10_000, help="rows per Parquet row group")
@@ -372,7 +372,7 @@ def main() -> None:
     parser.add_argument("--baseline-only", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.rows = args.rows or (40_000 if args.quick else 100_000)
-    args.epochs = args.epochs or (3 if args.quick else 4)
+    args.epochs = args.epochs or 5
     if args.epochs < 2:
         parser.error("--epochs: at least 2 (the first epoch is not counted)")
     try:

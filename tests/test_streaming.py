@@ -79,6 +79,80 @@ def test_the_hash_split_is_disjoint_complete_seeded_and_independent_of_batching(
     assert all(0 <= b < VAL_BUCKETS for b in row_buckets(texts, 1))
 
 
+class _Shard:
+    """Stands in for a Ray Data iterator in the feed's unit tests: each ``iter_torch_batches``
+    call is one epoch's pass, recorded with its options."""
+
+    def __init__(self, rows: int, fail_at_epoch: int | None = None):
+        self.rows, self.fail_at_epoch, self.calls = rows, fail_at_epoch, []
+
+    def iter_torch_batches(self, batch_size, **options):
+        import torch
+
+        self.calls.append(dict(options, batch_size=batch_size))
+        if self.fail_at_epoch is not None and len(self.calls) - 1 == self.fail_at_epoch:
+            raise OSError("the bucket went away")
+        for start in range(0, self.rows, batch_size):
+            n = min(batch_size, self.rows - start)
+            yield {"x": torch.arange(start, start + n).float()[:, None].repeat(1, 3),
+                   "y": torch.arange(start, start + n)}
+
+
+def _feed_cfg(**stream):
+    return OmegaConf.create({"seed": 3, "train": {"batch_size": 32},
+                             "data": {"stream": {"prefetch_batches": 2, "fetch_rows": 100, "block_mb": 32,
+                                                 "shuffle": "local", "shuffle_buffer": 10, **stream}}})
+
+
+def test_the_feed_cuts_fetches_into_steps_and_reads_the_next_epoch_ahead():
+    from trainyard.train.stream import StreamMeta, TrainFeed, fetch_size
+
+    meta = StreamMeta(info=None, processor=None, train_rows=250, keys=None, row_bytes=16)
+    cfg = _feed_cfg()
+    assert fetch_size(meta, cfg, 1) == 96  # a whole number of 32-row batches under fetch_rows
+    assert fetch_size(meta, cfg, 2) == 96  # 16-row local batches
+    assert fetch_size(StreamMeta(None, None, 250, None, row_bytes=2**20), _feed_cfg(block_mb=2), 1) == 32
+    shard = _Shard(250)
+    feed = TrainFeed(shard, meta, cfg, 1, first=0, last=2)
+    for epoch in range(3):
+        steps = list(feed.batches(epoch))
+        # The steps of fetching one 32-row batch at a time: 7 full, then the 26 left.
+        assert [len(y) for _, y in steps] == [32] * 7 + [26]
+        assert np.array_equal(np.concatenate([y.numpy() for _, y in steps]), np.arange(250))
+        assert all(x.shape == (len(y), 3) for x, y in steps)
+    feed.thread.join(timeout=5)
+    assert not feed.thread.is_alive()  # no pass past the last epoch
+    assert [c["local_shuffle_seed"] for c in shard.calls] == [3000, 3001, 3002]  # a seed per epoch
+    assert all(c["batch_size"] == 96 and c["local_shuffle_buffer_size"] == 96 for c in shard.calls)
+
+
+def test_a_read_error_in_the_feed_reaches_the_training_thread_and_close_stops_it():
+    from trainyard.train.stream import StreamMeta, TrainFeed
+
+    meta = StreamMeta(None, None, 250, None, row_bytes=16)
+    feed = TrainFeed(_Shard(250, fail_at_epoch=1), meta, _feed_cfg(shuffle="none"), 1, first=0, last=3)
+    assert sum(len(y) for _, y in feed.batches(0)) == 250
+    with pytest.raises(OSError, match="the bucket went away"):
+        list(feed.batches(1))
+    # Closed while it waits on a full queue (the consumer left): the thread ends.
+    feed = TrainFeed(_Shard(5000), meta, _feed_cfg(shuffle="none", prefetch_batches=1), 1, first=0, last=5)
+    next(iter(feed.batches(0)))
+    feed.close()
+    feed.thread.join(timeout=5)
+    assert not feed.thread.is_alive()
+
+
+def test_numeric_rows_hash_in_one_pass_uniformly_and_the_same_in_any_batch():
+    rows = np.random.default_rng(1).normal(size=(20_000, 7)).astype(np.float32)
+    buckets = row_buckets(rows, 5)
+    assert buckets.min() >= 0 and buckets.max() < VAL_BUCKETS
+    assert np.array_equal(row_buckets(rows[5000:6000], 5), buckets[5000:6000])
+    assert 0.18 < (buckets < 0.2 * VAL_BUCKETS).mean() < 0.22
+    assert (row_buckets(rows, 6) == buckets).mean() < 0.01
+    images = np.random.default_rng(2).random(size=(50, 1, 3, 3)).astype(np.float64)  # any shape and dtype
+    assert np.array_equal(row_buckets(images[10:20], 5), row_buckets(images, 5)[10:20])
+
+
 def test_files_params_are_checked_before_ray_starts(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.params\.format: must be one of parquet, csv, jsonl, images"):
         resolve(_files_cfg(tmp_path, "mlp", {"uri": str(tmp_path), "format": "xml"}))
@@ -95,12 +169,14 @@ def test_files_params_are_checked_before_ray_starts(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_column", "empty_glob", "no_such_folder", "wrong_extension", "not_parquet",
-                                  "one_class"])
+                                  "one_class", "label_not_classes"])
 def test_bad_data_is_one_line_naming_the_uri_or_column(ray_cluster, tmp_path, case):
     frame = _breast_cancer_frame()
     folder = _write_parquet(frame, tmp_path / "table", parts=2)
     (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
     (tmp_path / "fake.parquet").write_text("a,b\n1,2\n")
+    many = pd.DataFrame({"x": np.arange(10_050, dtype=np.float32), "label": np.arange(10_050) * 0.5})
+    _write_parquet(many, tmp_path / "measurements", parts=2)
     params = {"uri": str(folder), "format": "parquet"}
     expected = {
         "missing_column": (dict(params, features=["mean_radius", "colour"]), r"no column 'colour' \(features\)"),
@@ -110,6 +186,8 @@ def test_bad_data_is_one_line_naming_the_uri_or_column(ray_cluster, tmp_path, ca
                             r"notes.csv: not a parquet file \(.parquet, .pq\); is data.params.format right"),
         "not_parquet": (dict(params, uri=str(tmp_path / "fake.parquet")), "fake.parquet: cannot read"),
         "one_class": (dict(params, classes=["only"]), "fewer than two classes"),
+        "label_not_classes": (dict(params, uri=str(tmp_path / "measurements")),
+                              r"column 'label' holds more than 10,000 distinct values; is data.params.task"),
     }[case]
     cfg = _files_cfg(tmp_path, "mlp", expected[0])
     with pytest.raises(ConfigError, match=expected[1]) as err:

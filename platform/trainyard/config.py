@@ -60,15 +60,25 @@ class StreamConfig:
     #: Rows the model's processor learns its state from (scaling, vocabulary): a seeded
     #: random sample of the training split, drawn in one streaming pass.
     fit_sample: int = 10000
-    #: Batches each worker prepares ahead of the one it trains on.
+    #: Fetches each worker prepares ahead of the one it trains on (twice as many wait
+    #: in its queue, so that the next epoch's read begins before this one's last steps).
     prefetch_batches: int = 2
+    #: Rows a worker takes from its stream at a time, then splits into steps of its local
+    #: batch: Ray Data's cost per batch is paid once per fetch, not once per step (rounded
+    #: down to a multiple of the local batch, and never under one batch).
+    fetch_rows: int = 8192
+    #: A worker keeps its validation shard in memory after the first pass when every
+    #: worker's shard is under this many MB (the stream is not restarted each epoch); 0
+    #: never keeps it.
+    val_cache_mb: int = 32
     #: Ray Data's largest block, in MB: what a worker holds of the stream at a time is a
     #: few blocks, so smaller blocks bound its memory (a whole file is one block at most
     #: 128 MB by default).
     block_mb: int = 32
-    #: Keep the encoded rows in Ray's object store after the first pass: true, false, or
-    #: auto (for a search, whose trials then share one read, when the data is under a
-    #: quarter of the object store; never for a single training run).
+    #: Keep the encoded rows in Ray's object store, read and encoded once, instead of
+    #: reading the files every epoch: true, false, or auto (when the data, as the dataset
+    #: estimates it, is under a quarter of the cluster's object store; a search's trials
+    #: then share one read too).
     cache: str = "auto"
 
 
@@ -428,6 +438,8 @@ def _check_values(cfg: DictConfig) -> None:
         (cfg.data.stream.fit_sample >= 1, "data.stream.fit_sample", "must be at least 1"),
         (cfg.data.stream.prefetch_batches >= 0, "data.stream.prefetch_batches", "must not be negative"),
         (cfg.data.stream.block_mb >= 1, "data.stream.block_mb", "must be at least 1"),
+        (cfg.data.stream.fetch_rows >= 1, "data.stream.fetch_rows", "must be at least 1"),
+        (cfg.data.stream.val_cache_mb >= 0, "data.stream.val_cache_mb", "must not be negative"),
         (str(cfg.data.stream.cache).lower() in USE_GPU, "data.stream.cache", "must be auto, true or false"),
         (c.num_to_keep >= 1, "checkpoint.num_to_keep", "must be at least 1"),
         (c.max_failures >= -1, "checkpoint.max_failures", "must be -1 (unlimited) or more"),

@@ -25,7 +25,7 @@ import numpy as np
 from trainyard.batches import call_model, take, to_device
 from trainyard.config import ResolvedJob, resolve
 from trainyard.train.data import Prepared, epoch_batches, prepare_data
-from trainyard.train.stream import StreamMeta, steps_per_epoch, train_batches, val_batches
+from trainyard.train.stream import StreamMeta, TrainFeed, batch_bytes, steps_per_epoch, val_batches
 from trainyard.train.schedule import EarlyStopping, apply_hyperparameters, make_scheduler, optimizer_steps
 
 
@@ -143,6 +143,12 @@ class Streamed:
     meta: StreamMeta
     train: Any
     val: Any
+    #: The validation batches, kept after the first pass when every worker's are small.
+    val_kept: list | None = None
+    #: Whether the first pass has decided on keeping them.
+    val_decided: bool = False
+    #: The training batches' reader (made at the first epoch the worker trains).
+    feed: TrainFeed | None = None
 
     @property
     def info(self) -> Any:
@@ -190,6 +196,15 @@ def run_loop(loop_config: dict, session: Session) -> None:
         progress.push.remote(_where(session.rank, t.device))
     if t.start_epoch >= cfg.train.epochs:
         emit({"type": "done_before", "epoch": t.start_epoch - 1})
+    try:
+        _epochs(t, job, session, emit, plugin)
+    finally:
+        if isinstance(t.data, Streamed) and t.data.feed is not None:
+            t.data.feed.close()
+
+
+def _epochs(t: Trainee, job: ResolvedJob, session: Session, emit: Callable[[dict], None], plugin: str) -> None:
+    cfg = job.config
     for epoch in range(t.start_epoch, cfg.train.epochs):
         if isinstance(t.data, Streamed):
             trained = train_epoch_stream(t, session, epoch, emit)
@@ -367,7 +382,9 @@ def train_epoch_stream(t: Trainee, session: Session, epoch: int, emit: Callable[
           "resumed": epoch == t.start_epoch and epoch > 0})
     total_loss = torch.zeros((), device=t.device) if on_gpu else 0.0
     seen, last_emit, started = 0, 0.0, time.perf_counter()
-    for step, (x, y) in enumerate(train_batches(t.data.train, t.data.meta, cfg, world, epoch)):
+    if t.data.feed is None:
+        t.data.feed = TrainFeed(t.data.train, t.data.meta, cfg, world, epoch, cfg.train.epochs - 1)
+    for step, (x, y) in enumerate(t.data.feed.batches(epoch)):
         x, y = to_device(x, t.device), y.to(t.device, non_blocking=True)
         rows = len(y)
         if accum == 1:
@@ -527,11 +544,22 @@ def evaluate_stream(job, model, data: Streamed, device, world: int, amp_dtype=No
 
     model.eval()
     outputs, targets = [], []
+    limit = job.config.data.stream.val_cache_mb * 2**20
+    kept: list | None = [] if not data.val_decided and limit > 0 else None
+    kept_bytes = 0
+    batches = data.val_kept if data.val_kept is not None else val_batches(data.val, data.meta, job.config)
     with torch.inference_mode():
-        for x, y in val_batches(data.val, data.meta, job.config):
+        for x, y in batches:
+            if kept is not None:
+                kept_bytes += batch_bytes([(x, y)])
+                kept.append((x, y))
+                if kept_bytes > limit:  # too large to keep: stop holding it at once
+                    kept = None
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 outputs.append(call_model(model, to_device(x, device)).float().cpu().numpy())
             targets.append(y.cpu().numpy())
+    if not data.val_decided:
+        _keep_val(data, kept, kept_bytes if kept is not None else float("inf"), limit, world, device)
     width = data.info.num_outputs
     local = (np.concatenate(outputs) if outputs else np.zeros((0, width), np.float32),
              np.concatenate(targets) if targets else np.zeros((0,), np.int64 if job.task == "classification" else np.float32))
@@ -547,6 +575,25 @@ def evaluate_stream(job, model, data: Streamed, device, world: int, amp_dtype=No
 
         raise TrainingError(f"dataset {job.dataset.name!r}: the validation split is empty")
     return compute_metrics(job, data.info, full[0], full[1])
+
+
+def _keep_val(data: Streamed, batches: list | None, size: float, limit: float, world: int,
+              device: Any) -> None:
+    """After the first validation pass: keep this worker's batches for the next epochs when
+    every worker's are within ``limit`` bytes. The workers agree (one all-reduce), since an
+    epoch of a split stream needs every worker to read its part."""
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+            largest = torch.tensor(float(size), dtype=torch.float64, device=backend_device)
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+            size = float(largest)
+    data.val_decided = True
+    if batches is not None and size <= limit:
+        data.val_kept = batches
 
 
 def save_and_report(t: Trainee, session: Session, epoch: int, metrics: dict, plugin: str) -> None:

@@ -9,8 +9,8 @@ step. Ray Train gives each worker its own shard of the training rows
 (``streaming_split(equal=True)``: every worker takes the same number of steps) and of the
 validation rows (``equal=False``: every row once, so gathered metrics are exact).
 
-On a worker, :func:`train_batches` and :func:`val_batches` iterate the shard each epoch,
-shuffled as ``data.stream.shuffle`` says, with ``prefetch_batches`` batches prepared ahead.
+On a worker, :class:`TrainFeed` and :func:`val_batches` iterate the shards each epoch,
+shuffled as ``data.stream.shuffle`` says, with ``prefetch_batches`` fetches prepared ahead.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class StreamMeta:
     #: The processor's output keys when it returns a dict (keyword arguments of the
     #: model); None when it returns one tensor.
     keys: list[str] | None
+    #: Bytes of one encoded row (its inputs and target), measured on the fitted sample.
+    row_bytes: int = 0
 
 
 @dataclass
@@ -83,8 +85,12 @@ def head_split(ds: Any, info: DataInfo, n: int) -> Split:
 
 
 def row_buckets(column: Any, seed: int) -> np.ndarray:
-    """Each row's bucket in [0, VAL_BUCKETS): a CRC of the seed and the row's input bytes.
-    The same row always lands in the same bucket, whatever the batch or the worker."""
+    """Each row's bucket in [0, VAL_BUCKETS): a seeded hash of the row's input. The same
+    row always lands in the same bucket, whatever the batch or the worker. A numeric array
+    is hashed in one vectorised pass over its bytes (a seeded multiply-add of its 32-bit
+    words, then a 64-bit finaliser); text and ragged rows by a CRC of each row's bytes."""
+    if isinstance(column, np.ndarray) and column.dtype != object and len(column):
+        return _array_buckets(column, seed)
     salt = zlib.crc32(str(seed).encode())
     out = np.empty(len(column), dtype=np.int64)
     for i, value in enumerate(column):
@@ -92,6 +98,24 @@ def row_buckets(column: Any, seed: int) -> np.ndarray:
             np.ascontiguousarray(value).tobytes()
         out[i] = zlib.crc32(raw, salt) % VAL_BUCKETS
     return out
+
+
+def _array_buckets(array: np.ndarray, seed: int) -> np.ndarray:
+    rows = np.ascontiguousarray(array).reshape(len(array), -1)
+    raw = rows.view(np.uint8).reshape(len(rows), -1)
+    pad = (-raw.shape[1]) % 4
+    if pad:
+        raw = np.concatenate([raw, np.zeros((len(raw), pad), np.uint8)], axis=1)
+    words = np.ascontiguousarray(raw).view(np.uint32).astype(np.uint64)
+    weights = np.random.default_rng([seed, 0x7A11]).integers(1, 2**63, size=words.shape[1], dtype=np.uint64) | 1
+    with np.errstate(over="ignore"):  # arithmetic modulo 2**64, as meant
+        h = (words * weights).sum(axis=1, dtype=np.uint64) + np.uint64(words.shape[1])
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xC4CEB9FE1A85EC53)
+        h ^= h >> np.uint64(33)
+    return (h % np.uint64(VAL_BUCKETS)).astype(np.int64)
 
 
 class HashSplit:
@@ -108,12 +132,16 @@ class HashSplit:
 
 
 class Encode:
-    """``map_batches`` stage: raw rows to the model's batch (the processor's ``encode``)."""
+    """``map_batches`` stage: raw rows to the model's batch (the processor's ``encode``),
+    after the hash split's selection of rows when there is one (one stage, so Ray Data
+    converts each batch once)."""
 
-    def __init__(self, processor: Any, info: DataInfo, task: str):
-        self.processor, self.info, self.task = processor, info, task
+    def __init__(self, processor: Any, info: DataInfo, task: str, split: HashSplit | None = None):
+        self.processor, self.info, self.task, self.split = processor, info, task, split
 
     def __call__(self, batch: dict) -> dict:
+        if self.split is not None:
+            batch = self.split(batch)
         encoded = self.processor.encode(raw_inputs(batch["input"], self.info))
         if isinstance(encoded, dict):
             out = {f"x.{k}": _numpy(v) for k, v in encoded.items()}
@@ -166,7 +194,7 @@ def _first_line(exc: BaseException) -> str:
 
 def prepare_stream(job: Any, search: bool = False) -> Stream:
     """The job's training and validation streams, encoded, and the fitted processor.
-    ``search``: the streams feed a Tune search (``data.stream.cache: auto`` keeps them)."""
+    ``search``: the streams feed a Tune search (its trials share them)."""
     cfg = job.config
     s = cfg.data.stream
     quiet_ray_data()
@@ -176,9 +204,11 @@ def prepare_stream(job: Any, search: bool = False) -> Stream:
     DataContext.get_current().target_max_block_size = s.block_mb * 2**20
     data = load_stream(job)
     info, train, val = data.info, data.train, data.val
-    if val is None:
-        train = data.train.map_batches(HashSplit(cfg.seed, cfg.data.val_fraction, False), batch_format="numpy")
-        val = data.train.map_batches(HashSplit(cfg.seed, cfg.data.val_fraction, True), batch_format="numpy")
+    splits: tuple = (None, None)
+    if val is None:  # held out by hash: selected in the encode stage, one pass each
+        splits = (HashSplit(cfg.seed, cfg.data.val_fraction, False), HashSplit(cfg.seed, cfg.data.val_fraction, True))
+        train = data.train.map_batches(splits[0], batch_format="numpy")  # for the count and the fit
+        val = data.train
     exact = cfg.train.scheduler != "none"  # a schedule's length must not fall short
     if data.rows is not None and data.val is not None:
         rows = data.rows
@@ -202,16 +232,24 @@ def prepare_stream(job: Any, search: bool = False) -> Stream:
     processor.fit(raw_inputs(batch["input"], info))
     probe = processor.encode(raw_inputs(batch["input"][:2], info))
     keys = sorted(probe) if isinstance(probe, dict) else None
+    row_bytes = _row_bytes(probe, batch["target"][:2])
 
-    encode = Encode(processor, info, job.task)
-    train = train.map_batches(encode, batch_format="numpy")
-    val = val.map_batches(encode, batch_format="numpy")
+    train = data.train.map_batches(Encode(processor, info, job.task, splits[0]), batch_format="numpy")
+    val = val.map_batches(Encode(processor, info, job.task, splits[1]), batch_format="numpy")
     cache = str(s.cache).lower()  # YAML reads a bare true/false as a boolean
-    if cache == "true" or (cache == "auto" and search and _fits_cache(data.size_bytes)):
+    if cache == "true" or (cache == "auto" and _fits_cache(data.size_bytes)):
         train, val = train.materialize(), val.materialize()
     if s.shuffle == "full":
         train = train.random_shuffle(seed=None)  # a new order every epoch
-    return Stream(StreamMeta(info, processor, rows, keys), train, val)
+    return Stream(StreamMeta(info, processor, rows, keys, row_bytes), train, val)
+
+
+def _row_bytes(probe: Any, targets: Any) -> int:
+    """Bytes per row of encoded inputs and targets, from a few encoded rows."""
+    parts = list(probe.values()) if isinstance(probe, dict) else [probe]
+    n = max(1, len(targets))
+    total = sum(_numpy(p).nbytes for p in parts) + np.asarray(targets).nbytes
+    return max(1, int(math.ceil(total / n)))
 
 
 def check_data_cpus(cfg: Any, holders: float) -> None:
@@ -290,17 +328,108 @@ def _model_input(batch: dict, keys: list[str] | None) -> Any:
     return batch["x"] if keys is None else {k: batch[f"x.{k}"] for k in keys}
 
 
-def train_batches(shard: Any, meta: StreamMeta, cfg: Any, world: int, epoch: int):
-    """This worker's training batches for ``epoch``: ``(x, y)`` tensors."""
+def fetch_size(meta: StreamMeta, cfg: Any, world: int) -> int:
+    """Rows a worker takes from its stream at a time: a whole number of local batches, at
+    most ``data.stream.fetch_rows`` rows and ``data.stream.block_mb`` MB."""
     s = cfg.data.stream
-    options: dict = {"batch_size": local_batch_size(cfg, world), "prefetch_batches": s.prefetch_batches}
-    if s.shuffle == "local":
-        options.update(local_shuffle_buffer_size=s.shuffle_buffer,
-                       local_shuffle_seed=cfg.seed * 1000 + epoch)
-    for batch in shard.iter_torch_batches(**options):
-        yield _model_input(batch, meta.keys), batch["y"]
+    step = local_batch_size(cfg, world)
+    rows = s.fetch_rows
+    if meta.row_bytes:
+        rows = min(rows, (s.block_mb * 2**20) // meta.row_bytes)
+    return step * max(1, rows // step)
+
+
+def _rows(x: Any, start: int, stop: int) -> Any:
+    return {k: v[start:stop] for k, v in x.items()} if isinstance(x, dict) else x[start:stop]
+
+
+class TrainFeed:
+    """This worker's training batches, epoch after epoch: ``(x, y)`` tensors of the local
+    batch size, cut from larger fetches (Ray Data's cost per batch is paid once a fetch).
+
+    A background thread reads the shard into a queue of ``prefetch_batches`` fetches and
+    begins the next epoch's pass as soon as this one's is read, so the next epoch's read
+    starts while this epoch's last batches and the validation pass run, instead of after
+    them. Each epoch is its own pass (its own local-shuffle seed; Ray Data's full shuffle
+    draws a new order) and every fetch but the last is a whole number of batches, so the
+    steps are those of fetching one batch at a time. A shard split across workers starts
+    an epoch when every worker's thread asks for it, as before."""
+
+    def __init__(self, shard: Any, meta: StreamMeta, cfg: Any, world: int, first: int, last: int):
+        import queue
+        import threading
+
+        self.shard, self.meta, self.cfg, self.world = shard, meta, cfg, world
+        self.epochs = range(first, last + 1)
+        self.step = local_batch_size(cfg, world)
+        self.queue: Any = queue.Queue(maxsize=max(1, 2 * cfg.data.stream.prefetch_batches))
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._read, name="trainyard-feed", daemon=True)
+        self.started = False
+
+    def _options(self, epoch: int) -> dict:
+        s = self.cfg.data.stream
+        options: dict = {"batch_size": fetch_size(self.meta, self.cfg, self.world),
+                         "prefetch_batches": s.prefetch_batches}
+        if s.shuffle == "local":
+            options.update(local_shuffle_buffer_size=max(s.shuffle_buffer, options["batch_size"]),
+                           local_shuffle_seed=self.cfg.seed * 1000 + epoch)
+        return options
+
+    def _read(self) -> None:
+        try:
+            for epoch in self.epochs:
+                for batch in self.shard.iter_torch_batches(**self._options(epoch)):
+                    if not self._put((epoch, batch)):
+                        return
+                if not self._put((epoch, None)):
+                    return
+        except BaseException as exc:  # handed to the training thread, raised there
+            self._put((None, exc))
+
+    def _put(self, item: tuple) -> bool:
+        import queue
+
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def batches(self, epoch: int):
+        """Epoch ``epoch``'s batches (epochs are asked for in order)."""
+        if not self.started:
+            self.started = True
+            self.thread.start()
+        while True:
+            got, item = self.queue.get()
+            if got is None:
+                raise item
+            if got < epoch:  # the rest of an epoch left unfinished
+                continue
+            if item is None:
+                return
+            x, y = _model_input(item, self.meta.keys), item["y"]
+            for start in range(0, len(y), self.step):
+                yield _rows(x, start, start + self.step), y[start:start + self.step]
+
+    def close(self) -> None:
+        self.stopped.set()
 
 
 def val_batches(shard: Any, meta: StreamMeta, cfg: Any):
-    for batch in shard.iter_torch_batches(batch_size=512, prefetch_batches=cfg.data.stream.prefetch_batches):
+    for batch in shard.iter_torch_batches(batch_size=max(512, cfg.data.stream.fetch_rows),
+                                          prefetch_batches=cfg.data.stream.prefetch_batches):
         yield _model_input(batch, meta.keys), batch["y"]
+
+
+def batch_bytes(batches: list) -> int:
+    """Bytes of a list of ``(x, y)`` tensor batches."""
+    total = 0
+    for x, y in batches:
+        for value in (x.values() if isinstance(x, dict) else [x]):
+            total += value.nelement() * value.element_size()
+        total += y.nelement() * y.element_size()
+    return total
