@@ -112,6 +112,8 @@ def test_the_feed_cuts_fetches_into_steps_and_reads_the_next_epoch_ahead():
     assert fetch_size(meta, cfg, 1) == 96  # a whole number of 32-row batches under fetch_rows
     assert fetch_size(meta, cfg, 2) == 96  # 16-row local batches
     assert fetch_size(StreamMeta(None, None, 250, None, row_bytes=2**20), _feed_cfg(block_mb=2), 1) == 32
+    assert fetch_size(StreamMeta(None, None, 250, None, row_bytes=1024), _feed_cfg(block_mb=1), 1) == 96
+    assert fetch_size(StreamMeta(None, None, 250, None, row_bytes=2048), _feed_cfg(block_mb=1), 1) == 64
     shard = _Shard(250)
     feed = TrainFeed(shard, meta, cfg, 1, first=0, last=2)
     for epoch in range(3):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 
@@ -65,11 +66,16 @@ def test_a_table_larger_than_a_workers_memory_streams_through_two_nodes(tmp_path
             env=cluster.env, capture_output=True, text=True, timeout=1200, check=False)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         nodes = cluster.alive_nodes()
+        # Where Ray Data's read tasks ran (the cluster's task records, by node).
+        tasks = cluster.get("/api/v0/tasks?limit=10000&detail=true")["data"]["result"]["result"]
+    reads = Counter(t["node_id"] for t in tasks if str(t.get("name", "")).startswith("ReadParquet")
+                    and t.get("state") == "FINISHED")
     row = json.loads((runs / "big" / "metrics.jsonl").read_text().splitlines()[-1])
     workers = json.loads((runs / "big" / "workers.json").read_text())
     driver_mb = int(rss_file.read_text())
     print(f"data {data_mb:.0f} MB; worker peak RSS {row['rss_peak_mb']} MB; driver peak RSS {driver_mb} MB; "
-          f"{row['train_samples_per_s']:.0f} samples/s; val_accuracy {row['val_accuracy']:.3f}")
+          f"{row['train_samples_per_s']:.0f} samples/s; val_accuracy {row['val_accuracy']:.3f}; "
+          f"read tasks by node {sorted(reads.values())}")
     assert data_mb > 1200
     # Each worker (rank 0 measured) holds a bounded window of the stream, not the table:
     # its peak (Python, torch and Ray included; a bare worker is about 400 MB here) stays
@@ -77,4 +83,6 @@ def test_a_table_larger_than_a_workers_memory_streams_through_two_nodes(tmp_path
     # 504 MB, but 1,362 MB once in a full CI run (not yet understood).
     assert row["rss_peak_mb"] < 0.7 * data_mb, row
     assert {w["node_id"] for w in workers} == nodes  # one worker on each node
+    # Each node reads files: the reads are not funnelled through one node (or the driver's).
+    assert set(reads) == nodes and min(reads.values()) >= 3, reads
     assert row["val_accuracy"] > 0.8  # it learnt: the label is a linear function of the features

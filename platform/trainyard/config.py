@@ -65,7 +65,8 @@ class StreamConfig:
     prefetch_batches: int = 2
     #: Rows a worker takes from its stream at a time, then splits into steps of its local
     #: batch: Ray Data's cost per batch is paid once per fetch, not once per step (rounded
-    #: down to a multiple of the local batch, and never under one batch).
+    #: down to a multiple of the local batch, at most an eighth of block_mb, and never
+    #: under one batch).
     fetch_rows: int = 8192
     #: A worker keeps its validation shard in memory after the first pass when every
     #: worker's shard is under this many MB (the stream is not restarted each epoch); 0

@@ -330,12 +330,13 @@ def _model_input(batch: dict, keys: list[str] | None) -> Any:
 
 def fetch_size(meta: StreamMeta, cfg: Any, world: int) -> int:
     """Rows a worker takes from its stream at a time: a whole number of local batches, at
-    most ``data.stream.fetch_rows`` rows and ``data.stream.block_mb`` MB."""
+    most ``data.stream.fetch_rows`` rows and an eighth of ``data.stream.block_mb`` (a worker
+    holds several fetches ahead: what it holds stays a few blocks)."""
     s = cfg.data.stream
     step = local_batch_size(cfg, world)
     rows = s.fetch_rows
     if meta.row_bytes:
-        rows = min(rows, (s.block_mb * 2**20) // meta.row_bytes)
+        rows = min(rows, (s.block_mb * 2**20 // 8) // meta.row_bytes)
     return step * max(1, rows // step)
 
 
