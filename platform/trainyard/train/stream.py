@@ -344,6 +344,30 @@ def _rows(x: Any, start: int, stop: int) -> Any:
     return {k: v[start:stop] for k, v in x.items()} if isinstance(x, dict) else x[start:stop]
 
 
+def local_shuffle(fetches: Any, size: int, buffer: int, seed: int):
+    """``fetches`` (dicts of tensors, rows first) reshuffled through a buffer of at least
+    ``buffer`` rows: each output of ``size`` rows is drawn at random from the buffer, and the
+    buffer is drawn empty at the end. Every row comes out once; every output but the last
+    has ``size`` rows. Torch gathers (no Python per row): Ray Data's own local shuffle cost
+    about a sixth of a small model's throughput here."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    pool: dict | None = None
+    for batch in fetches:
+        pool = batch if pool is None else {k: torch.cat([pool[k], batch[k]]) for k in pool}
+        rows = len(pool["y"])
+        while rows >= buffer + size:
+            order = torch.randperm(rows, generator=generator)
+            yield {k: v[order[:size]] for k, v in pool.items()}
+            pool = {k: v[order[size:]] for k, v in pool.items()}
+            rows -= size
+    if pool is not None:
+        order = torch.randperm(len(pool["y"]), generator=generator)
+        for start in range(0, len(order), size):
+            yield {k: v[order[start:start + size]] for k, v in pool.items()}
+
+
 class TrainFeed:
     """This worker's training batches, epoch after epoch: ``(x, y)`` tensors of the local
     batch size, cut from larger fetches (Ray Data's cost per batch is paid once a fetch).
@@ -368,19 +392,15 @@ class TrainFeed:
         self.thread = threading.Thread(target=self._read, name="trainyard-feed", daemon=True)
         self.started = False
 
-    def _options(self, epoch: int) -> dict:
-        s = self.cfg.data.stream
-        options: dict = {"batch_size": fetch_size(self.meta, self.cfg, self.world),
-                         "prefetch_batches": s.prefetch_batches}
-        if s.shuffle == "local":
-            options.update(local_shuffle_buffer_size=max(s.shuffle_buffer, options["batch_size"]),
-                           local_shuffle_seed=self.cfg.seed * 1000 + epoch)
-        return options
-
     def _read(self) -> None:
+        s = self.cfg.data.stream
+        fetch = fetch_size(self.meta, self.cfg, self.world)
         try:
             for epoch in self.epochs:
-                for batch in self.shard.iter_torch_batches(**self._options(epoch)):
+                fetches = self.shard.iter_torch_batches(batch_size=fetch, prefetch_batches=s.prefetch_batches)
+                if s.shuffle == "local":
+                    fetches = local_shuffle(fetches, fetch, s.shuffle_buffer, self.cfg.seed * 1000 + epoch)
+                for batch in fetches:
                     if not self._put((epoch, batch)):
                         return
                 if not self._put((epoch, None)):
