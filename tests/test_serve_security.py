@@ -413,6 +413,19 @@ def test_a_failing_batch_is_retried_request_by_request_in_passes_of_capped_size(
     assert max(passes) <= 3
 
 
+def test_only_passes_expected_to_be_short_run_on_the_event_loop():
+    from trainyard.serve.app import InlinePolicy
+
+    policy = InlinePolicy(budget_s=0.002, warmup=3)
+    assert not policy.inline(1)  # nothing timed yet: the thread
+    for _ in range(3):
+        policy.observe(4, 0.0004)  # 0.1 ms an example
+    assert policy.inline(1) and policy.inline(20) and not policy.inline(21)
+    policy.observe(1, 0.05)  # a slow pass: the average moves towards it at once
+    assert not policy.inline(1)
+    assert not InlinePolicy(budget_s=0, warmup=0).inline(1)  # 0: never inline
+
+
 def test_health_and_metadata_answer_while_a_large_forward_pass_runs(secured):
     url = secured["endpoints"]["sec_bert"]
     big = {"inputs": ["the food was wonderful and the service was slow but friendly " * 3] * 2048}

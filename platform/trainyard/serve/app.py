@@ -9,6 +9,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -173,6 +174,30 @@ def _check_key(request: Request, api_key: bytes | None) -> Response | None:
     if not hmac.compare_digest(token.strip().encode("latin-1", "replace"), api_key):
         return error(403, "wrong API key")
     return None
+
+
+class InlinePolicy:
+    """Whether a forward pass runs on the replica's event loop or in its forward thread.
+
+    The thread keeps the replica answering (health, metadata, new requests to batch) while
+    a long pass runs, but the hand-off costs a thread switch each way: on a small model
+    that is most of a request's cost. A pass the model is expected to finish within
+    ``budget_s`` runs inline; the expectation is a moving average of the seconds per
+    example seen so far (a pass's fixed cost included, so small passes over-estimate).
+    Until ``warmup`` passes have been timed, every pass goes to the thread."""
+
+    def __init__(self, budget_s: float = 0.002, warmup: int = 8):
+        self.budget_s, self.warmup = budget_s, warmup
+        self.per_example_s = 0.0
+        self.timed = 0
+
+    def inline(self, examples: int) -> bool:
+        return self.budget_s > 0 and self.timed >= self.warmup and examples * self.per_example_s <= self.budget_s
+
+    def observe(self, examples: int, seconds: float) -> None:
+        rate = seconds / max(1, examples)
+        self.per_example_s = rate if self.timed == 0 else 0.8 * self.per_example_s + 0.2 * rate
+        self.timed += 1
 
 
 class BatchRunner:
@@ -412,6 +437,8 @@ class ModelServer:
         # Forward passes run here, one at a time, off the event loop: health, metadata and
         # new requests are answered (and batched) while a large forward pass runs.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainyard-forward")
+        # ... unless the pass is short enough that the hand-off would cost more than it.
+        self.inline = InlinePolicy(float(options.get("inline_forward_ms", 2.0)) / 1000)
         max_batch = int(options.get("max_batch_size", 32))
         self.predict_batch.set_max_batch_size(max_batch)
         self.predict_batch.set_batch_wait_timeout_s(float(options.get("batch_wait_timeout_s", 0.005)))
@@ -436,8 +463,18 @@ class ModelServer:
         return await self._forward(batches)
 
     async def _forward(self, batches: list[Any]) -> list[Any]:
+        examples = sum(len(b) for b in batches)
+        if self.inline.inline(examples):
+            return self._timed(batches, examples)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.runner.forward_many, batches)
+        return await loop.run_in_executor(self.executor, self._timed, batches, examples)
+
+    def _timed(self, batches: list[Any], examples: int) -> list[Any]:
+        """The forward passes, timed where they run (not the wait for the event loop)."""
+        started = time.perf_counter()
+        results = self.runner.forward_many(batches)
+        self.inline.observe(examples, time.perf_counter() - started)
+        return results
 
     def _metadata(self) -> dict:
         return {

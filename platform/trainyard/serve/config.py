@@ -52,6 +52,10 @@ class ServedModel:
     batch_wait_ms: float = 5.0
     #: Most examples in one forward pass; a larger batch runs as several passes.
     max_forward_examples: int = MAX_FORWARD_EXAMPLES
+    #: A forward pass the replica expects to take at most this long (from the passes timed
+    #: so far) runs on its event loop, not handed to its forward thread: on a small model
+    #: the hand-off costs more than the pass. 0: every pass in the thread.
+    inline_forward_ms: float = 2.0
     #: Requests a replica works on at once (Serve's max_ongoing_requests); 0: the larger of
     #: 64 and twice max_batch_size, so a batch is never capped by it.
     max_ongoing_requests: int = 0
@@ -168,6 +172,7 @@ def load_serve_config(path: str | Path | None = None, overrides: list[str] | Non
             (m.max_batch_size >= 1, f"{key}.max_batch_size", "must be at least 1"),
             (m.batch_wait_ms >= 0, f"{key}.batch_wait_ms", "must not be negative"),
             (m.max_forward_examples >= 1, f"{key}.max_forward_examples", "must be at least 1"),
+            (0 <= m.inline_forward_ms <= 1000, f"{key}.inline_forward_ms", "must be 0-1000 ms"),
             (m.max_ongoing_requests >= 0, f"{key}.max_ongoing_requests",
              "must be at least 1 (or 0 for the default)"),
             (m.max_queued_requests >= 1 or m.max_queued_requests == -1, f"{key}.max_queued_requests",
@@ -220,7 +225,8 @@ def application_specs(cfg: Any, existing: list[str] | None = None, auth: dict | 
                 "options": {"max_batch_size": m.max_batch_size,
                             "batch_wait_timeout_s": m.batch_wait_ms / 1000,
                             "max_body_bytes": cfg.max_body_bytes, "max_items": cfg.max_items,
-                            "max_forward_examples": m.max_forward_examples, **auth},
+                            "max_forward_examples": m.max_forward_examples,
+                            "inline_forward_ms": m.inline_forward_ms, **auth},
             },
         })
     every = sorted(set(existing or []) | set(names))
