@@ -10,7 +10,7 @@ model is deployed, driven at the sustainable concurrency C (the unloaded figures
 requests, how many were shed (503) and how fast, replica restarts and replica RSS.
 
     .venv/bin/python bench/serve_overload.py [--model mlp|cnn|bert] [--concurrency 16]
-        [--seconds 10] [--max-queued 64]
+        [--seconds 10] [--max-queued 64] [--max-ongoing 0]
 
 Targets (issue 11): with shedding, admitted p99 at 10 x C <= 3x the unloaded p99; shed
 requests answered 503 within 100 ms (p99); no replica restarts; replica RSS flat.
@@ -59,7 +59,8 @@ def measure(label: str, checkpoint: Path, row, args, max_queued: int) -> dict:
     name = f"overload_{label.replace(' ', '_')}"
     port = args.port
     cfg = load_serve_config(base={"port": port, "models": [
-        {"winner": str(checkpoint), "name": name, "num_cpus": 0.5, "max_queued_requests": max_queued}]})
+        {"winner": str(checkpoint), "name": name, "num_cpus": 0.5, "max_queued_requests": max_queued,
+         "max_ongoing_requests": args.max_ongoing}]})
     url = deploy(cfg)[name]
     wait_ready(f"http://127.0.0.1:{port}/v2/health/ready")
     body = {"inputs": [row]}
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--max-queued", type=int, default=None,
                         help="the shedding run's max_queued_requests (default: trainyard's)")
+    parser.add_argument("--max-ongoing", type=int, default=0,
+                        help="both runs' max_ongoing_requests (default 0: trainyard's)")
     args = parser.parse_args()
     args.port = free_port()
 
@@ -95,7 +98,8 @@ def main() -> None:
 
     c = args.concurrency
     print(f"{args.model}: one example per request, {args.seconds:g} s per level, C = {c}, "
-          f"10 x C = {10 * c}; shedding: max_queued_requests={queued}")
+          f"10 x C = {10 * c}; shedding: max_queued_requests={queued}; "
+          f"max_ongoing_requests={args.max_ongoing or 'default'}")
     for label, r in results.items():
         for level, key in ((c, "unloaded"), (10 * c, "overloaded"), (10 * c, "polite")):
             m = r[key]
