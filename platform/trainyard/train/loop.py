@@ -416,8 +416,9 @@ def train_epoch_stream(t: Trainee, session: Session, epoch: int, emit: Callable[
             "lr": t.optimizer.param_groups[0]["lr"], "rss_peak_mb": _peak_rss_mb()}
 
 
-def _sum_over_workers(value: Any, world: int, device: Any) -> float:
-    """``value`` (a float or a 0-d tensor) summed over the workers; one all-reduce an epoch."""
+def _sum_over_workers(value: Any, world: int, device: Any, op: str = "sum") -> float:
+    """``value`` (a float or a 0-d tensor) reduced over the workers (``op``: sum or max); one
+    all-reduce."""
     import torch
     import torch.distributed as dist
 
@@ -425,7 +426,7 @@ def _sum_over_workers(value: Any, world: int, device: Any) -> float:
         return float(value)
     backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
     tensor = torch.as_tensor(float(value), dtype=torch.float64, device=backend_device)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return float(tensor)
 
 
@@ -582,15 +583,7 @@ def _keep_val(data: Streamed, batches: list | None, size: float, limit: float, w
     """After the first validation pass: keep this worker's batches for the next epochs when
     every worker's are within ``limit`` bytes. The workers agree (one all-reduce), since an
     epoch of a split stream needs every worker to read its part."""
-    if world > 1:
-        import torch
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
-            largest = torch.tensor(float(size), dtype=torch.float64, device=backend_device)
-            dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-            size = float(largest)
+    size = _sum_over_workers(size, world, device, op="max")
     data.val_decided = True
     if batches is not None and size <= limit:
         data.val_kept = batches

@@ -247,9 +247,8 @@ def prepare_stream(job: Any, search: bool = False) -> Stream:
 def _row_bytes(probe: Any, targets: Any) -> int:
     """Bytes per row of encoded inputs and targets, from a few encoded rows."""
     parts = list(probe.values()) if isinstance(probe, dict) else [probe]
-    n = max(1, len(targets))
-    total = sum(_numpy(p).nbytes for p in parts) + np.asarray(targets).nbytes
-    return max(1, int(math.ceil(total / n)))
+    total = batch_bytes([([_numpy(p) for p in parts], np.asarray(targets))])
+    return max(1, int(math.ceil(total / max(1, len(targets)))))
 
 
 def check_data_cpus(cfg: Any, holders: float) -> None:
@@ -447,10 +446,9 @@ def val_batches(shard: Any, meta: StreamMeta, cfg: Any):
 
 
 def batch_bytes(batches: list) -> int:
-    """Bytes of a list of ``(x, y)`` tensor batches."""
+    """Bytes of a list of ``(x, y)`` batches; ``x`` an array or tensor, or a dict or list of them."""
     total = 0
     for x, y in batches:
-        for value in (x.values() if isinstance(x, dict) else [x]):
-            total += value.nelement() * value.element_size()
-        total += y.nelement() * y.element_size()
+        parts = x.values() if isinstance(x, dict) else x if isinstance(x, list) else [x]
+        total += sum(p.nbytes for p in parts) + y.nbytes
     return total
