@@ -154,7 +154,16 @@ def run_tuning(
     # [] unless tracking.backend is mlflow. Its place in the list stays fixed: a resumed
     # search finds its parent and trial runs again by it.
     tracked = tracking.tune_callbacks(cfg, run_dir)
-    tuners = _Tuners(cfg, run_dir, metric, mode, [callback, recorder, *tracked, *(callbacks or [])])
+    from trainyard.tune.retention import CheckpointRetention, sweep
+
+    keep = _kept(cfg)
+    # These two last in the list, so that a search resumed by a version without them finds
+    # the others where they were; Tune adds no TensorBoard logger of its own beside ours.
+    retention = [CheckpointRetention(keep, metric, mode)] if keep else []
+    from trainyard.tune.tblog import BackgroundTBXLogger
+
+    tuners = _Tuners(cfg, run_dir, metric, mode,
+                     [callback, recorder, *tracked, *(callbacks or []), *retention, BackgroundTBXLogger()])
     tuner = tuners.restored() if resume and tuners.can_restore() else tuners.new()
     reaper = PlacementGroupReaper() if cfg.scaling.num_workers > 1 else contextlib.nullcontext()
     with live, reaper:
@@ -164,6 +173,8 @@ def run_tuning(
             # checkpoint that num_to_keep has since deleted; Tune then fails that trial on
             # resume. Start such unfinished trials again from scratch; finished ones stay.
             grid = tuners.restored(restart_errored=True).fit()
+        if keep:
+            sweep(grid, keep, metric, mode)
     trials = _collect(grid, metric, mode, keys, cfg.train.epochs, pbt=cfg.tune.scheduler == "pbt",
                       recorded=read_history(run_dir))
     winners = export_winners(trials, cfg, metric, mode)
@@ -181,6 +192,16 @@ def run_tuning(
         upload_records(run_dir, join(storage, cfg.name))
     return TuneOutcome(str(run_dir), metric, mode, trials, winners, registry_dir(cfg),
                        stopped_by, message, exploits, registered)
+
+
+def _kept(cfg: DictConfig) -> int | None:
+    """How many of each one-worker trial's checkpoints trainyard keeps (the rest it
+    deletes, see trainyard.tune.retention); None: all (PBT copies any trial's latest
+    checkpoint a while after it was written; a multi-worker trial's nested trainer keeps
+    its own)."""
+    if cfg.tune.scheduler == "pbt" or cfg.scaling.num_workers > 1:
+        return None
+    return cfg.checkpoint.num_to_keep
 
 
 def _planned(cfg: DictConfig) -> int:
@@ -264,9 +285,10 @@ class _Tuners:
                 callbacks=self.callbacks,
                 verbose=0,
                 checkpoint_config=tune.CheckpointConfig(
-                    # PBT: a trial may copy any trial's latest checkpoint a while after it
-                    # was written; Ray warns that num_to_keep <= 2 loses such checkpoints.
-                    num_to_keep=None if pbt else cfg.checkpoint.num_to_keep,
+                    # trainyard deletes the checkpoints num_to_keep does not keep (see
+                    # trainyard.tune.retention): given num_to_keep, Tune would save its
+                    # whole experiment state each time a trial checkpoints that often.
+                    num_to_keep=None if pbt or _kept(cfg) else cfg.checkpoint.num_to_keep,
                     checkpoint_score_attribute=self.metric,
                     checkpoint_score_order=self.mode,
                 ),
@@ -372,6 +394,8 @@ def _collect(grid: Any, metric: str, mode: str, keys: list[str], max_t: int,
     epoch, so its history can step back. ``recorded``: the driver's own record of the
     results (read_history), preferred to Tune's result.json, which a restored trial's
     copy from storage can cut short."""
+    from trainyard.tune.retention import rank
+
     trials = []
     for result in grid:
         history = []
@@ -400,9 +424,10 @@ def _collect(grid: Any, metric: str, mode: str, keys: list[str], max_t: int,
             checkpoint = result.metrics[CHECKPOINT_PATH_KEY]
         best_checkpoint = None
         if getattr(result, "best_checkpoints", None):
+            # The order the retention keeps them by (checkpoint.num_to_keep).
             ordered = sorted(
                 (c for c in result.best_checkpoints if metric in c[1]),
-                key=lambda c: c[1][metric], reverse=(mode == "max"),
+                key=lambda c: rank(c[1][metric], c[1].get("training_iteration"), mode),
             )
             if ordered:
                 best_checkpoint = checkpoint_uri(ordered[0][0])
