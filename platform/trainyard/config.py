@@ -8,6 +8,7 @@ schema are rejected here, before Ray starts, naming the key's full path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args
@@ -351,6 +352,13 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         raise ConfigError(f"override: {str(exc).splitlines()[0]}") from None
 
 
+@functools.lru_cache(maxsize=None)
+def _structured(schema: type) -> DictConfig:
+    """The schema's config of defaults, built once (a Tune trial builds its config from it
+    each trial). OmegaConf.merge copies it, and nothing else gets it."""
+    return OmegaConf.structured(schema)
+
+
 def merge_config(schema: type, path: str | Path | None = None, overrides: list[str] | None = None,
                  base: Any = None, what: str = "config file") -> DictConfig:
     """``schema`` (a dataclass) + YAML file + ``base`` + ``key=value`` overrides, type-checked,
@@ -368,11 +376,11 @@ def merge_config(schema: type, path: str | Path | None = None, overrides: list[s
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
         layers.append(loaded)
     if base is not None:
-        layers.append(OmegaConf.create(base) if isinstance(base, dict) else base)
+        layers.append(base)  # a dict or a config: OmegaConf.merge takes both
     if overrides:
         layers.append(parse_overrides(overrides))
     try:
-        cfg = OmegaConf.structured(schema)
+        cfg = _structured(schema)
         for layer in layers:
             cfg = OmegaConf.merge(cfg, layer)
         missing = sorted(OmegaConf.missing_keys(cfg))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -68,10 +68,11 @@ def _targets_tensor(targets: Any, task: str) -> Any:
     return torch.as_tensor(array.reshape(len(array), -1))
 
 
-def prepare_data(job: ResolvedJob) -> Prepared:
-    """Load the dataset, split off validation, fit the processor and encode both splits."""
+def prepare_data(job: ResolvedJob, load: Callable[[ResolvedJob], Any] | None = None) -> Prepared:
+    """Load the dataset, split off validation, fit the processor and encode both splits.
+    ``load``: what loads the dataset for ``job`` (default: the plugin's ``load``)."""
     cfg = job.config
-    data = job.dataset.load(job.data_params, cfg.seed)
+    data = load(job) if load is not None else job.dataset.load(job.data_params, cfg.seed)
     if data.info.task != job.task:
         raise TrainingError(
             f"dataset {job.dataset.name!r} declared task {job.task} but loaded {data.info.task}"

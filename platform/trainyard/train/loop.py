@@ -177,11 +177,12 @@ class Trainee:
 
 def run_loop(loop_config: dict, session: Session) -> None:
     """Train the job in ``loop_config["config"]``, reporting each epoch to ``session``."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     from trainyard.plugins import get_registry
 
-    cfg = OmegaConf.create(loop_config["config"])
+    cfg = loop_config["config"]  # a dict; a Tune trial in its own process passes its DictConfig
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     registry = get_registry()
     job = resolve(cfg, registry)
     t = setup(job, session, _streamed(loop_config, session))
@@ -285,7 +286,7 @@ def setup(job: ResolvedJob, session: Session, streamed: Streamed | None = None) 
 
     cfg = job.config
     torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
-    data = streamed if streamed is not None else prepare_data(job)
+    data = streamed if streamed is not None else prepare_data(job, getattr(session, "load_dataset", None))
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker, for any W
     model = job.model.build(job.model_params, data.info, data.processor)
     device = session.device()

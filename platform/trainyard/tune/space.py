@@ -3,6 +3,7 @@ param schemas before anything starts, applied to a trial's config, and handed to
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -99,14 +100,31 @@ def mutable_keys(cfg: DictConfig) -> list[str]:
     return keys
 
 
-def apply_values(cfg: DictConfig, values: dict[str, Any]) -> DictConfig:
-    """The job config with the trial's values in place, re-validated."""
-    base = OmegaConf.to_container(cfg, resolve=True)
+def apply_values(cfg: DictConfig | dict, values: dict[str, Any]) -> DictConfig:
+    """The job config (or its plain dict) with the trial's values in place, re-validated.
+    A Tune trial calls this once as it starts, so it works on plain dicts (an OmegaConf
+    config per step costs a one-epoch CNN trial a tenth of its time here)."""
+    if isinstance(cfg, dict):
+        base = copy.deepcopy(cfg)
+    else:
+        base = OmegaConf.to_container(cfg, resolve=True)
     base.pop("tune", None)
-    merged = OmegaConf.create(base)
     for key, value in values.items():
-        OmegaConf.update(merged, key, value, force_add=True)
-    return load_config(base=merged)
+        _set_path(base, key, value)
+    return load_config(base=base)
+
+
+def _set_path(tree: dict, key: str, value: Any) -> None:
+    """``tree[a][b][c] = value`` for the key ``a.b.c``, adding mappings that are missing
+    (a plugin param the config leaves at its default)."""
+    *parents, last = key.split(".")
+    node = tree
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[last] = value
 
 
 def param_space(cfg: DictConfig) -> dict:

@@ -43,6 +43,22 @@ class TuneTrialSession:
         checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.tune.report(metrics, checkpoint=checkpoint)
 
+    def load_dataset(self, job: Any) -> Any:
+        """The dataset plugin's ``load`` for ``job``, kept for the next trial: Tune reuses a
+        one-worker trial's process for the next trial, which loads the same dataset (the
+        search's space has the same data.* values, or the load is done again)."""
+        key = (job.dataset.name, repr(job.data_params), job.config.seed)
+        if _LAST_LOAD and _LAST_LOAD[0][0] == key:
+            return _LAST_LOAD[0][1]
+        _LAST_LOAD.clear()  # one dataset in memory at a time
+        data = job.dataset.load(job.data_params, job.config.seed)
+        _LAST_LOAD.append((key, data))
+        return data
+
+
+#: The last dataset a trial in this process loaded: [(key, data)] or [].
+_LAST_LOAD: list = []
+
 
 def search_stream(cfg: DictConfig, concurrent: int | None) -> Any:
     """A streamed dataset's encoded streams, prepared once on the search's driver and shared
@@ -66,8 +82,8 @@ def search_stream(cfg: DictConfig, concurrent: int | None) -> Any:
 def trial_fn(values: dict, job: dict | None = None, stream: Any = None) -> None:
     """One Tune trial: the job with this trial's values, trained and reported per epoch.
     ``stream``: a streamed dataset's streams (see :func:`search_stream`)."""
-    cfg = apply_values(OmegaConf.create(job), values)
-    loop_config: dict = {"config": OmegaConf.to_container(cfg, resolve=True)}
+    cfg = apply_values(job, values)
+    loop_config: dict = {"config": cfg}
     datasets = None
     if stream is not None:
         datasets = {"train": stream.train, "val": stream.val}
@@ -77,6 +93,7 @@ def trial_fn(values: dict, job: dict | None = None, stream: Any = None) -> None:
             loop_config["datasets"] = datasets
         run_loop(loop_config, TuneTrialSession())
         return
+    loop_config["config"] = OmegaConf.to_container(cfg, resolve=True)  # sent to the workers
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
