@@ -96,6 +96,37 @@ def test_asha_stops_weak_trials_early(tmp_path):
     assert all(t["iterations"] < 6 for t in stopped)
     assert outcome.winners[0]["params"]["train.lr"] >= 0.003
 
+    # checkpoint.num_to_keep (1 in tune_mlp.yaml): each trial keeps its best checkpoint and
+    # its latest, and the checkpoint a trial's row names (the export's source) is there.
+    assert cfg.checkpoint.num_to_keep == 1
+    for trial in outcome.trials:
+        folder = Path(outcome.run_dir) / trial["trial_id"]
+        kept = sorted(p.name for p in folder.glob("checkpoint_*"))
+        assert 1 <= len(kept) <= 2, (trial["trial_id"], kept)
+        assert Path(trial["checkpoint"]).is_dir(), trial["checkpoint"]
+        # Tune's TensorBoard events, written by trainyard's background logger: one
+        # val_accuracy point per epoch the trial trained.
+        steps = tensorboard_steps(folder, "ray/tune/val_accuracy")
+        assert steps == list(range(1, trial["iterations"] + 1)), (trial["trial_id"], steps)
+
+
+def tensorboard_steps(folder: Path, tag: str) -> list[int]:
+    """The steps of ``tag`` in the TensorBoard event files of ``folder`` (TFRecord framing:
+    length, its CRC, an Event protobuf, its CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    steps = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            steps += [event.step for value in event.summary.value if value.tag == tag]
+    return sorted(steps)
+
 
 def test_a_trial_that_raises_is_recorded_and_the_search_goes_on(tmp_path):
     from sklearn.datasets import load_breast_cancer
