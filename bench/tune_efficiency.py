@@ -10,12 +10,13 @@ For each task and seed, four searches run with the same ``tune.time_budget_s`` a
 - TPE+ASHA: Optuna's TPE sampler with ASHA (``search: optuna, scheduler: asha``);
 - PBT: population based training, a population of ``--concurrency`` trials (PBT trains its
   whole population at once, so the population is the concurrency), search random. Its
-  trials may train 4x the task's epochs (a population member is one long run whose values
-  change as it goes), so that it uses the budget like the others; the budget ends it.
+  trials may train 40x the task's epochs (a population member is one long run whose values
+  change as it goes), so that it uses the budget like the others: the budget ends it.
 
 Tasks:
 
-- cnn: the CNN on digits (configs/tune_cnn.yaml), lr x batch size, val accuracy (max).
+- cnn: the CNN on digits (configs/tune_cnn.yaml) for 12 epochs, lr x batch size, val accuracy
+  (max).
 - sched: the MLP on breast_cancer (configs/tune_mlp.yaml) for 16 epochs, with a wide lr range
   (1e-5 .. 0.3) and the lr schedule (``train.scheduler``: none | cosine | step | onecycle)
   in the space, scored by val loss (min; accuracy on its ~110 validation rows ties too
@@ -54,6 +55,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: PBT's trials may train this many times the task's epochs: the budget ends them.
+PBT_EPOCHS = 40
+
 METHODS = {  # label: (tune.search, tune.scheduler)
     "random": ("random", "none"),
     "ASHA": ("random", "asha"),
@@ -67,7 +71,7 @@ TASKS = {
         "yaml": "configs/tune_cnn.yaml",
         "metric": "accuracy",
         "base": {
-            "train": {"epochs": 8, "metrics": ["accuracy", "loss"]},
+            "train": {"epochs": 12, "metrics": ["accuracy", "loss"]},
             "tune": {"grace_period": 1, "reduction_factor": 4, "space": {
                 "train.lr": {"type": "loguniform", "low": 1e-5, "high": 3e-2},
                 "train.batch_size": {"type": "choice", "values": [32, 64, 128], "mutable": False},
@@ -113,7 +117,7 @@ def make_config(args, work: Path, task: str, method: str, seed: int):
         tune.update(num_samples=args.concurrency, pbt={
             "perturbation_interval": 2, "quantile_fraction": 0.5, "resample_probability": 0.25,
             "synch": False})
-        extra = {"train": {"epochs": spec["base"]["train"]["epochs"] * 4}}
+        extra = {"train": {"epochs": spec["base"]["train"]["epochs"] * PBT_EPOCHS}}
     base = OmegaConf.merge(spec["base"], extra, {
         "name": name, "seed": seed, "storage_path": str(work / "runs"),
         "scaling": {"num_workers": 1}, "checkpoint": {"num_to_keep": 1},
