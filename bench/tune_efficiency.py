@@ -110,7 +110,7 @@ def make_config(args, work: Path, task: str, method: str, seed: int):
         "time_budget_s": args.budget, "top_k": 1, "stopper": "none",
         "registry": str(work / "winners"),
     }
-    extra: dict = {}
+    extra = {}
     if scheduler == "pbt":
         # The whole population trains at once: population = concurrency. With a population
         # of 2, a quantile of 0.5 makes the weaker trial copy the stronger one.
@@ -118,6 +118,8 @@ def make_config(args, work: Path, task: str, method: str, seed: int):
             "perturbation_interval": 2, "quantile_fraction": 0.5, "resample_probability": 0.25,
             "synch": False})
         extra = {"train": {"epochs": spec["base"]["train"]["epochs"] * PBT_EPOCHS}}
+    if args.grace:
+        extra = OmegaConf.merge(extra, {"tune": {"grace_period": args.grace}})
     base = OmegaConf.merge(spec["base"], extra, {
         "name": name, "seed": seed, "storage_path": str(work / "runs"),
         "scaling": {"num_workers": 1}, "checkpoint": {"num_to_keep": 1},
@@ -199,6 +201,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tasks", default="cnn,sched", help=f"comma-separated, of {sorted(TASKS)}")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}")
+    parser.add_argument("--grace", type=int, default=0,
+                        help="ASHA's grace period in epochs (default: the task's, 1)")
     parser.add_argument("--quick", action="store_true", help="1 seed (the first), 1 task (the first)")
     args = parser.parse_args()
     try:
