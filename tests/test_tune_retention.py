@@ -14,19 +14,28 @@ from trainyard.tune.retention import CheckpointRetention, rank, to_drop
 
 def test_rank_puts_the_best_score_first_then_the_earlier_epoch_and_missing_scores_last():
     scores = [(0.5, 1), (0.9, 3), (math.nan, 2), (0.9, 2), (None, 4), (0.7, 5)]
-    best_max = sorted(scores, key=lambda s: rank(s[0], s[1], "max"))
+
+    def key(mode):
+        return lambda s: rank({"m": s[0], "training_iteration": s[1]}, "m", mode)
+
+    best_max = sorted(scores, key=key("max"))
     assert best_max[:4] == [(0.9, 2), (0.9, 3), (0.7, 5), (0.5, 1)]
     assert {s[1] for s in best_max[4:]} == {2, 4}  # NaN and None last
-    best_min = sorted(scores, key=lambda s: rank(s[0], s[1], "min"))
+    best_min = sorted(scores, key=key("min"))
     assert best_min[:4] == [(0.5, 1), (0.7, 5), (0.9, 2), (0.9, 3)]
 
 
 def test_to_drop_keeps_the_best_and_the_latest():
-    entries = [("a", 0.2), ("b", 0.9), ("c", 0.5), ("d", 0.1)]
-    key = lambda e: rank(e[1], entries.index(e), "max")  # noqa: E731
-    assert [e[0] for e in to_drop(entries, entries[-1], key, keep=1)] == ["a", "c"]
-    assert [e[0] for e in to_drop(entries, entries[-1], key, keep=2)] == ["a"]
-    assert to_drop(entries, entries[1], key, keep=1) == [entries[0], entries[2], entries[3]]
+    saved = [(SimpleNamespace(path=name), {"m": score, "training_iteration": i})
+             for i, (name, score) in enumerate([("a", 0.2), ("b", 0.9), ("c", 0.5), ("d", 0.1)])]
+    checkpoints = [c for c, _ in saved]
+
+    def names(dropped):
+        return [c.path for c in dropped]
+
+    assert names(to_drop(saved, checkpoints[-1], 1, "m", "max")) == ["a", "c"]
+    assert names(to_drop(saved, checkpoints[-1], 2, "m", "max")) == ["a"]
+    assert to_drop(saved, checkpoints[1], 1, "m", "max") == [checkpoints[0], checkpoints[2], checkpoints[3]]
 
 
 def test_a_dropped_checkpoint_is_deleted_two_snapshots_later_and_the_kept_ones_stay(tmp_path):

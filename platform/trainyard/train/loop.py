@@ -360,7 +360,7 @@ def train_epoch(t: Trainee, session: Session, epoch: int, emit: Callable[[dict],
     train_time = time.perf_counter() - started
     # Each worker's running loss covers its shard of every global batch: their mean over
     # the workers is the one-process epoch loss.
-    total = _sum_over_workers(total_loss, world, t.device) / world
+    total = _reduce_over_workers(total_loss, world, t.device) / world
     return {"epoch": epoch, "train_loss": total / max(seen, 1),
             "train_samples_per_s": seen / train_time if train_time > 0 else 0.0,
             "lr": t.optimizer.param_groups[0]["lr"], "rss_peak_mb": _peak_rss_mb()}
@@ -411,13 +411,13 @@ def train_epoch_stream(t: Trainee, session: Session, epoch: int, emit: Callable[
             emit({"type": "step", "epoch": epoch, "step": step + 1, "loss": float(total_loss) / max(seen, 1)})
     train_time = time.perf_counter() - started
     # The epoch's loss over every worker's rows (shards are equal: the rows are seen x W).
-    total = _sum_over_workers(total_loss, world, t.device)
+    total = _reduce_over_workers(total_loss, world, t.device)
     return {"epoch": epoch, "train_loss": total / max(seen * world, 1),
             "train_samples_per_s": seen * world / train_time if train_time > 0 else 0.0,
             "lr": t.optimizer.param_groups[0]["lr"], "rss_peak_mb": _peak_rss_mb()}
 
 
-def _sum_over_workers(value: Any, world: int, device: Any, op: str = "sum") -> float:
+def _reduce_over_workers(value: Any, world: int, device: Any, op: str = "sum") -> float:
     """``value`` (a float or a 0-d tensor) reduced over the workers (``op``: sum or max); one
     all-reduce."""
     import torch
@@ -584,7 +584,7 @@ def _keep_val(data: Streamed, batches: list | None, size: float, limit: float, w
     """After the first validation pass: keep this worker's batches for the next epochs when
     every worker's are within ``limit`` bytes. The workers agree (one all-reduce), since an
     epoch of a split stream needs every worker to read its part."""
-    size = _sum_over_workers(size, world, device, op="max")
+    size = _reduce_over_workers(size, world, device, op="max")
     data.val_decided = True
     if batches is not None and size <= limit:
         data.val_kept = batches

@@ -155,13 +155,12 @@ def run_tuning(
     # search finds its parent and trial runs again by it.
     tracked = tracking.tune_callbacks(cfg, run_dir)
     from trainyard.tune.retention import CheckpointRetention, sweep
+    from trainyard.tune.tblog import BackgroundTBXLogger
 
     keep = _kept(cfg)
     # These two last in the list, so that a search resumed by a version without them finds
     # the others where they were; Tune adds no TensorBoard logger of its own beside ours.
     retention = [CheckpointRetention(keep, metric, mode)] if keep else []
-    from trainyard.tune.tblog import BackgroundTBXLogger
-
     tuners = _Tuners(cfg, run_dir, metric, mode,
                      [callback, recorder, *tracked, *(callbacks or []), *retention, BackgroundTBXLogger()])
     tuner = tuners.restored() if resume and tuners.can_restore() else tuners.new()
@@ -262,7 +261,6 @@ class _Tuners:
         from ray import tune
 
         cfg, t = self.cfg, self.cfg.tune
-        pbt = t.scheduler == "pbt"
         return tune.Tuner(
             self.trainable,
             param_space=param_space(cfg),
@@ -285,10 +283,12 @@ class _Tuners:
                 callbacks=self.callbacks,
                 verbose=0,
                 checkpoint_config=tune.CheckpointConfig(
-                    # trainyard deletes the checkpoints num_to_keep does not keep (see
-                    # trainyard.tune.retention): given num_to_keep, Tune would save its
-                    # whole experiment state each time a trial checkpoints that often.
-                    num_to_keep=None if pbt or _kept(cfg) else cfg.checkpoint.num_to_keep,
+                    # Tune keeps every checkpoint: trainyard deletes those num_to_keep
+                    # does not keep (trainyard.tune.retention; given num_to_keep, Tune would
+                    # save its whole experiment state each time a trial checkpoints that
+                    # often); PBT keeps them all; a multi-worker trial's nested trainer
+                    # keeps its own and reports none to Tune.
+                    num_to_keep=None,
                     checkpoint_score_attribute=self.metric,
                     checkpoint_score_order=self.mode,
                 ),
@@ -427,7 +427,7 @@ def _collect(grid: Any, metric: str, mode: str, keys: list[str], max_t: int,
             # The order the retention keeps them by (checkpoint.num_to_keep).
             ordered = sorted(
                 (c for c in result.best_checkpoints if metric in c[1]),
-                key=lambda c: rank(c[1][metric], c[1].get("training_iteration"), mode),
+                key=lambda c: rank(c[1], metric, mode),
             )
             if ordered:
                 best_checkpoint = checkpoint_uri(ordered[0][0])

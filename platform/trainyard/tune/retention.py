@@ -26,19 +26,22 @@ from ray.tune import Callback
 log = logging.getLogger(__name__)
 
 
-def rank(score: Any, iteration: Any, mode: str) -> tuple:
-    """A sort key, best first: by ``score`` (``mode``: max or min; missing or NaN last),
-    then the earlier ``iteration`` (the export and the retention pick the same one)."""
+def rank(metrics: dict, metric: str, mode: str) -> tuple:
+    """A checkpoint's sort key from the metrics it was saved with, best first: by
+    ``metric`` (``mode``: max or min; missing or NaN last), then the earlier epoch. The
+    export and the retention order by it, so they pick the same one."""
+    score, iteration = metrics.get(metric), metrics.get("training_iteration") or 0
     if score is None or (isinstance(score, float) and math.isnan(score)):
-        return (1, 0.0, iteration or 0)
-    return (0, -float(score) if mode == "max" else float(score), iteration or 0)
+        return (1, 0.0, iteration)
+    return (0, -float(score) if mode == "max" else float(score), iteration)
 
 
-def to_drop(entries: list, latest: Any, key: Any, keep: int) -> list:
-    """The entries of one trial that ``keep`` does not hold: all but the ``keep`` best by
-    ``key`` (see :func:`rank`) and ``latest``."""
-    held = sorted(entries, key=key)[:keep]
-    return [e for e in entries if e is not latest and not any(e is h for h in held)]
+def to_drop(saved: list[tuple[Any, dict]], latest: Any, keep: int, metric: str, mode: str) -> list:
+    """Of one trial's ``(checkpoint, metrics)`` pairs, the checkpoints that ``keep`` does
+    not hold: all but the ``keep`` best (see :func:`rank`) and ``latest`` (None: none)."""
+    best = sorted(saved, key=lambda pair: rank(pair[1], metric, mode))[:keep]
+    held = {checkpoint.path for checkpoint, _ in best} | {latest.path if latest is not None else None}
+    return [checkpoint for checkpoint, _ in saved if checkpoint.path not in held]
 
 
 def _delete(checkpoint: Any) -> None:
@@ -59,19 +62,18 @@ class CheckpointRetention(Callback):
 
     def __init__(self, keep: int, metric: str, mode: str):
         self.keep, self.metric, self.mode = keep, metric, mode
-        self._trials: dict[str, list[tuple[Any, tuple]]] = {}  # trial id: (checkpoint, rank)
+        self._trials: dict[str, list[tuple[Any, dict]]] = {}  # trial id: [(checkpoint, metrics)]
         self._dropped: list[tuple[int, Any]] = []  # (snapshot count when dropped, checkpoint)
         self._snapshots = 0
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info) -> None:
         # Tune registers a checkpoint right after the result it came with.
         result = trial.last_result or {}
-        entry = (checkpoint, rank(result.get(self.metric), result.get("training_iteration"), self.mode))
-        entries = self._trials.setdefault(trial.trial_id, [])
-        entries.append(entry)
-        for gone in to_drop(entries, entry, lambda e: e[1], self.keep):
-            entries.remove(gone)
-            self._dropped.append((self._snapshots, gone[0]))
+        saved = self._trials.setdefault(trial.trial_id, [])
+        saved.append((checkpoint, {k: result.get(k) for k in (self.metric, "training_iteration")}))
+        gone = to_drop(saved, checkpoint, self.keep, self.metric, self.mode)
+        saved[:] = [pair for pair in saved if pair[0] not in gone]
+        self._dropped += [(self._snapshots, c) for c in gone]
 
     def get_state(self) -> None:
         """Tune calls this at each snapshot of the experiment state."""
@@ -89,20 +91,11 @@ class CheckpointRetention(Callback):
         self.__init__(state["keep"], state["metric"], state["mode"])
 
 
-def sweep(grid: Any, keep: int, metric: str, mode: str) -> int:
+def sweep(grid: Any, keep: int, metric: str, mode: str) -> None:
     """Once a search is over: delete each trial's checkpoints that ``keep`` does not hold
-    (those the callback had not deleted yet, and those of the attempts before a resume).
-    Returns how many it deleted."""
-    deleted = 0
+    (those the callback had not deleted yet, and those of the attempts before a resume)."""
     for result in grid:
-        saved = list(getattr(result, "best_checkpoints", None) or [])
-        latest = result.checkpoint
-        last = next((pair for pair in saved if latest is not None and pair[0].path == latest.path), None)
-        key = lambda pair: rank(pair[1].get(metric), pair[1].get("training_iteration"), mode)  # noqa: E731
-        for checkpoint, _ in to_drop(saved, last, key, keep):
-            if latest is not None and checkpoint.path == latest.path:
-                continue
+        for checkpoint in to_drop(list(getattr(result, "best_checkpoints", None) or []),
+                                  result.checkpoint, keep, metric, mode):
             if checkpoint.filesystem.get_file_info(checkpoint.path).type != 0:  # 0: not found
                 _delete(checkpoint)
-                deleted += 1
-    return deleted
