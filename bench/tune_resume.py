@@ -10,7 +10,11 @@ then continued with `trainyard tune --resume RUN` until it finishes. Prints both
 times (the interrupted one's summed over its attempts), their ratio, and both winners.
 
     .venv/bin/python bench/tune_resume.py [--kills 3] [--seed 0] [--samples 100] [--epochs 8]
-        [--config configs/tune_cnn.yaml]
+        [--config configs/tune_cnn.yaml] [--startup 20]
+
+Each kill lands past the attempt's start-up (--startup), in the middle half of the work still
+left (the uninterrupted search's time, less its start-up and what the killed attempts did past
+theirs), so that every planned kill lands before the search finishes.
 
 Each attempt starts its own Ray and Tune (about 20 s here before the first epoch), so the
 search must be long against that for the target to mean anything: the default one takes
@@ -74,6 +78,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--config", default="configs/tune_cnn.yaml")
+    parser.add_argument("--startup", type=float, default=20.0,
+                        help="an attempt's start-up (Ray, Tune, the trial processes) in seconds: "
+                             "kills land past it, inside the work that is left")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     base = Path(tempfile.mkdtemp(prefix="trainyard-resume-bench-"))
@@ -88,11 +95,16 @@ def main() -> None:
     work = base / "killed"
     attempts = []
     cmd = [*CLI, "tune", config, *overrides(work, args), "--json"]
+    done = 0.0  # seconds of the search's own work the killed attempts did (past start-up)
     for i in range(args.kills):
-        # Somewhere in the part of the search that is left, past Ray's start-up.
-        when = rng.uniform(0.25, 0.75) * whole
+        # Past this attempt's start-up, somewhere in the middle half of the work that is left
+        # (the uninterrupted search's work less what the killed attempts did), so that every
+        # planned kill lands before the search could finish.
+        left = max(whole - args.startup - done, 0.0)
+        when = args.startup + rng.uniform(0.25, 0.75) * left
         code, wall, out = run(cmd, kill_after=when)
         attempts.append(wall)
+        done += max(wall - args.startup, 0.0)
         print(f"attempt {i + 1}: {'killed (SIGKILL to its process group)' if code is None else f'exit {code}'} "
               f"after {wall:.1f} s")
         if code is not None:
