@@ -285,3 +285,22 @@ def test_checkpoint_of_a_newer_format_is_refused(tmp_path):
         path.write_text(json.dumps({**json.loads(path.read_text()), "format": FORMAT_VERSION + 1}))
         with pytest.raises(TrainyardError, match="newer than this trainyard reads"):
             load_predictor(folder)
+
+
+def test_each_job_writes_its_own_params_and_config(tmp_path):
+    """write_checkpoint works a job's params and config text out once per job: a second job
+    in the same process writes its own, and the first job's next epoch its own again."""
+    plugin = unique("scaled_plugin")
+    with plugin_registered(release(), plugin):
+        first, _ = train_and_write(tmp_path / "a", plugin, {"hidden": 3})
+        train_and_write(tmp_path / "b", plugin, {"hidden": 7})
+        info = _load_toy(None, 0).info
+        processor = RowsProcessor(first.model_params, info)
+        model = first.model.build(first.model_params, info, processor)
+        write_checkpoint(tmp_path / "c", job=first, model=model, processor=processor, info=info,
+                         epoch=2, metrics={"val_loss": 0.2}, plugin=plugin)
+    read = {k: json.loads((tmp_path / k / "manifest.json").read_text())["model_params"] for k in "abc"}
+    assert read == {"a": {"hidden": 3, "scale": 1.0}, "b": {"hidden": 7, "scale": 1.0},
+                    "c": {"hidden": 3, "scale": 1.0}}
+    assert "hidden: 7" in (tmp_path / "b" / "job.yaml").read_text()
+    assert "hidden: 3" in (tmp_path / "c" / "job.yaml").read_text()

@@ -79,6 +79,25 @@ def test_trial_values_are_applied_and_revalidated():
         apply_values(cfg, {"train.batch_size": "many"})
 
 
+def test_trial_values_from_one_search_config_stay_apart():
+    """A trial process checks the search's config once and merges each trial's values into
+    a copy: no trial's values leak into the next, lists are replaced whole, and the value
+    rules still hold."""
+    from omegaconf import OmegaConf
+
+    job = OmegaConf.to_container(load_config(CONFIGS / "tune_mlp.yaml"), resolve=True)
+    first = apply_values(job, {"train.lr": 0.05, "model.params.hidden": [8]})
+    second = apply_values(job, {"train.batch_size": 16})
+    assert first.train.lr == 0.05 and list(first.model.params.hidden) == [8]
+    assert second.train.lr == job["train"]["lr"] and second.train.batch_size == 16
+    assert list(second.model.params.hidden) == job["model"]["params"]["hidden"]
+    with pytest.raises(ConfigError, match="train.batch_size: must be at least 1"):
+        apply_values(job, {"train.batch_size": 0})
+    with pytest.raises(ConfigError, match="train.scheduler"):
+        apply_values(job, {"train.scheduler": "sometimes"})
+    assert apply_values(job, {}).train.batch_size == job["train"]["batch_size"]
+
+
 def test_param_space_maps_each_dimension_type():
     from ray import tune
 

@@ -360,9 +360,10 @@ def _structured(schema: type) -> DictConfig:
 
 
 def merge_config(schema: type, path: str | Path | None = None, overrides: list[str] | None = None,
-                 base: Any = None, what: str = "config file") -> DictConfig:
+                 base: Any = None, what: str = "config file", start: DictConfig | None = None) -> DictConfig:
     """``schema`` (a dataclass) + YAML file + ``base`` + ``key=value`` overrides, type-checked,
-    every required value present. Job and serve configs both load through here."""
+    every required value present. Job and serve configs both load through here. ``start``:
+    an already type-checked config of ``schema`` to merge onto instead of the defaults."""
     layers: list[Any] = []
     if path is not None:
         path = Path(path)
@@ -380,15 +381,29 @@ def merge_config(schema: type, path: str | Path | None = None, overrides: list[s
     if overrides:
         layers.append(parse_overrides(overrides))
     try:
-        cfg = _structured(schema)
+        cfg = start if start is not None else _structured(schema)
         for layer in layers:
             cfg = OmegaConf.merge(cfg, layer)
-        missing = sorted(OmegaConf.missing_keys(cfg))
+        # A checked start has every required value; only the layers could take one away.
+        missing = sorted(OmegaConf.missing_keys(cfg)) if start is None or _has_missing(layers) else []
     except OmegaConfBaseException as exc:
         raise _describe(exc) from None
     if missing:
         raise ConfigError(f"{missing[0]}: missing required value")
     return cfg
+
+
+def _has_missing(layers: list) -> bool:
+    """Does any layer (a plain dict or a config) hold OmegaConf's missing value ``???``?"""
+    def walk(node: Any) -> bool:
+        if isinstance(node, DictConfig):
+            return bool(OmegaConf.missing_keys(node))
+        if isinstance(node, dict):
+            return any(walk(v) for v in node.values())
+        if isinstance(node, (list, tuple)):
+            return any(walk(v) for v in node)
+        return node == "???"
+    return any(walk(layer) for layer in layers)
 
 
 def check_rules(cfg: DictConfig, rules: list[tuple[bool, str, str]]) -> None:
@@ -408,6 +423,15 @@ def load_config(
     cfg = merge_config(JobConfig, path, overrides, base)
     _check_values(cfg)
     return cfg
+
+
+def with_values(cfg: DictConfig, tree: dict) -> DictConfig:
+    """A checked job config with the values of ``tree`` (nested keys) merged in, type-checked
+    and checked again: only ``tree`` is converted, not the whole config. ``cfg`` is left as
+    it is (the merge works on a copy)."""
+    merged = merge_config(JobConfig, base=tree, start=cfg)
+    _check_values(merged)
+    return merged
 
 
 def _check_values(cfg: DictConfig) -> None:
