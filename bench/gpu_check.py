@@ -366,55 +366,45 @@ def stream(args) -> None:
         f"rss_peak_mb {last.get('rss_peak_mb')}")
 
 
-def serve_bench(args) -> None:
+def child_bench(name: str, command: list[str], timeout: float, shown: int) -> None:
+    """Another bench script as a child with its own embedded Ray (this script's goes first):
+    its last ``shown`` lines printed and kept in the summary as ``<name>_bench_*``."""
     import ray
 
-    ray.shutdown()  # the bench's child starts its own embedded Ray
+    ray.shutdown()
+    say("$ " + " ".join(command[1:]))
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        out, _ = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, _ = child.communicate()
+        say(f"{name} bench: killed after {timeout} s")
+    lines = out.strip().splitlines()
+    for line in lines[-shown:]:
+        say(f"    | {line}")
+    SUMMARY[f"{name}_bench_rc"] = child.returncode
+    SUMMARY[f"{name}_bench_tail"] = lines[-60:]
+    if child.returncode != 0:
+        raise RuntimeError(f"{Path(command[1]).name} exited {child.returncode}")
+
+
+def serve_bench(args) -> None:
     command = [sys.executable, str(ROOT / "bench/serve_throughput.py"), "--model", args.serve_models,
                "--bert-scratch", "--ingress", args.serve_ingress, "--concurrency", args.serve_concurrency,
                "--bert-seconds", str(args.serve_seconds), "--seconds", str(args.serve_seconds),
                "--replicas", str(args.serve_replicas)]
     if args.serve_gpus and not args.quick:
         command += ["--num-gpus", str(args.serve_gpus)]
-    say("$ " + " ".join(command[1:]))
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
-    try:
-        out, _ = child.communicate(timeout=args.serve_timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        out, _ = child.communicate()
-        say(f"serve bench: killed after {args.serve_timeout} s")
-    for line in out.strip().splitlines()[-40:]:
-        say(f"    | {line}")
-    SUMMARY["serve_bench_rc"] = child.returncode
-    SUMMARY["serve_bench_tail"] = out.strip().splitlines()[-60:]
-    if child.returncode != 0:
-        raise RuntimeError(f"serve_throughput.py exited {child.returncode}")
+    child_bench("serve", command, args.serve_timeout, 40)
 
 
 def ingest_bench(args) -> None:
     """bench/ingest.py (CPU only: streamed vs in-memory vs a DataLoader) on this machine's
     cores, where a 2-core machine's contention does not sway the ratios."""
-    import ray
-
-    ray.shutdown()  # the bench starts its own embedded Ray
-    command = [sys.executable, str(ROOT / "bench/ingest.py"), *args.ingest_args.split()]
-    say("$ " + " ".join(command[1:]))
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
-    try:
-        out, _ = child.communicate(timeout=args.ingest_timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        out, _ = child.communicate()
-        say(f"ingest bench: killed after {args.ingest_timeout} s")
-    for line in out.strip().splitlines()[-45:]:
-        say(f"    | {line}")
-    SUMMARY["ingest_bench_rc"] = child.returncode
-    SUMMARY["ingest_bench_tail"] = out.strip().splitlines()[-45:]
-    if child.returncode != 0:
-        raise RuntimeError(f"ingest.py exited {child.returncode}")
+    child_bench("ingest", [sys.executable, str(ROOT / "bench/ingest.py"), *args.ingest_args.split()],
+                args.ingest_timeout, 45)
 
 
 # --------------------------------------------------------------------------------------
