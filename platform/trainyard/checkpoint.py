@@ -34,7 +34,6 @@ defaults and a warning.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import warnings
@@ -107,8 +106,8 @@ def write_checkpoint(
         "task": job.task,
         "run": job.config.name,
     }
-    manifest["model_params"], job_yaml = _job_text(job)
-    (directory / "job.yaml").write_text(job_yaml)
+    manifest["model_params"] = job.params_json
+    (directory / "job.yaml").write_text(job.config_yaml)
     (directory / "data_info.json").write_text(json.dumps(info.to_dict(), indent=2))
     (directory / "processor").mkdir(exist_ok=True)
     processor.save(directory / "processor")
@@ -369,31 +368,6 @@ def load_predictor(directory: str | Path, device: str = "cpu", registry: Any = N
 # ---------------------------------------------------------------------------------------
 # Params and the plugin's version in the manifest
 # ---------------------------------------------------------------------------------------
-
-#: The job write_checkpoint last wrote: [(job, its model params as JSON, its config as YAML)].
-#: A run writes a checkpoint per epoch of one job, whose config does not change meanwhile.
-_JOB_TEXT: list = []
-
-
-def _job_text(job: Any) -> tuple[Any, str]:
-    """``job``'s model params as JSON and its config as YAML, worked out once per job (they
-    cost a short epoch a noticeable share of its time)."""
-    if _JOB_TEXT and _JOB_TEXT[0][0] is job:
-        return copy.deepcopy(_JOB_TEXT[0][1]), _JOB_TEXT[0][2]
-    params, text = _params_to_json(job.model_params), OmegaConf.to_yaml(job.config)
-    _JOB_TEXT[:] = [(job, params, text)]
-    return copy.deepcopy(params), text
-
-
-def _params_to_json(params: Any) -> Any:
-    """Typed model params (the plugin's dataclass instance, or None) as plain JSON: every
-    field, defaults included; anything JSON lacks (a Path, say) as its text, which the
-    schema types back on load."""
-    if params is None:
-        return None
-    data = OmegaConf.to_container(OmegaConf.structured(params), resolve=True, enum_to_str=True)
-    return json.loads(json.dumps(data, default=str))
-
 
 def _model_params(
     directory: Path, manifest: dict, config: Any, spec: Any, registry: Any

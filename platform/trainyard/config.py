@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args
@@ -316,6 +317,16 @@ class ResolvedJob:
     def monitor_mode(self) -> str:
         return next(m.mode for m in self.metrics if m.name == self.monitor)
 
+    # What every checkpoint of the job writes (its manifest's params, its job.yaml), worked
+    # out once: a run writes one per epoch, and they cost a short epoch a noticeable share.
+    @functools.cached_property
+    def params_json(self) -> Any:
+        return params_to_json(self.model_params)
+
+    @functools.cached_property
+    def config_yaml(self) -> str:
+        return OmegaConf.to_yaml(self.config)
+
 
 def _describe(exc: OmegaConfBaseException, prefix: str = "") -> ConfigError:
     key = getattr(exc, "full_key", None) or ""
@@ -385,25 +396,13 @@ def merge_config(schema: type, path: str | Path | None = None, overrides: list[s
         for layer in layers:
             cfg = OmegaConf.merge(cfg, layer)
         # A checked start has every required value; only the layers could take one away.
-        missing = sorted(OmegaConf.missing_keys(cfg)) if start is None or _has_missing(layers) else []
+        missing = sorted(OmegaConf.missing_keys(cfg)) \
+            if start is None or any(OmegaConf.missing_keys(layer) for layer in layers) else []
     except OmegaConfBaseException as exc:
         raise _describe(exc) from None
     if missing:
         raise ConfigError(f"{missing[0]}: missing required value")
     return cfg
-
-
-def _has_missing(layers: list) -> bool:
-    """Does any layer (a plain dict or a config) hold OmegaConf's missing value ``???``?"""
-    def walk(node: Any) -> bool:
-        if isinstance(node, DictConfig):
-            return bool(OmegaConf.missing_keys(node))
-        if isinstance(node, dict):
-            return any(walk(v) for v in node.values())
-        if isinstance(node, (list, tuple)):
-            return any(walk(v) for v in node)
-        return node == "???"
-    return any(walk(layer) for layer in layers)
 
 
 def check_rules(cfg: DictConfig, rules: list[tuple[bool, str, str]]) -> None:
@@ -564,6 +563,16 @@ def typed_params(schema: type | None, values: Any, path: str) -> Any:
         if field_name in {f.name for f in dataclasses.fields(schema)}:
             raise ConfigError(f"{path}.{field_name}: {message[len(field_name):].lstrip(': ')}") from None
         raise ConfigError(f"{path}: {message}") from None
+
+
+def params_to_json(params: Any) -> Any:
+    """Typed model params (the plugin's dataclass instance, or None) as plain JSON: every
+    field, defaults included; anything JSON lacks (a Path, say) as its text, which
+    :func:`typed_params` types back on load."""
+    if params is None:
+        return None
+    data = OmegaConf.to_container(OmegaConf.structured(params), resolve=True, enum_to_str=True)
+    return json.loads(json.dumps(data, default=str))
 
 
 def resolve(cfg: DictConfig, registry: Any = None) -> ResolvedJob:
