@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.gcsserver import gcs_bucket, gcs_server, session_uses_gcs  # noqa: F401 - fixtures
 from tests.s3server import s3_bucket, s3_server, session_uses_s3  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,12 +16,14 @@ CONFIGS = ROOT / "configs"
 @pytest.fixture(scope="session")
 def ray_cluster(request):
     """A real embedded Ray, started once by trainyard's own start-up path. When the session
-    has tests using the S3 server, it starts first, so Ray's processes inherit its
-    environment (tests/s3server.py)."""
+    has tests using the S3 or GCS server, they start first, so Ray's processes inherit
+    their environment (tests/s3server.py, tests/gcsserver.py)."""
     import ray
 
     if session_uses_s3(request.session):
         request.getfixturevalue("s3_server")
+    if session_uses_gcs(request.session):
+        request.getfixturevalue("gcs_server")
 
     from trainyard.runtime.cluster import init_ray
 

@@ -111,6 +111,14 @@ def find_files(uri: str, fmt: str):
         head = uri.split("://", 1)[-1]
         cut = min(head.find(c) for c in "*?[" if c in head)
         base = uri[: len(uri) - len(head) + head.rfind("/", 0, cut) + 1] or "."
+    if "://" in base:
+        # The bucket, credentials and endpoint, asked with bounded retries: one line now,
+        # not a client retrying for minutes (or waiting on a cloud's metadata server).
+        from trainyard.runtime.storage import access_problem
+
+        problem = access_problem(base)
+        if problem:
+            raise ValueError(f"{uri}: {problem}")
     fs, inner = _filesystem(base)
     try:
         info = fs.get_file_info(inner)

@@ -72,6 +72,57 @@ def s3_endpoint(uri: str = "") -> str:
     return "AWS's S3 endpoint"
 
 
+def gcs_endpoint() -> str:
+    """The endpoint a gs:// URI goes to: CLOUD_STORAGE_EMULATOR_ENDPOINT (which Google's
+    C++ client, and so pyarrow's GCS filesystem, honours), else Google's."""
+    endpoint = os.environ.get("CLOUD_STORAGE_EMULATOR_ENDPOINT")
+    return f"{endpoint} (CLOUD_STORAGE_EMULATOR_ENDPOINT)" if endpoint else "Google Cloud Storage"
+
+
+def endpoint_of(uri: str) -> str:
+    """The endpoint of an object-storage URI, as an error message names it."""
+    return gcs_endpoint() if _is_gcs(uri) else s3_endpoint(uri)
+
+
+def _is_gcs(uri: str) -> bool:
+    return uri.lower().startswith(("gs://", "gcs://"))
+
+
+def gcs_credentials_source() -> str | None:
+    """Where Google's application default credentials come from, as far as can be told
+    without a request: GOOGLE_APPLICATION_CREDENTIALS, gcloud's ADC file, or a Google
+    Compute Engine / GKE node's metadata server. None when there are none (a GCS client
+    would then wait on a metadata server that is not there)."""
+    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        return "GOOGLE_APPLICATION_CREDENTIALS"
+    gcloud = Path(os.environ.get("CLOUDSDK_CONFIG") or "~/.config/gcloud").expanduser()
+    if (gcloud / "application_default_credentials.json").is_file():
+        return str(gcloud / "application_default_credentials.json")
+    if os.environ.get("GCE_METADATA_HOST") or os.environ.get("GCE_METADATA_ROOT"):
+        return "the metadata server at GCE_METADATA_HOST"
+    try:  # how Google's libraries tell a Compute Engine (or GKE) node on Linux
+        if "Google" in Path("/sys/class/dmi/id/product_name").read_text():
+            return "this Google Compute Engine node's metadata server"
+    except OSError:
+        pass
+    return None
+
+
+def gcs_credentials_problem(uri: str) -> str | None:
+    """Why a gs:// URI cannot be used, known before any request (None if nothing, or not a
+    gs:// URI): no credentials anywhere, or a credentials file that is not there."""
+    if not _is_gcs(uri):
+        return None
+    named = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if named and not Path(named).expanduser().is_file():
+        return f"GOOGLE_APPLICATION_CREDENTIALS names {named}, which is not a file"
+    if gcs_credentials_source() is None:
+        return ("no Google Cloud credentials found (set GOOGLE_APPLICATION_CREDENTIALS to a service "
+                "account key file, run `gcloud auth application-default login`, or run on a GCE or "
+                "GKE node)")
+    return None
+
+
 def aws_credentials_source() -> str | None:
     """Where credentials an AWS client would use come from, as far as can be told without
     a request (an EC2 instance profile cannot be): None when there are none."""
@@ -87,7 +138,15 @@ def aws_credentials_source() -> str | None:
 
 
 def _short(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = str(exc)
+    if "google::cloud::Status(" in text:  # Google's client: the code and the last message, not the metadata
+        import re
+
+        code = re.search(r"Status\((\w+):", text)
+        last = re.search(r"original-message=([^,}]+)", text) or re.search(r"Status\(\w+: ([^{]+?)\s*(?:error_info|$)", text)
+        if code and last:
+            return f"{code.group(1)}: {last.group(1).strip()}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
 
 
@@ -97,9 +156,9 @@ def _access_problem(uri: str, exc: BaseException) -> str:
     upper = text.upper()
     if "NETWORK_CONNECTION" in upper or "CURLCODE" in upper or "COULD NOT CONNECT" in upper \
             or "COULD NOT RESOLVE" in upper or "TIMED OUT" in upper:
-        return f"cannot reach the storage endpoint {s3_endpoint(uri)}: {_short(exc)}"
+        return f"cannot reach the storage endpoint {endpoint_of(uri)}: {_short(exc)}"
     if "NO_SUCH_BUCKET" in upper or ("BUCKET" in upper and "NOT FOUND" in upper):
-        return f"the bucket does not exist at {s3_endpoint(uri)}; create it first"
+        return f"the bucket does not exist at {endpoint_of(uri)}; create it first"
     if uri.lower().startswith("s3://"):
         source = aws_credentials_source()
         if source is None:
@@ -112,44 +171,74 @@ def _access_problem(uri: str, exc: BaseException) -> str:
     return _short(exc)
 
 
+#: How long checking a gs:// URI may retry before it says the endpoint does not answer
+#: (Google's client otherwise retries for minutes).
+GCS_CHECK_RETRY_S = 10.0
+
+
+def _checking_filesystem(uri: str):
+    """``(filesystem, path)`` for checking ``uri``: pyarrow's, as Ray Train builds it from
+    the URI; for gs://, the same client with its retries bounded by GCS_CHECK_RETRY_S."""
+    import pyarrow.fs
+
+    fs, inner = pyarrow.fs.FileSystem.from_uri(uri)
+    if fs.type_name == "gcs":
+        from datetime import timedelta
+        from urllib.parse import parse_qs, urlparse
+
+        query = {k: v[-1] for k, v in parse_qs(urlparse(uri).query).items()}
+        fs = pyarrow.fs.GcsFileSystem(scheme=query.get("scheme"), endpoint_override=query.get("endpoint_override"),
+                                      retry_time_limit=timedelta(seconds=GCS_CHECK_RETRY_S))
+    return fs, inner
+
+
+def access_problem(uri: str, write: bool = False) -> str | None:
+    """Why object storage at ``uri`` cannot be used, in one line (None if it can), asked
+    through the same pyarrow client Ray Train uses: a URI of an unknown form, a bucket that
+    does not exist, missing or refused credentials, an endpoint that does not answer.
+    ``write``: also write and delete a small object under it."""
+    problem = uri_problem(uri) or gcs_credentials_problem(uri)
+    if problem:
+        return problem
+    import pyarrow.fs
+
+    try:
+        fs, inner = _checking_filesystem(uri)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ValueError
+        return _access_problem(uri, exc)
+    inner = inner.rstrip("/")
+    if fs.type_name == "local":
+        return None
+    bucket = inner.split("/", 1)[0]
+    try:
+        found = fs.get_file_info(bucket)
+    except Exception as exc:
+        return _access_problem(uri, exc)
+    if found.type == pyarrow.fs.FileType.NotFound:
+        at = f" at {endpoint_of(uri)}" if fs.type_name in ("s3", "gcs") else ""
+        return f"the bucket {bucket!r} does not exist{at}; create it first"
+    if write:
+        probe = f"{inner}/.trainyard-write-check-{uuid.uuid4().hex[:12]}"
+        try:
+            with fs.open_output_stream(probe) as f:
+                f.write(b"trainyard checks it can write here\n")
+            fs.delete_file(probe)
+        except Exception as exc:
+            return f"cannot write there: {_access_problem(uri, exc)}"
+    return None
+
+
 def check_uri(uri: str, key: str, write: bool = False) -> None:
-    """Check that object storage at ``uri`` can be used, through the same pyarrow client
-    Ray Train uses; raise one ConfigError naming ``key`` and the URI otherwise: a URI of an
-    unknown form, a bucket that does not exist, missing or refused credentials, an endpoint
-    that does not answer. ``write``: also write and delete a small object under it. A
-    URI found usable is not checked again in this process."""
+    """Raise one ConfigError naming ``key`` and the URI when object storage at ``uri``
+    cannot be used (:func:`access_problem`). A URI found usable is not checked again in
+    this process."""
     from trainyard.errors import ConfigError
 
     if (uri, write) in _CHECKED or (uri, True) in _CHECKED:
         return
-    where = f"{key}: {uri!r}"
-    problem = uri_problem(uri)
+    problem = access_problem(uri, write)
     if problem:
-        raise ConfigError(f"{where}: {problem}")
-    import pyarrow.fs
-
-    try:
-        fs, inner = pyarrow.fs.FileSystem.from_uri(uri)
-    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ValueError
-        raise ConfigError(f"{where}: {_access_problem(uri, exc)}") from None
-    inner = inner.rstrip("/")
-    if fs.type_name != "local":
-        bucket = inner.split("/", 1)[0]
-        try:
-            found = fs.get_file_info(bucket)
-        except Exception as exc:
-            raise ConfigError(f"{where}: {_access_problem(uri, exc)}") from None
-        if found.type == pyarrow.fs.FileType.NotFound:
-            at = f" at {s3_endpoint(uri)}" if fs.type_name == "s3" else ""
-            raise ConfigError(f"{where}: the bucket {bucket!r} does not exist{at}; create it first")
-        if write:
-            probe = f"{inner}/.trainyard-write-check-{uuid.uuid4().hex[:12]}"
-            try:
-                with fs.open_output_stream(probe) as f:
-                    f.write(b"trainyard checks it can write here\n")
-                fs.delete_file(probe)
-            except Exception as exc:
-                raise ConfigError(f"{where}: cannot write there: {_access_problem(uri, exc)}") from None
+        raise ConfigError(f"{key}: {uri!r}: {problem}")
     _CHECKED.add((uri, write))
 
 
@@ -228,6 +317,14 @@ def list_names(path: str) -> list[str]:
     import pyarrow.fs
 
     fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+    inner = inner.rstrip("/")
+    if fs.type_name == "gcs":
+        # pyarrow lists a GCS "folder" from its objects, not from the prefixes GCS returns
+        # beside them: a sub-folder nothing made a marker object for (Ray Train's uploads
+        # make none) is missing from a listing of one level. Every object under the prefix
+        # is listed, and the sub-folders are the first parts of their names.
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True, allow_not_found=True))
+        return sorted({info.path[len(inner) + 1:].split("/", 1)[0] for info in infos} - {""})
     infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
     return sorted(info.base_name for info in infos)
 
