@@ -5,8 +5,11 @@ registry, deploy and submit: against a real S3-protocol server on loopback
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pyarrow.fs as pafs
@@ -126,6 +129,57 @@ def test_search_exports_winners_to_a_bucket_and_deploy_serves_them_over_http(s3_
         serve.shutdown()
 
 
+def test_a_search_in_a_bucket_whose_driver_is_killed_resumes_on_another_machine(s3_bucket, s3_server, tmp_path):
+    """The driver (and the Ray it started) killed with SIGKILL once a trial has finished;
+    ``trainyard tune --resume s3://.../<name>`` with another cache folder (no local record of
+    the search, as on another machine) finishes it from the bucket alone."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(CONFIGS / "tune_mlp.yaml"))
+    raw.update(name="s3killed", storage_path=f"{s3_bucket}/runs")
+    raw["train"]["epochs"] = 6
+    raw["scaling"]["num_workers"] = 1
+    raw["tune"].update(registry=f"{s3_bucket}/winners", search="grid", scheduler="none", num_samples=1,
+                       max_concurrent_trials=1, top_k=1,
+                       space={"train.lr": {"type": "grid", "values": [0.001, 0.002, 0.003]}})
+    config_file = tmp_path / "s3killed.yaml"
+    config_file.write_text(OmegaConf.to_yaml(raw))
+    trainyard = [sys.executable, "-m", "trainyard.cli"]
+    run = f"{s3_bucket}/runs/s3killed"
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0", "TRAINYARD_CACHE_DIR": str(tmp_path / "machine-a")}
+    driver = subprocess.Popen([*trainyard, "tune", str(config_file)], start_new_session=True, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        # Kill once the second trial has a checkpoint in the bucket: the first has finished.
+        while not any("_00001/checkpoint_" in k for k in _keys(s3_server, run)) and time.monotonic() < deadline:
+            assert driver.poll() is None, "the search ended before it could be killed"
+            time.sleep(0.25)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+        driver.wait()
+    before = _keys(s3_server, run)
+    assert "trainyard_tune.yaml" in before and "trainyard_trials.json" not in before, before
+    first = next(k.split("/")[0] for k in before if k.endswith("_00000/result.json"))
+
+    # Resumed with Tune's own snapshot period: a snapshot at every step, each an upload, is
+    # only for placing the kill.
+    env.pop("TUNE_GLOBAL_CHECKPOINT_S")
+    env["TRAINYARD_CACHE_DIR"] = str(tmp_path / "machine-b")
+    out = subprocess.run([*trainyard, "tune", "--resume", run, "--json"], capture_output=True, text=True,
+                         timeout=400, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    summary = json.loads(out.stdout)
+    states = [(t["trial_id"], t["state"], t["iterations"], t["error"]) for t in summary["trials"]]
+    assert sorted(t["state"] for t in summary["trials"]) == ["TERMINATED"] * 3, (states, out.stderr[-3000:])
+    assert all(t["iterations"] == 6 for t in summary["trials"])
+    # The trial finished before the kill was not run again.
+    assert f"trial {first} started" not in out.stderr, out.stderr[-2000:]
+    assert summary["winners"][0]["path"] == f"{s3_bucket}/winners/s3killed/v1/rank_1"
+    assert summary["run_dir"].startswith(str(tmp_path / "machine-b"))
+    assert "trainyard_trials.json" in _keys(s3_server, run)
+
+
 def test_submit_accepts_bucket_storage_and_deploys_from_a_bucket_registry(tmp_path):
     from trainyard.jobs import stage
 
@@ -173,6 +227,11 @@ def test_bad_object_storage_is_one_line_naming_the_uri_before_anything_starts(s3
     serve_cfg = load_serve_config(base={"models": [{"winner": f"{missing}/w", "name": "m"}]})
     with pytest.raises(ConfigError, match=f"^WINNER: '{missing}/w': the bucket .* does not exist"):
         application_specs(serve_cfg)
+    with pytest.raises(ConfigError, match=f"^--resume: no tuning run found at '{s3_bucket}/runs/none' "
+                                          r"\(it holds no trainyard_tune.yaml\)$"):
+        run_tuning(None, resume=f"{s3_bucket}/runs/none")
+    with pytest.raises(ConfigError, match=f"^--resume: '{missing}/none': the bucket .* does not exist"):
+        run_tuning(None, resume=f"{missing}/none")
     with pytest.raises(TrainyardError, match=f"{s3_bucket}/nothing: not a checkpoint, a winners folder"):
         application_specs(load_serve_config(base={"models": [{"winner": f"{s3_bucket}/nothing", "name": "m"}]}))
 

@@ -151,8 +151,9 @@ def train(config, overrides, address, dry_run, tracking_uri):
 @click.option("--address", default=None, metavar="ADDR",
               help="Ray cluster to run on; default: start an embedded local Ray.")
 @click.option("--resume", default=None, metavar="RUN",
-              help="Continue an interrupted search (its folder, or its name under storage_path); "
-                   "finished trials are not run again.")
+              help="Continue an interrupted search (its folder, its name under storage_path, or "
+                   "its URI in a bucket: s3://bucket/runs/NAME, from any machine); finished "
+                   "trials are not run again.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the outcome as one JSON object on stdout (progress and the tables go "
                    "to stderr). Keys: run_dir, metric, mode, registry_dir; trials (every trial, "
@@ -171,6 +172,7 @@ def tune(config, overrides, address, resume, as_json, tracking_uri):
       trainyard tune configs/tune_mlp.yaml
       trainyard tune configs/tune_cnn.yaml tune.num_samples=16 tune.scheduler=none
       trainyard tune --resume runs/tune_mlp
+      trainyard tune --resume s3://bucket/runs/tune_mlp
 
     Shows a live table of trials (where stdout is not a terminal: one line per trial event)
     and, at the end, the top trials. The best trials' checkpoints, configs and metrics are

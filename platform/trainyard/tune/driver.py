@@ -20,7 +20,7 @@ from trainyard.config import load_config, resolve
 from trainyard.errors import ConfigError
 from trainyard.runtime.cluster import init_ray
 from trainyard.runtime.resources import check_workers_fit
-from trainyard.runtime.storage import atomic_write_text, check_uri, is_uri, join, read_text, storage_root
+from trainyard.runtime.storage import atomic_write_text, check_uri, is_uri, join, read_text, storage_root, write_text
 from trainyard.tune.reaper import PlacementGroupReaper
 from trainyard.tune.records import (
     BUDGET_MARK,
@@ -135,6 +135,8 @@ def run_tuning(
     check_workers_fit(cfg)  # one trial's workers must fit: never wait in PENDING
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "trainyard_tune.yaml").write_text(OmegaConf.to_yaml(cfg))
+    if is_uri(cfg.storage_path):  # beside Tune's state, so that any machine can resume it
+        write_text(join(storage_root(cfg.storage_path), cfg.name, "trainyard_tune.yaml"), OmegaConf.to_yaml(cfg))
     for record in (BUDGET_MARK,) if resume else (BUDGET_MARK, EXPLOITS, HISTORY):
         (run_dir / record).unlink(missing_ok=True)  # a resumed search keeps its records
 
@@ -227,9 +229,6 @@ def _search(cfg: DictConfig | None, resume: str | None) -> tuple[DictConfig, Pat
     if metric_name not in cfg.train.metrics and metric_name not in job.config.train.metrics:
         raise ConfigError(f"tune.metric: {metric_name!r} is not one of train.metrics")
     mode = cfg.tune.mode or next(m.mode for m in job.metrics if m.name == metric_name)
-    if is_uri(cfg.storage_path) and resume:
-        raise ConfigError(f"--resume: the search's storage_path {cfg.storage_path!r} is in object "
-                          "storage; resuming such a search is not supported yet")
     storage = storage_root(cfg.storage_path)  # a URI: checked here, before Ray starts
     if is_uri(cfg.tune.registry):
         check_uri(cfg.tune.registry, "tune.registry", write=True)
@@ -244,6 +243,9 @@ class _Tuners:
         from ray import tune
 
         self.cfg, self.run_dir, self.metric, self.mode, self.callbacks = cfg, run_dir, metric, mode, callbacks
+        # Where Tune keeps the search's state: the run folder, or its folder in the bucket.
+        storage = storage_root(cfg.storage_path)
+        self.state_dir = join(storage, cfg.name) if is_uri(storage) else str(run_dir)
         base = OmegaConf.to_container(apply_values(cfg, {}), resolve=True)
         from trainyard.tune.trial import search_stream
 
@@ -255,7 +257,7 @@ class _Tuners:
     def can_restore(self) -> bool:
         from ray import tune
 
-        return tune.Tuner.can_restore(str(self.run_dir))
+        return tune.Tuner.can_restore(self.state_dir)
 
     def new(self):
         from ray import tune
@@ -300,7 +302,7 @@ class _Tuners:
         from ray import tune
 
         tuner = tune.Tuner.restore(
-            str(self.run_dir), trainable=self.trainable, resume_unfinished=True, resume_errored=False,
+            self.state_dir, trainable=self.trainable, resume_unfinished=True, resume_errored=False,
             restart_errored=restart_errored, param_space=param_space(self.cfg),
         )
         # Tune restores the run config it pickled, whose progress callbacks lost their live
@@ -320,7 +322,10 @@ TRUST_RUN_DIR_ENV = "TRAINYARD_TRUST_RUN_DIR"
 
 def _find_run(resume: str, cfg: DictConfig | None) -> Path:
     """The run folder ``--resume RUN`` names (a path, or a run name under the storage
-    path), once :func:`check_run_dir_trusted` has passed it."""
+    path), once :func:`check_run_dir_trusted` has passed it; for a search stored in a
+    bucket (RUN a URI, or a name under a URI storage path), its local records folder."""
+    if is_uri(resume) or (cfg is not None and is_uri(cfg.storage_path) and "/" not in resume):
+        return _bucket_run(resume if is_uri(resume) else join(cfg.storage_path, resume))
     path = Path(resume).expanduser()
     if (path / "trainyard_tune.yaml").is_file():
         return check_run_dir_trusted(path.resolve())
@@ -329,6 +334,31 @@ def _find_run(resume: str, cfg: DictConfig | None) -> Path:
     if (candidate / "trainyard_tune.yaml").is_file():
         return check_run_dir_trusted(candidate)
     raise ConfigError(f"--resume: no tuning run found at {str(path)!r} or {str(candidate)!r}")
+
+
+def _bucket_run(uri: str) -> Path:
+    """The local records folder of the search stored at ``uri`` (``<storage>/<name>`` in a
+    bucket), made from the config the search left there when this machine has none: a
+    search may be resumed from any machine that reaches the bucket. Its Tune state (pickles,
+    which run code when loaded) comes from the bucket: whoever may write there is trusted,
+    as with any code in it."""
+    uri = uri.rstrip("/")
+    check_uri(uri, "--resume")
+    text = read_text(join(uri, "trainyard_tune.yaml"))
+    if text is None:
+        raise ConfigError(f"--resume: no tuning run found at {uri!r} (it holds no trainyard_tune.yaml)")
+    try:
+        cfg = load_config(base=OmegaConf.to_container(OmegaConf.create(text)))
+    except ConfigError as exc:
+        raise ConfigError(f"--resume: {uri}/trainyard_tune.yaml: {exc}") from None
+    if join(storage_root(cfg.storage_path), cfg.name) != uri:
+        raise ConfigError(f"--resume: {uri}/trainyard_tune.yaml is the search {cfg.name!r} stored at "
+                          f"{cfg.storage_path!r}, not this one")
+    run_dir = local_run_dir(storage_root(cfg.storage_path), cfg.name)
+    if not (run_dir / "trainyard_tune.yaml").is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "trainyard_tune.yaml", text)
+    return run_dir
 
 
 def _run_state_files(run_dir: Path) -> list[Path]:
