@@ -34,11 +34,8 @@ that use it, so the embedded Ray's processes inherit these variables.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -46,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.s3server import free_port
+from tests.s3server import LoopbackServer, free_port
 
 PROJECT = "trainyard-tests"
 _CLEARED = ("GCE_METADATA_HOST", "GCE_METADATA_ROOT")
@@ -68,19 +65,14 @@ def write_service_account_key(path: Path) -> None:
     }))
 
 
-class GcsServer:
+class GcsServer(LoopbackServer):
     """gcp-storage-emulator's server in a subprocess on 127.0.0.1, objects kept in memory."""
 
-    def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="trainyard-gcs-"))
-        self.port = 0
-        self.process: subprocess.Popen | None = None
-        self.env: dict[str, str] = {}
-        self._saved: dict[str, str | None] = {}
+    CLEARED = _CLEARED
+    SCHEME = "gs://"
 
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def __init__(self) -> None:
+        super().__init__("trainyard-gcs-")
 
     def start(self, timeout: float = 30.0) -> None:
         for _ in range(5):  # a port taken between choosing it and binding it: another
@@ -137,35 +129,6 @@ class GcsServer:
 
         return pyarrow.fs.GcsFileSystem(scheme="http", endpoint_override=f"127.0.0.1:{self.port}",
                                         anonymous=True)
-
-    def apply_env(self) -> None:
-        for key in (*self.env, *_CLEARED):
-            self._saved.setdefault(key, os.environ.get(key))
-        for key in _CLEARED:
-            os.environ.pop(key, None)
-        os.environ.update(self.env)
-
-    def restore_env(self) -> None:
-        for key, value in self._saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        self._saved.clear()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def close(self) -> None:
-        self.stop()
-        self.restore_env()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

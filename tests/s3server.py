@@ -66,21 +66,76 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class S3Server:
-    """moto's server in a subprocess on 127.0.0.1, with an IAM user whose key the
-    environment carries, and authentication enforced from then on."""
+class LoopbackServer:
+    """An object-storage server in a subprocess on 127.0.0.1 (a subclass starts it), and the
+    environment variables that point clients at it, set in ``os.environ`` while it runs."""
 
-    def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="trainyard-s3-"))
+    #: Variables that would override or confuse what the server's environment says.
+    CLEARED: tuple[str, ...] = ()
+    SCHEME = ""
+
+    def __init__(self, prefix: str) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix=prefix))
         self.port = 0
         self.process: subprocess.Popen | None = None
-        self.access_key = self.secret_key = ""
         self.env: dict[str, str] = {}
         self._saved: dict[str, str | None] = {}
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def filesystem(self):
+        raise NotImplementedError
+
+    def keys(self, uri: str) -> list[str]:
+        """Every object under ``uri``, relative to it, as the server lists them."""
+        import pyarrow.fs
+
+        prefix = uri.removeprefix(self.SCHEME).rstrip("/")
+        infos = self.filesystem().get_file_info(pyarrow.fs.FileSelector(prefix, recursive=True, allow_not_found=True))
+        return sorted(i.path[len(prefix) + 1:] for i in infos if i.type == pyarrow.fs.FileType.File)
+
+    def apply_env(self) -> None:
+        for key in (*self.env, *self.CLEARED):
+            self._saved.setdefault(key, os.environ.get(key))
+        for key in self.CLEARED:
+            os.environ.pop(key, None)
+        os.environ.update(self.env)
+
+    def restore_env(self) -> None:
+        for key, value in self._saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved.clear()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def close(self) -> None:
+        self.stop()
+        self.restore_env()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class S3Server(LoopbackServer):
+    """moto's server in a subprocess on 127.0.0.1, with an IAM user whose key the
+    environment carries, and authentication enforced from then on."""
+
+    CLEARED = _CLEARED
+    SCHEME = "s3://"
+
+    def __init__(self) -> None:
+        super().__init__("trainyard-s3-")
+        self.access_key = self.secret_key = ""
 
     def start(self, timeout: float = 30.0) -> None:
         for _ in range(5):  # a port taken between choosing it and binding it: another
@@ -158,35 +213,6 @@ class S3Server:
 
         return pyarrow.fs.S3FileSystem(access_key=self.access_key, secret_key=self.secret_key,
                                        region=REGION, endpoint_override=self.endpoint)
-
-    def apply_env(self) -> None:
-        for key in (*self.env, *_CLEARED):
-            self._saved.setdefault(key, os.environ.get(key))
-        for key in _CLEARED:
-            os.environ.pop(key, None)
-        os.environ.update(self.env)
-
-    def restore_env(self) -> None:
-        for key, value in self._saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        self._saved.clear()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def close(self) -> None:
-        self.stop()
-        self.restore_env()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -9,24 +9,14 @@ import threading
 import time
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, ROW
 from tests.s3server import free_port
 from trainyard.config import load_config
 from trainyard.errors import ConfigError
 
-ROW = [17.99, 10.38, 122.8, 1001, 0.1184, 0.2776, 0.3001, 0.1471, 0.2419, 0.07871, 1.095, 0.9053,
-       8.589, 153.4, 0.006399, 0.04904, 0.05373, 0.01587, 0.03003, 0.006193, 25.38, 17.33, 184.6,
-       2019, 0.1622, 0.6656, 0.7119, 0.2654, 0.4601, 0.1189]
-
-
-def _keys(gcs_server, uri: str) -> list[str]:
-    prefix = uri.removeprefix("gs://").rstrip("/")
-    infos = gcs_server.filesystem().get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
-    return sorted(i.path[len(prefix) + 1:] for i in infos if i.type == pafs.FileType.File)
 
 
 def _write_table(gcs_server, bucket_uri: str) -> str:
@@ -58,15 +48,16 @@ def test_a_run_streams_a_table_from_a_bucket_checkpoints_and_exports_winners_to_
     result = run_training(cfg)
     assert result.best is not None and result.best["val_accuracy"] > 0.85, result.best
     assert str(result.checkpoint).startswith(f"{storage}/gsrun/checkpoint_")
-    keys = _keys(gcs_server, storage)
+    keys = gcs_server.keys(storage)
     assert {"gsrun/config.yaml", "gsrun/metrics.jsonl"} <= set(keys), keys
     assert any(k.endswith("/model.safetensors") for k in keys) and any(k.endswith("/manifest.json") for k in keys)
 
-    # The run in the bucket resolves to its latest checkpoint, which loads and predicts
-    # (GCS lists no folder for the checkpoint: nothing wrote a marker object for it).
+    # The run in the bucket resolves to its latest checkpoint (GCS lists no folder for it:
+    # nothing wrote a marker object), which loads and predicts (the files dataset names the
+    # classes by their label values).
     latest = resolve_checkpoint(f"{storage}/gsrun")
     assert latest == str(result.checkpoint)
-    assert load_predictor(latest).predict([ROW])[0]["label"] in ("0", "1")  # the files dataset names classes by label value
+    assert load_predictor(latest).predict([ROW])[0]["label"] in ("0", "1")
 
     # Exported twice to a winners registry in the bucket: two versions, the second current.
     registry = f"{gcs_bucket}/winners"

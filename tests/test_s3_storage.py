@@ -12,25 +12,13 @@ import sys
 import time
 import urllib.request
 
-import pyarrow.fs as pafs
 import pytest
 
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, ROW
 from tests.s3server import free_port
 from trainyard.config import load_config
 from trainyard.errors import ConfigError, TrainyardError
 
-#: One row of breast_cancer, as a client sends it.
-ROW = [17.99, 10.38, 122.8, 1001, 0.1184, 0.2776, 0.3001, 0.1471, 0.2419, 0.07871, 1.095, 0.9053,
-       8.589, 153.4, 0.006399, 0.04904, 0.05373, 0.01587, 0.03003, 0.006193, 25.38, 17.33, 184.6,
-       2019, 0.1622, 0.6656, 0.7119, 0.2654, 0.4601, 0.1189]
-
-
-def _keys(s3_server, uri: str) -> list[str]:
-    """Every object under ``uri``, relative to it, as the server lists them."""
-    prefix = uri.removeprefix("s3://").rstrip("/")
-    infos = s3_server.filesystem().get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
-    return sorted(i.path[len(prefix) + 1:] for i in infos if i.type == pafs.FileType.File)
 
 
 def _checkpoints(keys: list[str]) -> list[str]:
@@ -46,7 +34,7 @@ def test_training_checkpoints_to_a_bucket_and_a_second_run_resumes_from_them(s3_
     storage = f"{s3_bucket}/runs"
     common = [f"storage_path={storage}", "name=s3run", "scaling.num_workers=1", "checkpoint.num_to_keep=2"]
     run_training(load_config(CONFIGS / "mlp_breast_cancer.yaml", [*common, "train.epochs=1"]))
-    keys = _keys(s3_server, storage)
+    keys = s3_server.keys(storage)
     first = _checkpoints(keys)
     assert len(first) == 1, keys
     assert f"s3run/{first[0]}/manifest.json" in keys and f"s3run/{first[0]}/model.safetensors" in keys
@@ -57,12 +45,12 @@ def test_training_checkpoints_to_a_bucket_and_a_second_run_resumes_from_them(s3_
     # The result names the checkpoint by its URI, and the run's records sit beside it.
     assert str(result.checkpoint).startswith(f"{storage}/s3run/checkpoint_")
     assert [row["epoch"] for row in result.history] == [0, 1] and result.best is not None
-    keys = _keys(s3_server, storage)
+    keys = s3_server.keys(storage)
     assert {"s3run/config.yaml", "s3run/metrics.jsonl", "s3run/workers.json"} <= set(keys), keys
     # The second run went on from the bucket's checkpoint: it trained epoch 1 only.
     assert [e["epoch"] for e in events if e["type"] == "epoch_start"] == [1]
     assert all(e.get("resumed") for e in events if e["type"] == "epoch_start")
-    checkpoints = _checkpoints(_keys(s3_server, storage))
+    checkpoints = _checkpoints(s3_server.keys(storage))
     assert len(checkpoints) == 2 and first[0] in checkpoints
 
     # The run in the bucket resolves to its latest complete checkpoint, which loads and predicts.
@@ -101,13 +89,13 @@ def test_search_exports_winners_to_a_bucket_and_deploy_serves_them_over_http(s3_
     winner = outcome.winners[0]
     assert winner["path"] == f"{registry}/v1/rank_1"
     assert winner["value"] == outcome.trials[0]["best"] and winner["trial_id"] == outcome.trials[0]["trial_id"]
-    keys = _keys(s3_server, registry)
+    keys = s3_server.keys(registry)
     assert {"winners.json", "v1/winners.json", "v1/rank_1/manifest.json", "v1/rank_1/winner.json",
             "v1/rank_1/model.safetensors"} <= set(keys)
     index = json.loads(s3_server.filesystem().open_input_stream(registry[5:] + "/winners.json").read())
     assert [e["trial_id"] for e in index] == [winner["trial_id"]]
     # The trials' checkpoints and the search's own records are in the bucket too.
-    run_keys = _keys(s3_server, f"{s3_bucket}/runs/s3tune")
+    run_keys = s3_server.keys(f"{s3_bucket}/runs/s3tune")
     assert "trainyard_trials.json" in run_keys and any("/checkpoint_" in k for k in run_keys)
     from trainyard.winners import resolve_checkpoint
 
@@ -152,13 +140,13 @@ def test_a_search_in_a_bucket_whose_driver_is_killed_resumes_on_another_machine(
     try:
         deadline = time.monotonic() + 240
         # Kill once the second trial has a checkpoint in the bucket: the first has finished.
-        while not any("_00001/checkpoint_" in k for k in _keys(s3_server, run)) and time.monotonic() < deadline:
+        while not any("_00001/checkpoint_" in k for k in s3_server.keys(run)) and time.monotonic() < deadline:
             assert driver.poll() is None, "the search ended before it could be killed"
             time.sleep(0.25)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
         driver.wait()
-    before = _keys(s3_server, run)
+    before = s3_server.keys(run)
     assert "trainyard_tune.yaml" in before and "trainyard_trials.json" not in before, before
     first = next(k.split("/")[0] for k in before if k.endswith("_00000/result.json"))
 
@@ -177,7 +165,7 @@ def test_a_search_in_a_bucket_whose_driver_is_killed_resumes_on_another_machine(
     assert f"trial {first} started" not in out.stderr, out.stderr[-2000:]
     assert summary["winners"][0]["path"] == f"{s3_bucket}/winners/s3killed/v1/rank_1"
     assert summary["run_dir"].startswith(str(tmp_path / "machine-b"))
-    assert "trainyard_trials.json" in _keys(s3_server, run)
+    assert "trainyard_trials.json" in s3_server.keys(run)
 
 
 def test_submit_accepts_bucket_storage_and_deploys_from_a_bucket_registry(tmp_path):
