@@ -92,6 +92,32 @@ def failure_reason(text: str) -> str:
     return lines[-1] if lines else "Serve gave no reason"
 
 
+def _start_serve(http_options: dict, wait_s: float = 60.0) -> None:
+    """serve.start, once more should it meet a Serve still shutting down: right after
+    ``serve.shutdown`` (another deploy's, a test's), the old controller may still be
+    stopping its proxies, and a start that finds it waits on a proxy being killed."""
+    import time
+
+    import ray
+    from ray import serve
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        serve.start(http_options=http_options)
+        return
+    except ray.exceptions.ActorDiedError:
+        pass
+    serve.shutdown()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:  # gone
+            break
+        time.sleep(0.5)
+    serve.start(http_options=http_options)
+
+
 def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
     """Serve each model of a serve config as its own application; return name -> URL.
 
@@ -109,7 +135,7 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
     auth = replica_auth(cfg, address)
     init_ray(address, ingress=None if cfg.ingress == "auto" else cfg.ingress)
     check_serve_fits(cfg)
-    serve.start(http_options={"host": cfg.host, "port": int(cfg.port)})
+    _start_serve({"host": cfg.host, "port": int(cfg.port)})
     existing = [a for a in serve.status().applications if a != ROOT_APP]
     specs = application_specs(cfg, existing, auth)
     endpoints = {}
