@@ -139,11 +139,12 @@ def aws_credentials_source() -> str | None:
 
 def _short(exc: BaseException) -> str:
     text = str(exc)
-    if "google::cloud::Status(" in text:  # Google's client: the code and the last message, not the metadata
+    if "google::cloud::Status(" in text:  # Google's client: its code and last message, no metadata
         import re
 
         code = re.search(r"Status\((\w+):", text)
-        last = re.search(r"original-message=([^,}]+)", text) or re.search(r"Status\(\w+: ([^{]+?)\s*(?:error_info|$)", text)
+        last = (re.search(r"original-message=([^,}]+)", text)
+                or re.search(r"Status\(\w+: ([^{]+?)\s*(?:error_info|$)", text))
         if code and last:
             return f"{code.group(1)}: {last.group(1).strip()}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -187,7 +188,8 @@ def _checking_filesystem(uri: str):
         from urllib.parse import parse_qs, urlparse
 
         query = {k: v[-1] for k, v in parse_qs(urlparse(uri).query).items()}
-        fs = pyarrow.fs.GcsFileSystem(scheme=query.get("scheme"), endpoint_override=query.get("endpoint_override"),
+        fs = pyarrow.fs.GcsFileSystem(scheme=query.get("scheme"),
+                                      endpoint_override=query.get("endpoint_override"),
                                       retry_time_limit=timedelta(seconds=GCS_CHECK_RETRY_S))
     return fs, inner
 
