@@ -117,6 +117,20 @@ def test_search_exports_winners_to_a_bucket_and_deploy_serves_them_over_http(s3_
         serve.shutdown()
 
 
+def _finished_in_bucket(s3_server, run: str) -> list[str]:
+    """The trials Tune's latest experiment state in the bucket records as finished."""
+    fs, prefix = s3_server.filesystem(), run.removeprefix("s3://")
+    states = [k for k in s3_server.keys(run) if k.startswith("experiment_state-") and k.endswith(".json")]
+    if not states:
+        return []
+    try:
+        with fs.open_input_stream(f"{prefix}/{max(states)}") as f:
+            trials = [json.loads(t[0]) for t in json.loads(f.read())["trial_data"]]
+    except (OSError, ValueError, KeyError):  # being replaced
+        return []
+    return [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
+
+
 def test_a_search_in_a_bucket_whose_driver_is_killed_resumes_on_another_machine(s3_bucket, s3_server, tmp_path):
     """The driver (and the Ray it started) killed with SIGKILL once a trial has finished;
     ``trainyard tune --resume s3://.../<name>`` with another cache folder (no local record of
@@ -139,16 +153,17 @@ def test_a_search_in_a_bucket_whose_driver_is_killed_resumes_on_another_machine(
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        # Kill once the second trial has a checkpoint in the bucket: the first has finished.
-        while not any("_00001/checkpoint_" in k for k in s3_server.keys(run)) and time.monotonic() < deadline:
+        # Kill once Tune's state in the bucket records the first trial as finished.
+        while not (first := _finished_in_bucket(s3_server, run)) and time.monotonic() < deadline:
             assert driver.poll() is None, "the search ended before it could be killed"
             time.sleep(0.25)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
         driver.wait()
+    assert first, "no trial finished within 240 s"
     before = s3_server.keys(run)
     assert "trainyard_tune.yaml" in before and "trainyard_trials.json" not in before, before
-    first = next(k.split("/")[0] for k in before if k.endswith("_00000/result.json"))
+    first = first[0]
 
     # Resumed with Tune's own snapshot period: a snapshot at every step, each an upload, is
     # only for placing the kill.

@@ -16,8 +16,9 @@ from trainyard.config import load_config
 from trainyard.errors import ConfigError
 
 #: Long enough for the first trial's actor to start and train some epochs on a busy 2-core
-#: machine (its start took 5-35 s here, by load); short of the whole search (4 trials x 200
-#: epochs at ~0.1-0.5 s an epoch).
+#: machine (its start took 5-35 s here, by load); far short of the whole search (4 trials x
+#: 5000 epochs at 0.04-0.5 s an epoch: at 200 epochs, trials grown faster finished all four
+#: within the budget once).
 BUDGET_S = 45.0
 #: Tune's clock starts at the search's first step, after its start-up: checking the config,
 #: building the Tuner, registering the trainable and laying out the run folder. Measured
@@ -44,7 +45,7 @@ def test_the_budget_ends_the_search_exports_the_winners_so_far_and_says_so(tmp_p
     raw.update(name="budget", storage_path=str(tmp_path / "runs"))
     raw["tune"].update(registry=str(tmp_path / "winners"), scheduler="none", num_samples=4,
                        max_concurrent_trials=1, time_budget_s=BUDGET_S, top_k=2)
-    cfg = load_config(base=raw, overrides=["train.epochs=200"])
+    cfg = load_config(base=raw, overrides=["train.epochs=5000"])
     started = time.time()
     outcome = run_tuning(cfg)
     ended = time.time()
