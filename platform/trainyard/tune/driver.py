@@ -134,9 +134,10 @@ def run_tuning(
     init_ray(address, ingress=ingress)
     check_workers_fit(cfg)  # one trial's workers must fit: never wait in PENDING
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "trainyard_tune.yaml").write_text(OmegaConf.to_yaml(cfg))
+    search_yaml = OmegaConf.to_yaml(cfg)
+    (run_dir / "trainyard_tune.yaml").write_text(search_yaml)
     if is_uri(cfg.storage_path):  # beside Tune's state, so that any machine can resume it
-        write_text(join(storage_root(cfg.storage_path), cfg.name, "trainyard_tune.yaml"), OmegaConf.to_yaml(cfg))
+        write_text(join(storage_root(cfg.storage_path), cfg.name, "trainyard_tune.yaml"), search_yaml)
     for record in (BUDGET_MARK,) if resume else (BUDGET_MARK, EXPLOITS, HISTORY):
         (run_dir / record).unlink(missing_ok=True)  # a resumed search keeps its records
 
