@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gcsserver import gcs_bucket, gcs_server, session_uses_gcs  # noqa: F401 - fixtures
-from tests.s3server import s3_bucket, s3_server, session_uses_s3  # noqa: F401 - fixtures
+from tests.gcsserver import gcs_bucket, gcs_server  # noqa: F401 - fixtures
+from tests.s3server import s3_bucket, s3_server, session_uses  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -24,10 +24,9 @@ def ray_cluster(request):
     their environment (tests/s3server.py, tests/gcsserver.py)."""
     import ray
 
-    if session_uses_s3(request.session):
-        request.getfixturevalue("s3_server")
-    if session_uses_gcs(request.session):
-        request.getfixturevalue("gcs_server")
+    for server in ("s3_server", "gcs_server"):
+        if session_uses(request.session, server):
+            request.getfixturevalue(server)
 
     from trainyard.runtime.cluster import init_ray
 

@@ -34,16 +34,14 @@ that use it, so the embedded Ray's processes inherit these variables.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.s3server import LoopbackServer, free_port
+from tests.s3server import LoopbackServer
 
 PROJECT = "trainyard-tests"
 _CLEARED = ("GCE_METADATA_HOST", "GCE_METADATA_ROOT")
@@ -74,20 +72,15 @@ class GcsServer(LoopbackServer):
     def __init__(self) -> None:
         super().__init__("trainyard-gcs-")
 
+    READY_PATH = f"/storage/v1/b?project={PROJECT}"
+    LOG = "emulator.log"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+                "--port", str(self.port), "--in-memory"]
+
     def start(self, timeout: float = 30.0) -> None:
-        for _ in range(5):  # a port taken between choosing it and binding it: another
-            self.port = free_port()
-            log = open(self.folder / "emulator.log", "ab")  # noqa: SIM115 - the child keeps it
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--in-memory"],
-                stdout=log, stderr=subprocess.STDOUT)
-            log.close()
-            if self._wait_listening(timeout):
-                break
-            self.stop()
-        else:
-            raise RuntimeError(f"the GCS emulator did not start; see {self.folder / 'emulator.log'}")
+        self.launch(timeout)
         key = self.folder / "service-account.json"
         write_service_account_key(key)
         self.env = {
@@ -99,18 +92,6 @@ class GcsServer(LoopbackServer):
             # bucket, here the server's temporary folder rather than ~/.cache.
             "TRAINYARD_CACHE_DIR": str(self.folder / "cache"),
         }
-
-    def _wait_listening(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/storage/v1/b?project={PROJECT}", timeout=2):
-                    return True
-            except OSError:
-                time.sleep(0.1)
-        return False
 
     def make_bucket(self, name: str | None = None) -> str:
         """Create a bucket (a fresh unique name by default) through the JSON API; returns
@@ -135,21 +116,11 @@ class GcsServer(LoopbackServer):
 def gcs_server():
     """The GCS emulator on 127.0.0.1 for the whole session, its environment set (see the
     module docstring)."""
-    server = GcsServer()
-    try:
-        server.start()
-        server.apply_env()
+    with GcsServer.running() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
 def gcs_bucket(gcs_server) -> str:
     """A fresh, empty bucket on the session's GCS server: ``gs://<name>``."""
     return gcs_server.make_bucket()
-
-
-def session_uses_gcs(session: pytest.Session) -> bool:
-    """Whether any collected test asks for the GCS server (directly or through gcs_bucket)."""
-    return any("gcs_server" in getattr(item, "fixturenames", ()) for item in session.items)

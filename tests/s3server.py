@@ -39,6 +39,7 @@ already running keeps what it started with.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -85,8 +86,42 @@ class LoopbackServer:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    #: A path on the server that answers once it is up; the server's log file's name.
+    READY_PATH = "/"
+    LOG = "server.log"
+
+    def command(self) -> list[str]:
+        """The server's command line, listening on 127.0.0.1:``self.port``."""
+        raise NotImplementedError
+
     def filesystem(self):
         raise NotImplementedError
+
+    def launch(self, timeout: float = 30.0, env=None) -> None:
+        """Start the server on a free port and wait until it answers READY_PATH. ``env``:
+        a function giving the server's extra variables once the port is chosen."""
+        for _ in range(5):  # a port taken between choosing it and binding it: another
+            self.port = free_port()
+            log = open(self.folder / self.LOG, "ab")  # noqa: SIM115 - the child keeps it
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **(env() if env else {})})
+            log.close()
+            if self._wait_listening(timeout):
+                return
+            self.stop()
+        raise RuntimeError(f"{type(self).__name__} did not start; see {self.folder / self.LOG}")
+
+    def _wait_listening(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(self.endpoint + self.READY_PATH, timeout=2):
+                    return True
+            except OSError:
+                time.sleep(0.1)
+        return False
 
     def keys(self, uri: str) -> list[str]:
         """Every object under ``uri``, relative to it, as the server lists them."""
@@ -125,6 +160,23 @@ class LoopbackServer:
         self.restore_env()
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls):
+        """A server of this kind, started and its environment set, for a session fixture."""
+        server = cls()
+        try:
+            server.start()
+            server.apply_env()
+            yield server
+        finally:
+            server.close()
+
+
+def session_uses(session: pytest.Session, fixture: str) -> bool:
+    """Whether any collected test asks for ``fixture`` (directly or through another)."""
+    return any(fixture in getattr(item, "fixturenames", ()) for item in session.items)
+
 
 class S3Server(LoopbackServer):
     """moto's server in a subprocess on 127.0.0.1, with an IAM user whose key the
@@ -137,20 +189,14 @@ class S3Server(LoopbackServer):
         super().__init__("trainyard-s3-")
         self.access_key = self.secret_key = ""
 
+    READY_PATH = "/moto-api/data.json"
+    LOG = "moto.log"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+
     def start(self, timeout: float = 30.0) -> None:
-        for _ in range(5):  # a port taken between choosing it and binding it: another
-            self.port = free_port()
-            log = open(self.folder / "moto.log", "ab")  # noqa: SIM115 - the child keeps it
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MOTO_PORT": str(self.port)},
-            )
-            log.close()
-            if self._wait_listening(timeout):
-                break
-            self.stop()
-        else:
-            raise RuntimeError(f"moto's S3 server did not start; see {self.folder / 'moto.log'}")
+        self.launch(timeout, env=lambda: {"MOTO_PORT": str(self.port)})
         self._make_user()
         self._post("/moto-api/reset-auth", b"0")  # from now on every request must be signed
         self.env = {
@@ -166,18 +212,6 @@ class S3Server(LoopbackServer):
             # bucket, here the server's temporary folder rather than ~/.cache.
             "TRAINYARD_CACHE_DIR": str(self.folder / "cache"),
         }
-
-    def _wait_listening(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/moto-api/data.json", timeout=2):
-                    return True
-            except OSError:
-                time.sleep(0.1)
-        return False
 
     def _post(self, path: str, body: bytes) -> dict:
         request = urllib.request.Request(self.endpoint + path, data=body, method="POST",
@@ -219,21 +253,11 @@ class S3Server(LoopbackServer):
 def s3_server():
     """moto's S3 server on 127.0.0.1 for the whole session, its environment set (see the
     module docstring)."""
-    server = S3Server()
-    try:
-        server.start()
-        server.apply_env()
+    with S3Server.running() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
 def s3_bucket(s3_server) -> str:
     """A fresh, empty bucket on the session's S3 server: ``s3://<name>``."""
     return s3_server.make_bucket()
-
-
-def session_uses_s3(session: pytest.Session) -> bool:
-    """Whether any collected test asks for the S3 server (directly or through s3_bucket)."""
-    return any("s3_server" in getattr(item, "fixturenames", ()) for item in session.items)
