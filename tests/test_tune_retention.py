@@ -5,6 +5,7 @@ out. The search-level checks are in tests/test_tuning.py."""
 from __future__ import annotations
 
 import math
+import pickle
 from types import SimpleNamespace
 
 from ray.tune import Checkpoint
@@ -83,3 +84,71 @@ def test_a_checkpoint_already_gone_is_no_error(tmp_path):
     for _ in range(3):
         retention.get_state()
     assert not made[1].exists() and made[2].exists()
+
+
+def test_with_a_bucket_a_dropped_checkpoint_waits_for_three_uploads_of_the_state_not_snapshots(tmp_path):
+    """Tune skips uploading a snapshot while the last upload runs, so with a bucket the
+    state there may be many snapshots old: deletion counts replacements of the state's
+    object (here a local folder read through the same pyarrow calls), not snapshots."""
+    import pyarrow.fs
+
+    state = tmp_path / "bucket" / "search"
+    state.mkdir(parents=True)
+    (state / "experiment_state-2026.json").write_text("{}")
+    (state / "basic-variant-state-2026.json").write_text("{}")  # not the experiment state
+    retention = CheckpointRetention(keep=1, metric="val_accuracy", mode="max", state_uri=str(state))
+    fs, inner = pyarrow.fs.FileSystem.from_uri(str(state))
+    retention._bucket.poll(fs, inner)  # the first look: what is there now
+    uploads = 0
+
+    def upload():
+        nonlocal uploads
+        uploads += 1
+        (state / "experiment_state-2026.json").write_text("{" + " " * uploads + "}")
+        retention._bucket.poll(fs, inner)
+
+    folders = []
+    for epoch, accuracy in enumerate([0.80, 0.95]):  # epoch 0 drops out
+        folder = tmp_path / "t1" / f"checkpoint_{epoch:06d}"
+        folder.mkdir(parents=True)
+        folders.append(folder)
+        retention.on_checkpoint(0, [], SimpleNamespace(trial_id="t1", last_result={"val_accuracy": accuracy}),
+                                Checkpoint.from_directory(str(folder)))
+    for _ in range(5):  # snapshots whose uploads were skipped: nothing goes
+        retention.get_state()
+    assert folders[0].exists()
+    (state / "basic-variant-state-2026.json").write_text("{ }")  # another object changing
+    retention._bucket.poll(fs, inner)
+    retention._bucket.poll(fs, inner)  # looking again at an unchanged state is no upload
+    retention.get_state()
+    assert folders[0].exists() and retention._bucket.changes == 0
+    for expected in (1, 2):
+        upload()  # the first two may carry snapshots taken before the drop
+        retention.get_state()
+        assert retention._bucket.changes == expected and folders[0].exists()
+    upload()  # begun after the second ended: a snapshot from after the drop
+    retention.get_state()
+    assert not folders[0].exists() and folders[1].exists()
+
+
+def test_the_bucket_watch_counts_uploads_from_its_own_thread_and_stops(tmp_path):
+    state = tmp_path / "search"
+    state.mkdir()
+    (state / "experiment_state-1.json").write_text("{}")
+    retention = CheckpointRetention(keep=1, metric="m", mode="max", state_uri=str(state))
+    retention._bucket.every_s = 0.05
+    retention.setup(stop=None, num_samples=1, total_num_samples=1)
+    import time
+
+    deadline = time.monotonic() + 10
+    while retention._bucket._seen is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (state / "experiment_state-1.json").write_text("{ }")
+    while retention._bucket.changes < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert retention._bucket.changes == 1
+    retention.on_experiment_end(trials=[])
+    retention._bucket._thread.join(timeout=5)
+    assert not retention._bucket._thread.is_alive()
+    restored = pickle.loads(pickle.dumps(retention))  # as Tune pickles its callbacks
+    assert restored.state_uri == str(state) and restored._bucket.changes == 0

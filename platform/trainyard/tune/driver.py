@@ -163,7 +163,9 @@ def run_tuning(
     keep = _kept(cfg)
     # These two last in the list, so that a search resumed by a version without them finds
     # the others where they were; Tune adds no TensorBoard logger of its own beside ours.
-    retention = [CheckpointRetention(keep, metric, mode)] if keep else []
+    # With a bucket, deletions wait on Tune's state there.
+    state = state_dir(cfg, run_dir)
+    retention = [CheckpointRetention(keep, metric, mode, state if is_uri(state) else None)] if keep else []
     tuners = _Tuners(cfg, run_dir, metric, mode,
                      [callback, recorder, *tracked, *(callbacks or []), *retention, BackgroundTBXLogger()])
     tuner = tuners.restored() if resume and tuners.can_restore() else tuners.new()
@@ -237,6 +239,12 @@ def _search(cfg: DictConfig | None, resume: str | None) -> tuple[DictConfig, Pat
     return cfg, run_dir, f"val_{metric_name}", mode
 
 
+def state_dir(cfg: DictConfig, run_dir: Path) -> str:
+    """Where Tune keeps a search's state: its folder in the bucket, or the local run folder."""
+    storage = storage_root(cfg.storage_path)
+    return join(storage, cfg.name) if is_uri(storage) else str(run_dir)
+
+
 class _Tuners:
     """Tune's Tuner for a search: a new one, or one restored from the run folder."""
 
@@ -245,8 +253,7 @@ class _Tuners:
 
         self.cfg, self.run_dir, self.metric, self.mode, self.callbacks = cfg, run_dir, metric, mode, callbacks
         # Where Tune keeps the search's state: the run folder, or its folder in the bucket.
-        storage = storage_root(cfg.storage_path)
-        self.state_dir = join(storage, cfg.name) if is_uri(storage) else str(run_dir)
+        self.state_dir = state_dir(cfg, run_dir)
         base = OmegaConf.to_container(apply_values(cfg, {}), resolve=True)
         from trainyard.tune.trial import search_stream
 
