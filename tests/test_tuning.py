@@ -158,12 +158,13 @@ def test_a_search_that_cannot_fit_one_trial_fails_at_once_saying_what_is_missing
 
 
 def test_multi_worker_trials_run_ddp_inside_the_search(tmp_path):
-    space = {"train.lr": {"type": "grid", "values": [0.00001, 0.003]}}
+    # One trial: each multi-worker trial pays for its own Ray Train worker group (20-40 s here).
+    space = {"train.lr": {"type": "grid", "values": [0.003]}}
     cfg = tune_config(tmp_path, "ddp", space=space,
                       overrides=["train.epochs=2", "scaling.num_workers=2"],
                       search="grid", scheduler="none", num_samples=1, max_concurrent_trials=1)
     outcome = run_tuning(cfg)
-    assert [t["state"] for t in outcome.trials] == ["TERMINATED", "TERMINATED"]
+    assert [t["state"] for t in outcome.trials] == ["TERMINATED"]
     assert all(t["iterations"] == 2 for t in outcome.trials)
     assert load_predictor(outcome.winners[0]["path"]).manifest["model"] == "mlp"
 
@@ -178,7 +179,7 @@ def _finished_trials(run_dir: Path, epochs: int) -> dict[str, int]:
 
 
 def test_search_whose_driver_is_killed_resumes_without_redoing_finished_trials(tmp_path):
-    space = {"train.lr": {"type": "grid", "values": [0.001, 0.002, 0.003, 0.004, 0.005, 0.006]}}
+    space = {"train.lr": {"type": "grid", "values": [0.001, 0.002, 0.003, 0.004]}}
     cfg = tune_config(tmp_path, "killed", space=space, overrides=["train.epochs=5"],
                       search="grid", scheduler="none", num_samples=1, max_concurrent_trials=1)
     config_file = tmp_path / "killed.yaml"
@@ -199,7 +200,7 @@ def test_search_whose_driver_is_killed_resumes_without_redoing_finished_trials(t
 
     try:
         deadline = time.monotonic() + 240
-        # Kill once one trial has finished and the next has a checkpoint: five still to run.
+        # Kill once one trial has finished and the next has a checkpoint: three still to run.
         while not (_finished_trials(run_dir, 5) and running_with_checkpoint()) and time.monotonic() < deadline:
             assert driver.poll() is None, "the search ended before it could be killed"
             time.sleep(0.1)
@@ -207,7 +208,7 @@ def test_search_whose_driver_is_killed_resumes_without_redoing_finished_trials(t
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
         driver.wait()
     finished_before = _finished_trials(run_dir, 5)
-    assert 1 <= len(finished_before) < 6
+    assert 1 <= len(finished_before) < 4
     assert not (run_dir / "trainyard_trials.json").exists()
     # As when the kill lands after num_to_keep deleted the checkpoint Tune's last snapshot
     # names (seen once in CI): the running trial's checkpoints are gone. It starts again
@@ -222,7 +223,7 @@ def test_search_whose_driver_is_killed_resumes_without_redoing_finished_trials(t
                          text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     summary = json.loads((run_dir / "trainyard_trials.json").read_text())
-    assert len(summary["trials"]) == 6
+    assert len(summary["trials"]) == 4
     assert all(t["state"] == "TERMINATED" for t in summary["trials"])
     for trial_id, lines in finished_before.items():  # not run again: no new results
         assert len((run_dir / trial_id / "result.json").read_text().splitlines()) == lines
