@@ -385,7 +385,7 @@ def child_bench(name: str, command: list[str], timeout: float, shown: int) -> No
     for line in lines[-shown:]:
         say(f"    | {line}")
     SUMMARY[f"{name}_bench_rc"] = child.returncode
-    SUMMARY[f"{name}_bench_tail"] = lines[-60:]
+    SUMMARY[f"{name}_bench_tail"] = lines[-400:]
     if child.returncode != 0:
         raise RuntimeError(f"{Path(command[1]).name} exited {child.returncode}")
 
@@ -397,7 +397,7 @@ def serve_bench(args) -> None:
                "--replicas", str(args.serve_replicas)]
     if args.serve_gpus and not args.quick:
         command += ["--num-gpus", str(args.serve_gpus)]
-    child_bench("serve", command, args.serve_timeout, 40)
+    child_bench("serve", command, args.serve_timeout, 150)
 
 
 def ingest_bench(args) -> None:
