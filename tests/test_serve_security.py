@@ -421,8 +421,14 @@ def test_only_passes_expected_to_be_short_run_on_the_event_loop():
     for _ in range(3):
         policy.observe(4, 0.0004)  # 0.1 ms an example
     assert policy.inline(1) and policy.inline(20) and not policy.inline(21)
-    policy.observe(1, 0.05)  # a slow pass: the average moves towards it at once
+    policy.observe(1, 0.05)  # one slow pass (descheduled on a busy machine): still inline
+    assert policy.inline(1) and policy.inline(20)
+    policy.observe(1, 0.05)
+    policy.observe(1, 0.05)  # most of the recent passes slow: the model is slow now
     assert not policy.inline(1)
+    for _ in range(15):  # fast again: the slow passes leave the window
+        policy.observe(1, 0.0001)
+    assert policy.inline(20)
     assert not InlinePolicy(budget_s=0, warmup=0).inline(1)  # 0: never inline
 
 

@@ -182,12 +182,17 @@ class InlinePolicy:
     The thread keeps the replica answering (health, metadata, new requests to batch) while
     a long pass runs, but the hand-off costs a thread switch each way: on a small model
     that is most of a request's cost. A pass the model is expected to finish within
-    ``budget_s`` runs inline; the expectation is a moving average of the seconds per
-    example seen so far (a pass's fixed cost included, so small passes over-estimate).
-    Until ``warmup`` passes have been timed, every pass goes to the thread."""
+    ``budget_s`` runs inline; the expectation is the median seconds per example of the last
+    ``window`` passes (a pass's fixed cost included, so small passes over-estimate). A
+    median, not a mean: on a busy machine a pass descheduled for a few milliseconds would
+    otherwise send the next many passes of a small model to the thread. Until ``warmup``
+    passes have been timed, every pass goes to the thread."""
 
-    def __init__(self, budget_s: float = 0.002, warmup: int = 8):
+    def __init__(self, budget_s: float = 0.002, warmup: int = 8, window: int = 15):
+        from collections import deque
+
         self.budget_s, self.warmup = budget_s, warmup
+        self.recent: deque = deque(maxlen=window)
         self.per_example_s = 0.0
         self.timed = 0
 
@@ -195,8 +200,9 @@ class InlinePolicy:
         return self.budget_s > 0 and self.timed >= self.warmup and examples * self.per_example_s <= self.budget_s
 
     def observe(self, examples: int, seconds: float) -> None:
-        rate = seconds / max(1, examples)
-        self.per_example_s = rate if self.timed == 0 else 0.8 * self.per_example_s + 0.2 * rate
+        self.recent.append(seconds / max(1, examples))
+        ordered = sorted(self.recent)
+        self.per_example_s = ordered[len(ordered) // 2]
         self.timed += 1
 
 
