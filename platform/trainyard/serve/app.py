@@ -273,11 +273,13 @@ class BatchRunner:
                  for start in range(0, sum(sizes), step)]
         outputs = parts[0] if len(parts) == 1 else torch.cat(parts)
         answers = self.predictor.processor.decode(outputs)
+        values = outputs.numpy()
+        # One check for every request's outputs (torch's isfinite costs more per call here).
+        finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
         results, start = [], 0
         for size in sizes:
-            part = outputs[start:start + size]
-            if bool(torch.isfinite(part).all()):
-                results.append((answers[start:start + size], part.numpy()))
+            if finite[start:start + size].all():
+                results.append((answers[start:start + size], values[start:start + size]))
             else:
                 results.append(RequestError("the model's output for these inputs is not finite "
                                             "(NaN or Infinity); are they far outside the range "
@@ -498,32 +500,8 @@ class ModelServer:
             return error(404, f"model {self.name!r} has no version {version!r} (served: {self.version})")
         return None
 
-    @model_api.get("/openapi.json", include_in_schema=False)
-    async def openapi(self, request: Request):
-        """This model's OpenAPI document (its request and response bodies)."""
-        if self.openapi_document is None:
-            self.openapi_document = model_openapi(
-                request.app.routes, request.scope.get("root_path", ""), self.signature, self.name,
-                self.version, self.max_items, self.max_body, bool(self.api_key))
-        return json_response(self.openapi_document)
-
-    @model_api.get("/docs", include_in_schema=False)
-    async def docs(self, request: Request):
-        from fastapi.openapi.docs import get_swagger_ui_html
-
-        root = request.scope.get("root_path", "")
-        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"trainyard model {self.name}")
-
-    @model_api.get("/")
-    @model_api.get("/versions/{version}")
-    async def metadata(self, version: str | None = None):
-        return self._check_version(version) or self._metadata()
-
-    @model_api.get("/ready")
-    @model_api.get("/versions/{version}/ready")
-    async def ready(self, version: str | None = None):
-        return self._check_version(version) or {"name": self.name, "ready": True}
-
+    # The inference routes first: FastAPI tries a model's routes in the order they are
+    # declared, on every request (matching the seven others first cost about 0.1 ms).
     @model_api.post("/infer")
     @model_api.post("/versions/{version}/infer")
     async def infer(self, request: Request, version: str | None = None):
@@ -593,6 +571,32 @@ class ModelServer:
         answers, _ = result
         return json_response({"model_name": self.name, "model_version": self.version,
                               "predictions": answers})
+
+    @model_api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        """This model's OpenAPI document (its request and response bodies)."""
+        if self.openapi_document is None:
+            self.openapi_document = model_openapi(
+                request.app.routes, request.scope.get("root_path", ""), self.signature, self.name,
+                self.version, self.max_items, self.max_body, bool(self.api_key))
+        return json_response(self.openapi_document)
+
+    @model_api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"trainyard model {self.name}")
+
+    @model_api.get("/")
+    @model_api.get("/versions/{version}")
+    async def metadata(self, version: str | None = None):
+        return self._check_version(version) or self._metadata()
+
+    @model_api.get("/ready")
+    @model_api.get("/versions/{version}/ready")
+    async def ready(self, version: str | None = None):
+        return self._check_version(version) or {"name": self.name, "ready": True}
 
 
 root_api = FastAPI(title="trainyard", description="Health routes and the list of served models.")

@@ -496,6 +496,10 @@ def _reject_constant(name: str) -> Any:
     raise RequestError(f"{name} is not valid JSON here: NaN and Infinity are not accepted")
 
 
+#: The request bodies' JSON decoder, made once (json.loads with an option makes one a call).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def parse_json(raw: bytes) -> Any:
     """A request body as JSON: UTF-8 text only (RFC 8259; no UTF-16 or UTF-32 guessing), no
     NaN or Infinity, and nesting too deep for the parser refused like any malformed body."""
@@ -505,7 +509,7 @@ def parse_json(raw: bytes) -> Any:
         raise RequestError(f"the body is not UTF-8 text (byte {exc.start} is not valid UTF-8); "
                            "JSON must be sent as UTF-8") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return _DECODER.decode(text)
     except RequestError:
         raise
     except RecursionError:
