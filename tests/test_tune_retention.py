@@ -150,5 +150,11 @@ def test_the_bucket_watch_counts_uploads_from_its_own_thread_and_stops(tmp_path)
     retention.on_experiment_end(trials=[])
     retention._bucket._thread.join(timeout=5)
     assert not retention._bucket._thread.is_alive()
+    retention.setup(stop=None, num_samples=1, total_num_samples=1)  # a second fit, after a resume
+    (state / "experiment_state-1.json").write_text("{  }")
+    while retention._bucket.changes < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert retention._bucket.changes == 2 and retention._bucket._thread.is_alive()
+    retention.on_experiment_end(trials=[])
     restored = pickle.loads(pickle.dumps(retention))  # as Tune pickles its callbacks
     assert restored.state_uri == str(state) and restored._bucket.changes == 0

@@ -76,7 +76,9 @@ class BucketState:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if self._thread is None:
+        """Start watching (again, after a stop: a resumed search may run a second fit)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stop = threading.Event()
             self._thread = threading.Thread(target=self._watch, name="trainyard-bucket-state", daemon=True)
             self._thread.start()
 
