@@ -53,8 +53,8 @@ class ServedModel:
     #: Most examples in one forward pass; a larger batch runs as several passes.
     max_forward_examples: int = MAX_FORWARD_EXAMPLES
     #: A forward pass the replica expects to take at most this long (the median of its last
-    #: 15 passes, per example) runs on its event loop, not handed to its forward thread: on a small model
-    #: the hand-off costs more than the pass. 0: every pass in the thread.
+    #: 15 passes, per example) runs on its event loop, not handed to its forward thread: on a
+    #: small model the hand-off costs more than the pass. 0: every pass in the thread.
     inline_forward_ms: float = 2.0
     #: Requests a replica works on at once (Serve's max_ongoing_requests); 0: the larger of
     #: 64 and twice max_batch_size, so a batch is never capped by it.

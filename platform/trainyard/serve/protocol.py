@@ -177,7 +177,7 @@ def check_values(array: Any, datatype: str, where: str, data: Any = None) -> Non
         raise RequestError(f"{where}: values must be finite FP32 numbers (at most about 3.4e38 in size)")
 
 
-def to_model_batch(array: Any, sig: ModelSignature, where: str) -> Any:
+def to_model_batch(array: Any, sig: ModelSignature) -> Any:
     """A request's numbers (shape already checked against ``sig.item_shape``) as FP32 of shape
     ``[n, *input_shape]``: a one-channel image sent as ``[N, H, W]`` gets its channel axis,
     so requests batched together always share one shape. The values must have passed
@@ -344,7 +344,7 @@ def oip_to_raw(body: Any, sig: ModelSignature, max_batch: int) -> Any:
     if array.size != math.prod(shape):
         raise RequestError(f"inputs[0].data: {array.size} values do not fill shape {shape}")
     check_values(array, datatype, "inputs[0].data", exact)
-    return to_model_batch(array.reshape(shape), sig, "inputs[0].data")
+    return to_model_batch(array.reshape(shape), sig)
 
 
 def raw_from_json(body: Any, sig: ModelSignature, max_batch: int) -> Any:
@@ -367,7 +367,7 @@ def raw_from_json(body: Any, sig: ModelSignature, max_batch: int) -> Any:
     if list(array.shape[1:]) != expected:
         raise RequestError(f"each input must have shape {expected}, got {list(array.shape[1:])}")
     check_values(array, "FP32", "inputs", items)
-    return to_model_batch(array, sig, "inputs")
+    return to_model_batch(array, sig)
 
 
 def requested_outputs(body: dict, available: tuple[str, ...]) -> list[str] | None:

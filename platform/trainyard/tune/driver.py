@@ -134,10 +134,12 @@ def run_tuning(
     init_ray(address, ingress=ingress)
     check_workers_fit(cfg)  # one trial's workers must fit: never wait in PENDING
     run_dir.mkdir(parents=True, exist_ok=True)
+    state = state_dir(cfg, run_dir)
+    bucket = is_uri(state)
     search_yaml = OmegaConf.to_yaml(cfg)
     (run_dir / "trainyard_tune.yaml").write_text(search_yaml)
-    if is_uri(cfg.storage_path):  # beside Tune's state, so that any machine can resume it
-        write_text(join(storage_root(cfg.storage_path), cfg.name, "trainyard_tune.yaml"), search_yaml)
+    if bucket:  # beside Tune's state, so that any machine can resume it
+        write_text(join(state, "trainyard_tune.yaml"), search_yaml)
     for record in (BUDGET_MARK,) if resume else (BUDGET_MARK, EXPLOITS, HISTORY):
         (run_dir / record).unlink(missing_ok=True)  # a resumed search keeps its records
 
@@ -164,9 +166,8 @@ def run_tuning(
     # These two last in the list, so that a search resumed by a version without them finds
     # the others where they were; Tune adds no TensorBoard logger of its own beside ours.
     # With a bucket, deletions wait on Tune's state there.
-    state = state_dir(cfg, run_dir)
-    retention = [CheckpointRetention(keep, metric, mode, state if is_uri(state) else None)] if keep else []
-    tuners = _Tuners(cfg, run_dir, metric, mode,
+    retention = [CheckpointRetention(keep, metric, mode, state if bucket else None)] if keep else []
+    tuners = _Tuners(cfg, run_dir, state, metric, mode,
                      [callback, recorder, *tracked, *(callbacks or []), *retention, BackgroundTBXLogger()])
     tuner = tuners.restored() if resume and tuners.can_restore() else tuners.new()
     reaper = PlacementGroupReaper() if cfg.scaling.num_workers > 1 else contextlib.nullcontext()
@@ -191,9 +192,8 @@ def run_tuning(
          "winners": winners, "stopped_by": stopped_by, "stop_message": message,
          "exploits": exploits}, indent=2, default=str))
     registered = tracking.register_winners(tracked, winners)
-    storage = storage_root(cfg.storage_path)
-    if is_uri(storage):  # the search's records go next to Tune's own state in the bucket
-        upload_records(run_dir, join(storage, cfg.name))
+    if bucket:  # the search's records go next to Tune's own state in the bucket
+        upload_records(run_dir, state)
     return TuneOutcome(str(run_dir), metric, mode, trials, winners, registry_dir(cfg),
                        stopped_by, message, exploits, registered)
 
@@ -248,12 +248,11 @@ def state_dir(cfg: DictConfig, run_dir: Path) -> str:
 class _Tuners:
     """Tune's Tuner for a search: a new one, or one restored from the run folder."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, metric: str, mode: str, callbacks: list):
+    def __init__(self, cfg: DictConfig, run_dir: Path, state: str, metric: str, mode: str, callbacks: list):
         from ray import tune
 
         self.cfg, self.run_dir, self.metric, self.mode, self.callbacks = cfg, run_dir, metric, mode, callbacks
-        # Where Tune keeps the search's state: the run folder, or its folder in the bucket.
-        self.state_dir = state_dir(cfg, run_dir)
+        self.state_dir = state  # Tune's state: the run folder, or its folder in the bucket
         base = OmegaConf.to_container(apply_values(cfg, {}), resolve=True)
         from trainyard.tune.trial import search_stream
 

@@ -127,6 +127,7 @@ class CheckpointRetention(Callback):
         self._dropped: list[tuple[int, Any]] = []
         self._snapshots = 0
         self._bucket = BucketState(state_uri) if state_uri else None
+        self._lag = self.BUCKET_LAG if state_uri else self.LAG
 
     def setup(self, **info) -> None:
         if self._bucket is not None:
@@ -138,9 +139,6 @@ class CheckpointRetention(Callback):
 
     def _count(self) -> int:
         return self._bucket.changes if self._bucket is not None else self._snapshots
-
-    def _lag(self) -> int:
-        return self.BUCKET_LAG if self._bucket is not None else self.LAG
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info) -> None:
         # Tune registers a checkpoint right after the result it came with.
@@ -154,9 +152,9 @@ class CheckpointRetention(Callback):
     def get_state(self) -> None:
         """Tune calls this at each snapshot of the experiment state."""
         self._snapshots += 1
-        now, lag = self._count(), self._lag()
-        due = [c for n, c in self._dropped if n <= now - lag]
-        self._dropped = [(n, c) for n, c in self._dropped if n > now - lag]
+        due_by = self._count() - self._lag
+        due = [c for n, c in self._dropped if n <= due_by]
+        self._dropped = [(n, c) for n, c in self._dropped if n > due_by]
         for checkpoint in due:
             _delete(checkpoint)
         return None
