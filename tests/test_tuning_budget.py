@@ -80,10 +80,5 @@ def test_the_budget_ends_the_search_exports_the_winners_so_far_and_says_so(tmp_p
     assert outcome.stopped_by == "time_budget"
     assert outcome.stop_message.startswith("the time budget (tune.time_budget_s=45s) ended the search: ")
     assert "of 4 trials ran to their end" in outcome.stop_message
-    # A FIFO search's trials train on while the driver takes their results; the one
-    # stopped mid-epoch by the budget wrote no checkpoint after it: each trial keeps its
-    # best (num_to_keep: 1) and its latest, no more.
-    kept = {d.name: sorted(c.name for c in d.glob("checkpoint_*")) for d in run_dir.iterdir() if d.is_dir()}
-    assert all(len(names) <= 2 for names in kept.values()), kept
     summary = json.loads((run_dir / "trainyard_trials.json").read_text())
     assert summary["stopped_by"] == "time_budget" and summary["stop_message"] == outcome.stop_message

@@ -115,14 +115,3 @@ def test_param_space_maps_each_dimension_type():
     assert isinstance(space["train.epochs"], tune.search.sample.Integer)
     assert space["train.batch_size"] == {"grid_search": [16, 32]}
     assert space["model.params.hidden"].categories == [[8], [16, 8]]
-
-
-@pytest.mark.parametrize(("scheduler", "stopper", "waits"), [
-    ("none", "none", False), ("asha", "none", True), ("pbt", "none", True), ("none", "plateau", True)])
-def test_a_trial_waits_for_the_drivers_verdict_only_where_something_can_stop_it(scheduler, stopper, waits):
-    from trainyard.tune.trial import waits_for_driver
-
-    overrides = [f"tune.scheduler={scheduler}", f"tune.stopper={stopper}"]
-    if scheduler == "pbt":
-        overrides += ["tune.search=random", "tune.pbt.synch=true"]
-    assert waits_for_driver(load_config(CONFIGS / "tune_mlp.yaml", overrides)) is waits

@@ -254,12 +254,11 @@ class _Tuners:
         self.cfg, self.run_dir, self.metric, self.mode, self.callbacks = cfg, run_dir, metric, mode, callbacks
         self.state_dir = state  # Tune's state: the run folder, or its folder in the bucket
         base = OmegaConf.to_container(apply_values(cfg, {}), resolve=True)
-        from trainyard.tune.trial import search_stream, waits_for_driver
+        from trainyard.tune.trial import search_stream
 
         # A streamed dataset: read lazily, encoded once here, shared by every trial.
         stream = search_stream(cfg, _max_concurrent(cfg))
-        self.trainable = tune.with_resources(tune.with_parameters(
-            trial_fn, job=base, stream=stream, wait_for_driver=waits_for_driver(cfg)),
+        self.trainable = tune.with_resources(tune.with_parameters(trial_fn, job=base, stream=stream),
                                              trial_resources(cfg))
 
     def can_restore(self) -> bool:

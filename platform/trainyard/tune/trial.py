@@ -7,7 +7,6 @@ reports reach Tune through ``TuneReportCallback``.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,28 +19,9 @@ from trainyard.tune.space import apply_values
 
 class TuneTrialSession:
     """The loop's view of a one-worker Tune trial: it trains in the trial's own process,
-    without the start-up of a nested trainer.
-
-    Tune's function trainables pause after each report until the search's driver has taken
-    the result and asked for the next one: a round trip through the driver per epoch (about
-    8 ms on 2 cores, a quarter of an epoch of the MLP on breast_cancer). That wait lets a
-    scheduler or stopper end a trial before it trains another epoch. Where the search has
-    neither (``tune.scheduler: none``, ``tune.stopper: none``), nothing acts on a result
-    before the trial ends, so ``wait_for_driver=False`` lets the trial go on as soon as its
-    result is taken, while the driver handles it. Either way a report carries the epoch's
-    own time (``time_this_iter_s``: from the trial's start or the last report's return to
-    this report), not the time between the driver's calls, and a trial the driver has
-    stopped reports nothing more.
-    """
+    without the start-up of a nested trainer."""
 
     rank, world = 0, 1
-
-    def __init__(self, wait_for_driver: bool = True, since: float | None = None):
-        self._since = time.perf_counter() if since is None else since
-        self._ray = _ray_session()
-        if self._ray is not None:
-            # Read by Ray's session each time it hands a result to Tune (get_next).
-            self._ray.synchronous_result_reporting = wait_for_driver
 
     def device(self):
         import ray
@@ -60,15 +40,8 @@ class TuneTrialSession:
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.tune
 
-        if self._ray is not None and self._ray.stop_event.is_set():
-            # Stopped while it trained this epoch (not waiting for the driver): no checkpoint
-            # is written for a trial Tune has finished with. Ray ends a stopped trial's thread
-            # the same way.
-            raise SystemExit(0)
-        metrics = {**metrics, "time_this_iter_s": time.perf_counter() - self._since}
         checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.tune.report(metrics, checkpoint=checkpoint)
-        self._since = time.perf_counter()
 
     def load_dataset(self, job: Any) -> Any:
         """The dataset plugin's ``load`` for ``job``, kept for the next trial: Tune reuses a
@@ -85,21 +58,6 @@ class TuneTrialSession:
 
 #: The last dataset a trial in this process loaded: [(key, data)] or [].
 _LAST_LOAD: list = []
-
-
-def _ray_session() -> Any:
-    """Ray's session of the function trainable this thread runs in (None outside one)."""
-    try:
-        from ray.train._internal.session import get_session
-    except ImportError:  # moved in another Ray: the trial keeps Ray's defaults
-        return None
-    return get_session()
-
-
-def waits_for_driver(cfg: DictConfig) -> bool:
-    """Does a trial of this search wait, after each epoch, for the driver's verdict? Only a
-    scheduler or a stopper can give one mid-trial (see :class:`TuneTrialSession`)."""
-    return cfg.tune.scheduler != "none" or cfg.tune.stopper != "none"
 
 
 def search_stream(cfg: DictConfig, concurrent: int | None) -> Any:
@@ -121,11 +79,9 @@ def search_stream(cfg: DictConfig, concurrent: int | None) -> Any:
     return prepare_stream(job, search=True)
 
 
-def trial_fn(values: dict, job: dict | None = None, stream: Any = None, wait_for_driver: bool = True) -> None:
+def trial_fn(values: dict, job: dict | None = None, stream: Any = None) -> None:
     """One Tune trial: the job with this trial's values, trained and reported per epoch.
-    ``stream``: a streamed dataset's streams (see :func:`search_stream`);
-    ``wait_for_driver``: see :func:`waits_for_driver`."""
-    start = time.perf_counter()
+    ``stream``: a streamed dataset's streams (see :func:`search_stream`)."""
     cfg = apply_values(job, values)
     loop_config: dict = {"config": cfg}
     datasets = None
@@ -135,7 +91,7 @@ def trial_fn(values: dict, job: dict | None = None, stream: Any = None, wait_for
     if cfg.scaling.num_workers == 1:
         if datasets is not None:
             loop_config["datasets"] = datasets
-        run_loop(loop_config, TuneTrialSession(wait_for_driver, since=start))
+        run_loop(loop_config, TuneTrialSession())
         return
     loop_config["config"] = OmegaConf.to_container(cfg, resolve=True)  # sent to the workers
     import ray.tune
