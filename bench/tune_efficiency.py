@@ -10,7 +10,7 @@ For each task and seed, four searches run with the same ``tune.time_budget_s`` a
 - TPE+ASHA: Optuna's TPE sampler with ASHA (``search: optuna, scheduler: asha``);
 - PBT: population based training, a population of ``--concurrency`` trials (PBT trains its
   whole population at once, so the population is the concurrency), search random. Its
-  trials may train 40x the task's epochs (a population member is one long run whose values
+  trials may train 100x the task's epochs (a population member is one long run whose values
   change as it goes), so that it uses the budget like the others: the budget ends it.
 
 Tasks:
@@ -56,7 +56,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 #: PBT's trials may train this many times the task's epochs: the budget ends them.
-PBT_EPOCHS = 40
+PBT_EPOCHS = 100
 
 METHODS = {  # label: (tune.search, tune.scheduler)
     "random": ("random", "none"),
