@@ -28,7 +28,7 @@ CPU the load generator itself used (it shares the machine's cores).
 
     .venv/bin/python bench/serve_throughput.py [--model all|mlp,cnn,bert] [--concurrency 16,64]
         [--seconds 6] [--bert-seconds 15] [--rounds 1] [--ingress haproxy[,proxy]]
-        [--max-batch-size 32] [--batch-wait-ms 5] [--max-ongoing N] [--replicas 1]
+        [--max-batch-size 32] [--batch-wait-ms 0] [--max-ongoing N] [--replicas 1]
         [--num-cpus 0.25] [--first-endpoint] [--bert-scratch]
 
 ``--bert-scratch``: BERT of MiniLM-L6's shape (384 hidden, 6 layers, 12 heads, 1536

@@ -440,7 +440,8 @@ def jobs_stop(job_id, address):
 @click.option("--num-cpus", default=0.25, show_default=True, type=click.FloatRange(0), help="CPUs per replica.")
 @click.option("--num-gpus", default=0.0, show_default=True, type=click.FloatRange(0), help="GPUs per replica.")
 @click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--batch-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0))
+@click.option("--batch-wait-ms", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="How long a forward pass with room for more requests waits for them (0: none).")
 @click.option("--max-body-bytes", default=1_000_000, show_default=True, type=click.IntRange(1))
 @click.option("--max-ongoing", "max_ongoing", default=0, show_default=True, type=click.IntRange(0),
               help="Requests a replica works on at once (0: max(64, 2 x max batch size)).")

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -174,6 +174,94 @@ def _check_key(request: Request, api_key: bytes | None) -> Response | None:
     if not hmac.compare_digest(token.strip().encode("latin-1", "replace"), api_key):
         return error(403, "wrong API key")
     return None
+
+
+class Batcher:
+    """Dynamic batching without a timer: requests that arrive while a forward pass runs
+    queue, and the next pass takes all of them (up to ``max_batch_size``) as soon as the
+    previous one ends.
+
+    Under light load a request waits for nothing; under heavy load batches grow by
+    themselves, because requests pile up during each pass. With ``wait_s`` > 0, a pass that
+    would start with fewer than ``max_batch_size`` requests first waits for more, up to
+    ``wait_s`` after the oldest of them arrived (Serve's ``@serve.batch`` waits out its
+    window even while a pass is running, and forms the next batch before it ends).
+
+    ``run_batch`` takes the requests' inputs and returns one result per request (errors as
+    results, not raised). Passes run one at a time, in a task of their own, so a request
+    cancelled on the way (its client gone) never leaves the others in its batch unanswered.
+    """
+
+    def __init__(self, run_batch: Callable[[list[Any]], Awaitable[list[Any]]],
+                 max_batch_size: int, wait_s: float = 0.0):
+        from collections import deque
+
+        self.run_batch = run_batch
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.wait_s = max(0.0, float(wait_s))
+        self.queue: deque = deque()  # (inputs, future, arrival time)
+        self.filled: asyncio.Event | None = None  # set when the queue reaches a full batch
+        self.task: asyncio.Task | None = None
+        self.passes = 0  # forward passes run, and the requests in them (for the tests)
+        self.batched = 0
+
+    async def submit(self, inputs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.queue.append((inputs, future, loop.time()))
+        if self.filled is not None and len(self.queue) >= self.max_batch_size:
+            self.filled.set()
+        if self.task is None:
+            self.task = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.queue:
+                if self.wait_s > 0 and len(self.queue) < self.max_batch_size:
+                    await self._fill()
+                take = min(self.max_batch_size, len(self.queue))
+                batch = [self.queue.popleft() for _ in range(take)]
+                live = [(inputs, future) for inputs, future, _ in batch if not future.done()]
+                if not live:
+                    continue
+                try:
+                    results = await self.run_batch([inputs for inputs, _ in live])
+                except Exception as exc:  # noqa: BLE001 - answered to each request it held
+                    results = [exc] * len(live)
+                self.passes += 1
+                self.batched += len(live)
+                for (_, future), result in zip(live, results):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException) and not isinstance(result, RequestError):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+                # Let the answered requests respond, and requests on their way queue.
+                await asyncio.sleep(0)
+        finally:
+            self.task = None
+            self.filled = None
+            for _, future, _ in self.queue:  # only if this task itself was cancelled
+                if not future.done():
+                    future.set_exception(RuntimeError("the replica's batcher stopped"))
+            self.queue.clear()
+
+    async def _fill(self) -> None:
+        """Waits until the queue holds a full batch, or ``wait_s`` after its oldest request
+        arrived."""
+        loop = asyncio.get_running_loop()
+        remaining = self.queue[0][2] + self.wait_s - loop.time()
+        if remaining <= 0:
+            return
+        self.filled = asyncio.Event()
+        try:
+            await asyncio.wait_for(self.filled.wait(), remaining)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self.filled = None
 
 
 class InlinePolicy:
@@ -448,8 +536,7 @@ class ModelServer:
         # ... unless the pass is short enough that the hand-off would cost more than it.
         self.inline = InlinePolicy(float(options.get("inline_forward_ms", 2.0)) / 1000)
         max_batch = int(options.get("max_batch_size", 32))
-        self.predict_batch.set_max_batch_size(max_batch)
-        self.predict_batch.set_batch_wait_timeout_s(float(options.get("batch_wait_timeout_s", 0.005)))
+        self.batcher = Batcher(self._forward, max_batch, float(options.get("batch_wait_timeout_s", 0.0)))
         self.batching = max_batch > 1
         self.ongoing = 0  # requests in this replica, from arrival to answer
         self.openapi_document: dict | None = None  # written on its first request
@@ -457,18 +544,13 @@ class ModelServer:
     async def run(self, raw: Any) -> Any:
         """One request's inputs through the model: ``(answers, outputs)``, or a RequestError
         for this request alone. A request alone in the replica (or with batching off) skips
-        Serve's batch queue, whose wait would only add latency: nothing could join its batch.
-        With others in flight, they share forward passes."""
+        the batcher's queue: nothing could join its batch. With others in flight, they share
+        forward passes."""
         if self.batching and self.ongoing <= 1:
             await asyncio.sleep(0)  # requests already received get to the handler first
-        if not self.batching or self.ongoing <= 1:
+        if not self.batching or (self.ongoing <= 1 and self.batcher.task is None):
             return (await self._forward([raw]))[0]
-        return await self.predict_batch(raw)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict_batch(self, batches: list[Any]) -> list[Any]:
-        """Requests that arrive together share forward passes (Serve's batching)."""
-        return await self._forward(batches)
+        return await self.batcher.submit(raw)
 
     async def _forward(self, batches: list[Any]) -> list[Any]:
         examples = sum(len(b) for b in batches)

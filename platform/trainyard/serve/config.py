@@ -47,9 +47,12 @@ class ServedModel:
     target_ongoing_requests: float = 8.0
     num_cpus: float = 0.25
     num_gpus: float = 0.0
-    #: Serve's dynamic batching: requests arriving together run as one forward pass.
+    #: Dynamic batching: requests that arrive while a forward pass runs share the next one
+    #: (at most max_batch_size of them), which starts as soon as the last one ends.
     max_batch_size: int = 32
-    batch_wait_ms: float = 5.0
+    #: How long a pass with room for more requests waits for them, counted from its oldest
+    #: request's arrival. 0: no wait; batches form from what arrives during passes.
+    batch_wait_ms: float = 0.0
     #: Most examples in one forward pass; a larger batch runs as several passes.
     max_forward_examples: int = MAX_FORWARD_EXAMPLES
     #: A forward pass the replica expects to take at most this long (the median of its last
