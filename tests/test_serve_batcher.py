@@ -147,3 +147,29 @@ def test_a_batch_size_below_one_runs_requests_one_at_a_time(size):
         return model.batches
 
     assert run(main()) == [[1], [2], [3]]
+
+
+def test_each_pass_is_reported_with_its_size_wait_time_and_what_is_left_queued():
+    class Recorder:
+        def __init__(self):
+            self.passes = []
+
+        def observe(self, size, wait_ms, run_ms, queued):
+            self.passes.append((size, wait_ms, run_ms, queued))
+
+    async def main():
+        recorder = Recorder()
+        batcher = Batcher(Model(seconds=0.05), max_batch_size=4, metrics=recorder)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.01)
+        await asyncio.gather(first, *(batcher.submit(i) for i in range(1, 7)))
+        return recorder.passes
+
+    passes = run(main())
+    # Queued: the requests waiting as each pass ended (all 6 came during the first).
+    assert [(size, queued) for size, _, _, queued in passes] == [(1, 6), (4, 2), (2, 0)]
+    first, second, third = passes
+    assert first[1] < 20 and first[2] >= 45  # ran at once; the pass took its 50 ms
+    assert second[1] >= 30  # queued during the first pass (40 ms of its 50)
+    assert third[1] >= second[1] + 40  # and waited a pass longer
+

@@ -358,6 +358,34 @@ def test_batched_image_requests_of_either_shape_and_a_bad_one_are_answered_each_
     assert status == 400 and "finite FP32" in answer["error"]
 
 
+def test_batches_are_reported_in_ray_metrics_under_serve_s_batching_names(secured):
+    """trainyard's batcher reports what Serve's @serve.batch did (serve_actual_batch_size and
+    the rest), with Serve's application tag: read from the node's Prometheus endpoint."""
+    import ray
+
+    url = secured["endpoints"]["sec_cnn"] + "/predict"
+    body = {"inputs": [np.asarray(secured["samples"]["sec_cnn"][0]).tolist()]}
+    assert all(status == 200 for status, _ in together([(url, body)] * 6))
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+
+    def sample(name: str) -> float | None:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        for line in text.splitlines():
+            if line.startswith(f"ray_{name}{{") and 'application="sec_cnn"' in line \
+                    and 'function_name="predict_batch"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    deadline = time.monotonic() + 90  # Ray exports metrics every few seconds
+    while (count := sample("serve_actual_batch_size_count")) is None and time.monotonic() < deadline:
+        time.sleep(2)
+    assert count is not None, "no serve_actual_batch_size for sec_cnn in Ray's metrics"
+    total = sample("serve_actual_batch_size_sum")
+    # Sent together into a 150 ms window: fewer passes than requests.
+    assert count >= 1 and total is not None and total > count
+    assert (sample("serve_batches_processed_total") or 0) >= 1
+
+
 def test_a_lone_surrogate_gets_a_4xx_and_the_requests_batched_with_it_their_answers(secured):
     url = secured["endpoints"]["sec_bert"] + "/predict"
     good = [{"inputs": ["The food was wonderful."]}, {"inputs": ["Awful service.", "Fine."]},

@@ -176,6 +176,47 @@ def _check_key(request: Request, api_key: bytes | None) -> Response | None:
     return None
 
 
+class BatchMetrics:
+    """What Ray Serve's ``@serve.batch`` reports, under its names (tag ``function_name``:
+    ``predict_batch``, the method trainyard batched through before it had its own batcher),
+    so dashboards built on Serve's batching metrics keep working. Serve adds the deployment,
+    replica and application tags. As before, a request that finds its replica idle runs
+    at once, outside the batcher, and is not counted."""
+
+    FUNCTION = {"function_name": "predict_batch"}
+    TIME_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 300, 400, 500, 1000, 2000, 5000, 10000, 60000]
+    SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    UTILIZATION_BUCKETS = [5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99, 100]
+
+    def __init__(self, max_batch_size: int):
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        tags = tuple(self.FUNCTION)
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.wait = Histogram("serve_batch_wait_time_ms", description="Time requests waited for batch "
+                              "to fill (in milliseconds).", boundaries=self.TIME_BUCKETS_MS, tag_keys=tags)
+        self.run = Histogram("serve_batch_execution_time_ms", description="Time to execute the batch "
+                             "function (in milliseconds).", boundaries=self.TIME_BUCKETS_MS, tag_keys=tags)
+        self.queued = Gauge("serve_batch_queue_length", description="Number of requests waiting in "
+                            "the batch queue.", tag_keys=tags)
+        self.utilization = Histogram("serve_batch_utilization_percent", description="Batch utilization "
+                                     "as percentage (actual_batch_size / max_batch_size * 100).",
+                                     boundaries=self.UTILIZATION_BUCKETS, tag_keys=tags)
+        self.size = Histogram("serve_actual_batch_size", description="The actual number of requests in "
+                              "each batch.", boundaries=self.SIZE_BUCKETS, tag_keys=tags)
+        self.batches = Counter("serve_batches_processed", description="Counter of batches executed.",
+                               tag_keys=tags)
+
+    def observe(self, size: int, wait_ms: float, run_ms: float, queued: int) -> None:
+        tags = self.FUNCTION
+        self.size.observe(size, tags=tags)
+        self.utilization.observe(100.0 * size / self.max_batch_size, tags=tags)
+        self.wait.observe(wait_ms, tags=tags)
+        self.run.observe(run_ms, tags=tags)
+        self.queued.set(queued, tags=tags)
+        self.batches.inc(tags=tags)
+
+
 class Batcher:
     """Dynamic batching without a timer: requests that arrive while a forward pass runs
     queue, and the next pass takes all of them (up to ``max_batch_size``) as soon as the
@@ -190,15 +231,17 @@ class Batcher:
     ``run_batch`` takes the requests' inputs and returns one result per request (errors as
     results, not raised). Passes run one at a time, in a task of their own, so a request
     cancelled on the way (its client gone) never leaves the others in its batch unanswered.
+    Each pass is reported to ``metrics`` (see :class:`BatchMetrics`), if given.
     """
 
     def __init__(self, run_batch: Callable[[list[Any]], Awaitable[list[Any]]],
-                 max_batch_size: int, wait_s: float = 0.0):
+                 max_batch_size: int, wait_s: float = 0.0, metrics: Any = None):
         from collections import deque
 
         self.run_batch = run_batch
         self.max_batch_size = max(1, int(max_batch_size))
         self.wait_s = max(0.0, float(wait_s))
+        self.metrics = metrics
         self.queue: deque = deque()  # (inputs, future, arrival time)
         self.filled: asyncio.Event | None = None  # set when the queue reaches a full batch
         self.task: asyncio.Task | None = None
@@ -225,12 +268,17 @@ class Batcher:
                 live = [(inputs, future) for inputs, future, _ in batch if not future.done()]
                 if not live:
                     continue
+                loop = asyncio.get_running_loop()
+                started = loop.time()
                 try:
                     results = await self.run_batch([inputs for inputs, _ in live])
                 except Exception as exc:  # noqa: BLE001 - answered to each request it held
                     results = [exc] * len(live)
                 self.passes += 1
                 self.batched += len(live)
+                if self.metrics is not None:
+                    self.metrics.observe(len(live), (started - batch[0][2]) * 1000,
+                                         (loop.time() - started) * 1000, len(self.queue))
                 for (_, future), result in zip(live, results):
                     if future.done():
                         continue
@@ -536,8 +584,9 @@ class ModelServer:
         # ... unless the pass is short enough that the hand-off would cost more than it.
         self.inline = InlinePolicy(float(options.get("inline_forward_ms", 2.0)) / 1000)
         max_batch = int(options.get("max_batch_size", 32))
-        self.batcher = Batcher(self._forward, max_batch, float(options.get("batch_wait_timeout_s", 0.0)))
         self.batching = max_batch > 1
+        self.batcher = Batcher(self._forward, max_batch, float(options.get("batch_wait_timeout_s", 0.0)),
+                               BatchMetrics(max_batch) if self.batching else None)
         self.ongoing = 0  # requests in this replica, from arrival to answer
         self.openapi_document: dict | None = None  # written on its first request
 
