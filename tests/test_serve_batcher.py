@@ -26,6 +26,16 @@ class Model:
         return [RequestError("bad input", 422) if x < 0 else x * 2 for x in inputs]
 
 
+class Recorder:
+    """Takes each pass's report, as BatchMetrics does."""
+
+    def __init__(self):
+        self.passes = []
+
+    def observe(self, size, wait_ms, run_ms, queued):
+        self.passes.append((size, wait_ms, run_ms, queued))
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -46,18 +56,20 @@ def test_a_lone_request_runs_at_once_without_waiting_for_company():
 def test_requests_arriving_during_a_pass_share_the_next_one_up_to_the_batch_size():
     async def main():
         model = Model(seconds=0.05)
-        batcher = Batcher(model, max_batch_size=8, wait_s=0.0)
+        recorder = Recorder()
+        batcher = Batcher(model, max_batch_size=8, wait_s=0.0, metrics=recorder)
         first = asyncio.ensure_future(batcher.submit(0))
         await asyncio.sleep(0.01)  # the first pass is running
         later = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 12)]
         answers = await asyncio.gather(first, *later)
-        return answers, model.batches, batcher
+        return answers, model.batches, batcher, recorder
 
-    answers, batches, batcher = run(main())
+    answers, batches, batcher, recorder = run(main())
     assert answers == [i * 2 for i in range(12)]
     # The first alone; the 11 that came while it ran in two passes of at most 8, in order.
     assert batches == [[0], list(range(1, 9)), [9, 10, 11]]
-    assert (batcher.passes, batcher.batched) == (3, 12)
+    passes = [size for size, *_ in recorder.passes]
+    assert (len(passes), sum(passes)) == (3, 12)
     assert batcher.task is None and not batcher.queue
 
 
@@ -150,13 +162,6 @@ def test_a_batch_size_below_one_runs_requests_one_at_a_time(size):
 
 
 def test_each_pass_is_reported_with_its_size_wait_time_and_what_is_left_queued():
-    class Recorder:
-        def __init__(self):
-            self.passes = []
-
-        def observe(self, size, wait_ms, run_ms, queued):
-            self.passes.append((size, wait_ms, run_ms, queued))
-
     async def main():
         recorder = Recorder()
         batcher = Batcher(Model(seconds=0.05), max_batch_size=4, metrics=recorder)
@@ -173,3 +178,23 @@ def test_each_pass_is_reported_with_its_size_wait_time_and_what_is_left_queued()
     assert second[1] >= 30  # queued during the first pass (40 ms of its 50)
     assert third[1] >= second[1] + 40  # and waited a pass longer
 
+
+
+def test_a_wait_is_skipped_when_no_other_request_is_on_its_way():
+    async def main(in_flight):
+        model = Model()
+        batcher = Batcher(model, max_batch_size=8, wait_s=5.0, in_flight=in_flight)
+        started = time.perf_counter()
+        assert await batcher.submit(1) == 2
+        return time.perf_counter() - started
+
+    # Only the queued request in the replica: it runs at once despite the 5 s wait.
+    assert run(main(lambda: 1)) < 1
+    # Another on its way: the pass waits for it (here in vain, out to the wait).
+    async def company():
+        batcher = Batcher(Model(), max_batch_size=8, wait_s=0.2, in_flight=lambda: 2)
+        started = time.perf_counter()
+        await batcher.submit(1)
+        return time.perf_counter() - started
+
+    assert run(company()) >= 0.18
