@@ -20,6 +20,8 @@
    4 replicas per deployment sharing the GPU (3 deployments x 4 x 0.08 GPU).
 4. ``--steps ingest``: bench/ingest.py (``--ingest-args``; CPU only) on this machine's cores,
    away from a 2-core machine's contention.
+5. ``--steps tune``: bench/tune_efficiency.py (``--tune-args``; CPU only), likewise: its Tune
+   overhead figure, with the driver no longer competing with the trials for 2 cores.
 
 Every step runs in try/except: a failure is printed and the next step runs. Figures go to
 stdout and to OUT/summary.json.
@@ -407,6 +409,12 @@ def ingest_bench(args) -> None:
                 args.ingest_timeout, 45)
 
 
+def tune_bench(args) -> None:
+    """bench/tune_efficiency.py (CPU only) on this machine's cores."""
+    child_bench("tune", [sys.executable, str(ROOT / "bench/tune_efficiency.py"), *args.tune_args.split()],
+                args.tune_timeout, 40)
+
+
 # --------------------------------------------------------------------------------------
 
 
@@ -445,6 +453,9 @@ def main() -> None:
     parser.add_argument("--ingest-args", default="--quick",
                         help="arguments of bench/ingest.py (one starting with -- needs the =: --ingest-args=--quick)")
     parser.add_argument("--ingest-timeout", type=float, default=240.0)
+    parser.add_argument("--tune-args", default="--methods random --seeds 0 --budget 30",
+                        help="arguments of bench/tune_efficiency.py (write it with =, as --ingest-args)")
+    parser.add_argument("--tune-timeout", type=float, default=200.0)
     args = parser.parse_args()
     if args.quick:
         args.amp_size, args.amp_rows, args.amp_val_rows, args.amp_words = "64,2,2,128,32", 512, 64, 40
@@ -455,7 +466,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = args.steps.split(",")
-    estimate = {"ddp": 90, "amp": 150, "predict": 25, "serve": 110, "stream": 45, "ingest": 150}
+    estimate = {"ddp": 90, "amp": 150, "predict": 25, "serve": 110, "stream": 45, "ingest": 150, "tune": 90}
     say(f"gpu_check: steps {steps}; runs in {args.runs}; budget {args.budget_s:.0f} s")
 
     def guarded(name: str, fn) -> None:
@@ -479,6 +490,7 @@ def main() -> None:
         guarded("amp", amp)
         guarded("predict", predictor_speed)
         guarded("serve", serve_bench)
+        guarded("tune", tune_bench)
         guarded("ingest", ingest_bench)
     finally:
         SUMMARY["total_s"] = round(elapsed(), 1)

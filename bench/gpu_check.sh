@@ -5,6 +5,7 @@
 # trainyard's entry points (a dist-info made from pyproject.toml, so the plugins load from
 # platform/ and plugins/ of this working tree), and runs the check. Arguments go to
 # gpu_check.py. Environment: PYTHON (python3), GPU_SITE_TAR, GPU_SITE (unpack folder).
+# bench/gpu_pack.sh builds .gpu/ (name it in the device tool's carry).
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 # The GPU machine's Python with torch; else python3 on PATH.
