@@ -228,6 +228,8 @@ def serve_child(args) -> None:
               "num_gpus": args.num_gpus}
     if args.max_ongoing:
         common["max_ongoing_requests"] = args.max_ongoing
+    if args.inline_forward_ms is not None:
+        common["inline_forward_ms"] = args.inline_forward_ms
     batching = {**common, "name": BATCH_APP, "max_batch_size": args.max_batch_size}
     if args.batch_wait_ms is not None:
         batching["batch_wait_ms"] = args.batch_wait_ms
@@ -264,7 +266,8 @@ def serve_child(args) -> None:
                 runs[server][c].append(measure(targets[server] + "/predict", body, c, args.seconds, pids[server]))
     serve.shutdown()
     print("RESULTS " + json.dumps({"idle_cpu": idle, "setup_s": setup, "max_ongoing": max_ongoing(cfg.models[0]),
-                                   "batch_wait_ms": cfg.models[0].batch_wait_ms, "runs": runs}), flush=True)
+                                   "batch_wait_ms": cfg.models[0].batch_wait_ms,
+                                   "inline_forward_ms": cfg.models[0].inline_forward_ms, "runs": runs}), flush=True)
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -288,6 +291,7 @@ def report(kind: str, mode: str, results: dict, args, seconds: float) -> list[tu
     described = SCRATCH_DESCRIBED if kind == "bert" and args.bert_scratch else DESCRIBED[kind]
     print(f"\n{described}; {mode} ingress; {args.replicas} replica(s) x {args.num_cpus:g} CPU; "
           f"batching: max_batch_size {args.max_batch_size}, batch_wait_ms {results['batch_wait_ms']:g}; "
+          f"inline_forward_ms {results['inline_forward_ms']:g}; "
           f"max_ongoing_requests {results['max_ongoing']} (no batching: "
           f"{args.max_ongoing or 64}); {seconds:g} s per level, {args.rounds} round(s); "
           f"Ray start and deploys {results['setup_s']:.0f} s; idle Ray: {results['idle_cpu']:.2f} CPU")
@@ -359,6 +363,8 @@ def bench_model(kind: str, args) -> list[tuple[str, bool]]:
                        "--max-batch-size", str(args.max_batch_size), "--max-ongoing", str(args.max_ongoing)]
             if args.batch_wait_ms is not None:
                 command += ["--batch-wait-ms", str(args.batch_wait_ms)]
+            if args.inline_forward_ms is not None:
+                command += ["--inline-forward-ms", str(args.inline_forward_ms)]
             for attempt in (1, 2):  # a second try: on a shared machine a free port can be taken meanwhile
                 child = subprocess.run(command, check=False, capture_output=True, text=True)
                 lines = [x for x in child.stdout.splitlines() if x.startswith("RESULTS ")]
@@ -453,6 +459,8 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=positive(int), default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=None,
                         help="Serve's batch wait (default: trainyard's default)")
+    parser.add_argument("--inline-forward-ms", type=float, default=None,
+                        help="trainyard's inline_forward_ms, both deployments (default: trainyard's default)")
     parser.add_argument("--max-ongoing", type=int, default=0,
                         help="max_ongoing_requests of every Serve deployment (0: trainyard's default)")
     parser.add_argument("--bert-scratch", action="store_true",
@@ -472,6 +480,8 @@ def main() -> None:
         parser.error(f"--ingress: unknown mode {unknown[0]!r} (auto, haproxy or proxy)")
     if args.batch_wait_ms is not None and args.batch_wait_ms < 0:
         parser.error("--batch-wait-ms must not be negative")
+    if args.inline_forward_ms is not None and not 0 <= args.inline_forward_ms <= 1000:
+        parser.error("--inline-forward-ms must be 0-1000")
     if args.max_ongoing < 0:
         parser.error("--max-ongoing must not be negative")
     need = 3 * args.replicas * args.num_cpus + 0.05
