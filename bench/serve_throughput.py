@@ -382,7 +382,11 @@ def bench_model(kind: str, args) -> list[tuple[str, bool]]:
             verdicts += report(kind, mode, results, args, seconds)
     finally:
         plain.terminate()
-        plain.wait()
+        try:
+            plain.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # uvicorn waiting on a connection: the bench must end
+            plain.kill()
+            plain.wait()
         shutil.rmtree(work, ignore_errors=True)
     return verdicts
 

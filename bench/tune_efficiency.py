@@ -120,6 +120,8 @@ def make_config(args, work: Path, task: str, method: str, seed: int):
         extra = {"train": {"epochs": spec["base"]["train"]["epochs"] * PBT_EPOCHS}}
     if args.grace:
         extra = OmegaConf.merge(extra, {"tune": {"grace_period": args.grace}})
+    if args.reduction_factor:
+        extra = OmegaConf.merge(extra, {"tune": {"reduction_factor": args.reduction_factor}})
     base = OmegaConf.merge(spec["base"], extra, {
         "name": name, "seed": seed, "storage_path": str(work / "runs"),
         "scaling": {"num_workers": 1}, "checkpoint": {"num_to_keep": 1},
@@ -203,6 +205,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}")
     parser.add_argument("--grace", type=int, default=0,
                         help="ASHA's grace period in epochs (default: the task's, 1)")
+    parser.add_argument("--reduction-factor", type=int, default=0,
+                        help="ASHA's reduction factor (default: the task's, 4)")
     parser.add_argument("--quick", action="store_true", help="1 seed (the first), 1 task (the first)")
     args = parser.parse_args()
     try:
