@@ -155,6 +155,27 @@ def test_no_finished_trial_leaves_the_registry_as_it_was(sources, tmp_path):
     assert (registry / RUN / "winners.json").read_text() == before
 
 
+def test_a_trial_whose_best_checkpoint_is_incomplete_gives_way_to_the_next_best(sources, tmp_path, caplog):
+    """A search killed mid-upload and resumed can leave a trial's recorded best checkpoint
+    without its manifest: the export warns, naming it, and exports the next best trial; with
+    every candidate incomplete it exports nothing and says which."""
+    registry = tmp_path / "winners"
+    torn = tmp_path / "torn_a"
+    shutil.copytree(sources["a"], torn)
+    (torn / "manifest.json").unlink()
+    candidates = trials({**sources, "a": torn}, {"a": 0.99, "b": 0.90, "c": 0.80})
+    with caplog.at_level("WARNING", logger="trainyard.winners"):
+        exported = export_winners(candidates, tune_cfg(registry, top_k=2), METRIC, "max")
+    assert [(e["rank"], e["trial_id"], e["value"]) for e in exported] == [(1, "b", 0.90), (2, "c", 0.80)]
+    assert assert_current_version_whole(registry / RUN, sources)[0] == 1
+    assert f"trial a: its checkpoint {torn} is incomplete (no manifest.json)" in caplog.text
+
+    before = (registry / RUN / "winners.json").read_text()
+    with pytest.raises(TrainyardError, match=r"trial a: .* is incomplete \(no manifest.json\); no winner was exported"):
+        export_winners(candidates[:1], tune_cfg(registry, top_k=1), METRIC, "max")
+    assert (registry / RUN / "winners.json").read_text() == before
+
+
 def test_an_unversioned_registry_still_deploys_and_its_winners_move_to_v0(sources, tmp_path):
     run = tmp_path / "winners" / RUN
     legacy = []

@@ -29,6 +29,7 @@ versions) still resolves; its first versioned export moves those folders to ``v0
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -52,6 +53,8 @@ from trainyard.runtime.storage import (
     tmp_name,
     write_text,
 )
+
+log = logging.getLogger(__name__)
 
 INDEX = "winners.json"
 _VERSION = re.compile(r"^v(\d+)$")
@@ -90,20 +93,28 @@ def export_winners(trials: list[dict], cfg: DictConfig, metric: str, mode: str) 
     registry (see the module docstring) and make it current; return its entries, best
     first: rank, run, trial_id, metric, mode, value, params, path (the version's rank
     folder), version, replaced. With no finished trial the registry is left as it was.
+
+    A trial whose best checkpoint is incomplete (its upload cut short by a killed search)
+    is passed over, with a warning naming it, for the next best trial; if every finished
+    trial's is, nothing is exported and the error names the best one.
     """
     finished = [t for t in trials if t["state"] != "ERROR" and t["best"] is not None and t["checkpoint"]]
     finished.sort(key=lambda t: t["best"], reverse=(mode == "max"))
-    chosen = finished[: cfg.tune.top_k]
+    chosen, passed_over = [], []
+    for trial in finished:
+        if len(chosen) == cfg.tune.top_k:
+            break
+        reason = incomplete_reason(trial["checkpoint"])
+        if reason is None:
+            chosen.append(trial)
+            continue
+        problem = f"trial {trial['trial_id']}: its checkpoint {trial['checkpoint']} is incomplete ({reason})"
+        passed_over.append(problem)
+        log.warning("%s; exporting the next best trial in its place", problem)
     if not chosen:
+        if passed_over:
+            raise TrainyardError(f"{passed_over[0]}; no winner was exported")
         return []
-    for trial in chosen:
-        source = trial["checkpoint"]
-        reason = incomplete_reason(source)
-        if reason is not None:
-            raise TrainyardError(
-                f"trial {trial['trial_id']}: its checkpoint {source} is incomplete ({reason}); "
-                "no winner was exported"
-            )
     target = registry_dir(cfg)
     if is_uri(target):
         return _export_to_uri(chosen, cfg, metric, mode, target)
