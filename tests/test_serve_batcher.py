@@ -179,7 +179,6 @@ def test_each_pass_is_reported_with_its_size_wait_time_and_what_is_left_queued()
     assert third[1] >= second[1] + 40  # and waited a pass longer
 
 
-
 def test_a_wait_is_skipped_when_no_other_request_is_on_its_way():
     async def main(in_flight):
         model = Model()

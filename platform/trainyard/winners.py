@@ -100,7 +100,7 @@ def export_winners(trials: list[dict], cfg: DictConfig, metric: str, mode: str) 
     """
     finished = [t for t in trials if t["state"] != "ERROR" and t["best"] is not None and t["checkpoint"]]
     finished.sort(key=lambda t: t["best"], reverse=(mode == "max"))
-    chosen, passed_over = [], []
+    chosen, first_problem = [], None
     for trial in finished:
         if len(chosen) == cfg.tune.top_k:
             break
@@ -109,11 +109,11 @@ def export_winners(trials: list[dict], cfg: DictConfig, metric: str, mode: str) 
             chosen.append(trial)
             continue
         problem = f"trial {trial['trial_id']}: its checkpoint {trial['checkpoint']} is incomplete ({reason})"
-        passed_over.append(problem)
+        first_problem = first_problem or problem
         log.warning("%s; exporting the next best trial in its place", problem)
     if not chosen:
-        if passed_over:
-            raise TrainyardError(f"{passed_over[0]}; no winner was exported")
+        if first_problem:
+            raise TrainyardError(f"{first_problem}; no winner was exported")
         return []
     target = registry_dir(cfg)
     if is_uri(target):

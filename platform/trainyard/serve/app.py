@@ -253,11 +253,7 @@ class Batcher:
         if self.task is None and not self.queue and self.in_flight is not None and self.in_flight() <= 1:
             # Alone in the replica: nothing could join its pass, so it skips the queue and
             # the drain task (at one client at a time they cost 10-15% of the MLP's req/s).
-            started = time.perf_counter()
-            result = (await self.run_batch([inputs]))[0]
-            if self.metrics is not None:
-                self.metrics.observe(1, 0.0, (time.perf_counter() - started) * 1000, len(self.queue))
-            return result
+            return (await self._pass([inputs]))[0]
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.queue.append((inputs, future, loop.time()))
@@ -278,15 +274,10 @@ class Batcher:
                 live = [(inputs, future) for inputs, future, _ in batch if not future.done()]
                 if not live:
                     continue
-                loop = asyncio.get_running_loop()
-                started = loop.time()
                 try:
-                    results = await self.run_batch([inputs for inputs, _ in live])
+                    results = await self._pass([inputs for inputs, _ in live], batch[0][2])
                 except Exception as exc:  # noqa: BLE001 - answered to each request it held
                     results, failed = [], exc
-                if self.metrics is not None:
-                    self.metrics.observe(len(live), (started - batch[0][2]) * 1000,
-                                         (loop.time() - started) * 1000, len(self.queue))
                 for i, (_, future) in enumerate(live):
                     if future.done():
                         continue
@@ -303,6 +294,19 @@ class Batcher:
                 if not future.done():
                     future.set_exception(RuntimeError("the replica's batcher stopped"))
             self.queue.clear()
+
+    async def _pass(self, inputs: list[Any], arrived: float | None = None) -> list[Any]:
+        """One forward pass, reported to ``metrics``: its size, how long its oldest request
+        waited (``arrived``, loop time; None: it just came), how long it ran, and the requests
+        queued when it ended."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waited = 0.0 if arrived is None else started - arrived
+        try:
+            return await self.run_batch(inputs)
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe(len(inputs), waited * 1000, (loop.time() - started) * 1000, len(self.queue))
 
     async def _fill(self) -> None:
         """Waits until the queue holds a full batch, or ``wait_s`` after its oldest request
