@@ -131,6 +131,23 @@ def _finished_in_bucket(s3_server, run: str) -> list[str]:
     return [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
 
 
+def _run_logged(command: list[str], logs, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Runs ``command`` in its own session with its output in files, so that a run past
+    ``timeout`` fails naming what it printed last, and leaves no process (nor its Ray) behind."""
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, start_new_session=True)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            pytest.fail(f"{' '.join(command[-4:])} still ran after {timeout} s; its stderr ended:\n"
+                        + (logs / "stderr").read_text()[-4000:])
+    return subprocess.CompletedProcess(command, process.returncode, (logs / "stdout").read_text(),
+                                       (logs / "stderr").read_text())
+
+
 def test_a_search_in_a_bucket_whose_driver_is_killed_resumes_on_another_machine(s3_bucket, s3_server, tmp_path):
     """The driver (and the Ray it started) killed with SIGKILL once a trial has finished;
     ``trainyard tune --resume s3://.../<name>`` with another cache folder (no local record of
@@ -169,8 +186,7 @@ def test_a_search_in_a_bucket_whose_driver_is_killed_resumes_on_another_machine(
     # only for placing the kill.
     env.pop("TUNE_GLOBAL_CHECKPOINT_S")
     env["TRAINYARD_CACHE_DIR"] = str(tmp_path / "machine-b")
-    out = subprocess.run([*trainyard, "tune", "--resume", run, "--json"], capture_output=True, text=True,
-                         timeout=400, env=env)
+    out = _run_logged([*trainyard, "tune", "--resume", run, "--json"], tmp_path / "resume", env, timeout=400)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     summary = json.loads(out.stdout)
     states = [(t["trial_id"], t["state"], t["iterations"], t["error"]) for t in summary["trials"]]

@@ -63,17 +63,20 @@ def _max_concurrent(cfg: DictConfig) -> int | None:
 
 
 def _searcher(cfg: DictConfig, metric: str, mode: str):
+    """Tune's search algorithm for ``tune.search``, limited to ``max_concurrent_trials``
+    itself, in the form that resumes from a torn snapshot (trainyard.tune.resume)."""
+    from trainyard.tune.resume import ResumableVariants, searcher
+
     t = cfg.tune
     if t.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         import optuna
 
-        return OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=cfg.seed))
-    from ray.tune.search import BasicVariantGenerator
-
+        return searcher(OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=cfg.seed)),
+                        _max_concurrent(cfg))
     # random and grid: Tune's own variant generator, seeded so a search repeats.
-    return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=_max_concurrent(cfg) or 0)
+    return ResumableVariants(random_state=cfg.seed, max_concurrent=_max_concurrent(cfg) or 0)
 
 
 def _scheduler(cfg: DictConfig, run_dir: Path):
@@ -278,7 +281,8 @@ class _Tuners:
                 search_alg=_searcher(cfg, self.metric, self.mode),
                 scheduler=_scheduler(cfg, self.run_dir),
                 num_samples=t.num_samples,
-                max_concurrent_trials=_max_concurrent(cfg),
+                # The search algorithm holds the limit (see _searcher).
+                max_concurrent_trials=None,
                 trial_dirname_creator=lambda trial: trial.trial_id,
                 # One-worker trials run in their actor's process: reusing the actor
                 # saves a process start and a torch import per trial.
@@ -312,6 +316,10 @@ class _Tuners:
             self.state_dir, trainable=self.trainable, resume_unfinished=True, resume_errored=False,
             restart_errored=restart_errored, param_space=param_space(self.cfg),
         )
+        # Tune restores the search algorithm's state into the object it pickled; a search
+        # begun by an older trainyard pickled Tune's own, which a torn snapshot can hang.
+        tune_config = tuner._local_tuner._tune_config
+        tune_config.search_alg, tune_config.max_concurrent_trials = _searcher(self.cfg, self.metric, self.mode), None
         # Tune restores the run config it pickled, whose progress callbacks lost their live
         # view; Tuner.restore takes no run config, so ours go on through the internal tuner.
         run_config = tuner._local_tuner.get_run_config()
@@ -450,6 +458,15 @@ def _collect(grid: Any, metric: str, mode: str, keys: list[str], max_t: int,
                  **{k: float(r[k]) for k in ("train_loss", "lr") if k in frame}}
                 for _, r in frame.iterrows()
             ]
+        last = result.metrics or {}
+        if isinstance(last.get(metric), (int, float)) and isinstance(last.get("training_iteration"), int) and (
+                not history or last["training_iteration"] > history[-1]["iteration"]):
+            # Tune's record of the trial's last result (its experiment snapshot) is newer
+            # than the trial's own files in storage: a driver killed before the trial's last
+            # upload leaves those an epoch or more short.
+            history.append({"iteration": last["training_iteration"], metric: float(last[metric]),
+                            **{k: float(last[k]) for k in ("train_loss", "lr")
+                               if isinstance(last.get(k), (int, float))}})
         values = [h[metric] for h in history if not math.isnan(h[metric])]
         pick = max if mode == "max" else min
         checkpoint = None
