@@ -258,8 +258,10 @@ def test_jobs_list_json_and_a_whole_entrypoint_in_a_log(tmp_path):
          "metadata": {"trainyard_mode": "tune", "trainyard_job": "tune_mlp_with_a_long_name"}},
     ]
     head = StandInHead(jobs)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token: the stand-in asks for none
+    # No token, and no RAY_AUTH_MODE that an embedded Ray of an earlier test left in this
+    # process's environment (the client would then want a token): the stand-in asks for none.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token
     try:
         table = subprocess.run([*TRAINYARD, "jobs", "list", "--address", head.url], capture_output=True,
                                text=True, timeout=120, env=env)
