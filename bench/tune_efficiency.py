@@ -34,9 +34,14 @@ and the lines saying whether the targets are met:
 - the best of ASHA, TPE+ASHA and PBT is at least as good as random search on every seed.
 
 Tune overhead (target <= 1.15): for each plain random search, the time from the search's
-start to its last trial result, divided by the ideal, the sum of its trials' own training
-times (Tune's time_total_s) over the concurrency. The time after the last result (the
-budget's cut of epochs in flight, collecting and exporting) is not counted.
+start to its last trial result, divided by the ideal, the sum of its trials' own times over
+the concurrency. A trial's own time is what it spent training, evaluating and writing its
+checkpoints, without waiting on Tune: the sum of its epochs' ``trial_own_s`` (each from the
+return of the trial's last report, or from its start, to its next report), which a
+one-worker trainyard trial reports. (Tune's ``time_total_s`` measured the same while a
+trial waited for the driver after every report; it does not now that trials train on while
+the driver handles their last result.) The time after the last result (the budget's cut of
+epochs in flight, collecting and exporting) is not counted.
 
 All searches run in this process on one embedded Ray. The machine may be shared: figures
 from a loaded machine are noisy (fewer epochs fit the budget).
@@ -134,6 +139,7 @@ def search(args, work: Path, task: str, method: str, seed: int) -> dict:
     from ray.tune import Callback
 
     from trainyard.tune.driver import run_tuning
+    from trainyard.tune.trial import OWN_TIME
 
     class Clock(Callback):
         """When, after the search started, the first and the last result came; each trial's
@@ -149,9 +155,11 @@ def search(args, work: Path, task: str, method: str, seed: int) -> dict:
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self.last = time.perf_counter() - self.start
             self.first = self.first or self.last
-            self.trial_seconds[trial.trial_id] = result["time_total_s"]
+            # The trial's own time for the epoch (trainyard's trial_own_s), else Tune's.
+            own = result.get(OWN_TIME, result["time_this_iter_s"])
+            self.trial_seconds[trial.trial_id] = self.trial_seconds.get(trial.trial_id, 0.0) + own
             if trial.trial_id not in self.seen:
-                self.first_epochs.append(result["time_this_iter_s"])
+                self.first_epochs.append(own)
                 self.seen.add(trial.trial_id)
 
         def __getstate__(self):

@@ -228,3 +228,36 @@ def test_search_whose_driver_is_killed_resumes_without_redoing_finished_trials(t
     for trial_id, lines in finished_before.items():  # not run again: no new results
         assert len((run_dir / trial_id / "result.json").read_text().splitlines()) == lines
     assert summary["winners"] and np.isfinite(summary["winners"][0]["value"])
+
+
+_AHEAD: list[bool] = []
+
+
+def test_a_trial_trains_its_next_epoch_while_the_driver_handles_its_last_result(tmp_path):
+    """A one-worker trial does not wait for Tune's driver between epochs: while the driver
+    is held up handling a trial's second result, the trial's third epoch is trained, and its
+    checkpoint reaches storage. Every epoch's result still reaches Tune, in order."""
+    from ray.tune import Callback
+
+    class SlowDriver(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result["training_iteration"] == 2:
+                third = Path(trial.storage.trial_fs_path) / "checkpoint_000002"
+                deadline = time.monotonic() + 20
+                while not third.is_dir() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                _AHEAD.append(third.is_dir())
+
+        def __getstate__(self):  # Tune pickles its callbacks with the run config
+            return {}
+
+    _AHEAD.clear()
+    cfg = tune_config(tmp_path, "ahead", space={"train.lr": {"type": "grid", "values": [0.003]}},
+                      overrides=["train.epochs=4"], search="grid", scheduler="none", num_samples=1)
+    outcome = run_tuning(cfg, callbacks=[SlowDriver()])
+    assert _AHEAD == [True]
+    (trial,) = outcome.trials
+    assert (trial["state"], [h["iteration"] for h in trial["history"]]) == ("TERMINATED", [1, 2, 3, 4])
+    frame = __import__("pandas").read_csv(Path(outcome.run_dir) / trial["trial_id"] / "progress.csv")
+    assert list(frame["training_iteration"]) == [1, 2, 3, 4]
+    assert (frame["trial_own_s"] > 0).all()  # the trial's own time, each epoch

@@ -207,12 +207,18 @@ def run_loop(loop_config: dict, session: Session) -> None:
 def _epochs(t: Trainee, job: ResolvedJob, session: Session, emit: Callable[[dict], None], plugin: str) -> None:
     cfg = job.config
     for epoch in range(t.start_epoch, cfg.train.epochs):
-        if isinstance(t.data, Streamed):
-            trained = train_epoch_stream(t, session, epoch, emit)
+        if _stop_requested(session):
+            return
+        streamed = isinstance(t.data, Streamed)
+        trained = (train_epoch_stream if streamed else train_epoch)(t, session, epoch, emit)
+        if _stop_requested(session):  # an epoch Tune will not take: neither checked nor saved
+            return
+        if streamed:
             checked = evaluate_stream(job, t.model, t.data, t.device, session.world, t.amp_dtype)
         else:
-            trained = train_epoch(t, session, epoch, emit)
             checked = evaluate(job, t.model, t.data, t.device, session.rank, session.world, t.amp_dtype)
+        if _stop_requested(session):
+            return
         metrics = {**checked, **trained}
         emit({"type": "epoch_end", "epoch": epoch, "metrics": metrics})
         stop = t.stopping is not None and t.stopping.update(metrics[f"val_{job.monitor}"])
@@ -221,6 +227,13 @@ def _epochs(t: Trainee, job: ResolvedJob, session: Session, emit: Callable[[dict
             emit({"type": "early_stop", "epoch": epoch, "monitor": f"val_{job.monitor}",
                   "best": t.stopping.best, "patience": cfg.train.patience})
             return
+
+
+def _stop_requested(session: Session) -> bool:
+    """Whether the session says to stop now: a Tune trial that goes on training while Tune
+    handles its last result (trainyard.tune.trial.AsyncReports) and that Tune has stopped."""
+    asked = getattr(session, "stop_requested", None)
+    return asked is not None and asked()
 
 
 def _streamed(loop_config: dict, session: Session) -> Streamed | None:
@@ -343,6 +356,8 @@ def train_epoch(t: Trainee, session: Session, epoch: int, emit: Callable[[dict],
     seen, last_emit, started = 0, 0.0, time.perf_counter()
     accum = cfg.train.grad_accum_steps
     for step, global_idx in enumerate(batches):
+        if step % 8 == 7 and _stop_requested(session):
+            break
         local = global_idx[rank::world] if world > 1 else global_idx
         if accum == 1:
             loss = forward_loss(t, criterion, local, len(global_idx), world, on_gpu)
@@ -386,6 +401,8 @@ def train_epoch_stream(t: Trainee, session: Session, epoch: int, emit: Callable[
     if t.data.feed is None:
         t.data.feed = TrainFeed(t.data.train, t.data.meta, cfg, world, epoch, cfg.train.epochs - 1)
     for step, (x, y) in enumerate(t.data.feed.batches(epoch)):
+        if step % 8 == 7 and _stop_requested(session):
+            break
         x, y = to_device(x, t.device), y.to(t.device, non_blocking=True)
         rows = len(y)
         if accum == 1:

@@ -32,7 +32,7 @@ from trainyard.tune.records import (
     read_history,
 )
 from trainyard.tune.space import apply_values, mutable_keys, param_space, validate_space
-from trainyard.tune.trial import trial_fn, trial_resources
+from trainyard.tune.trial import trial_fn, trial_fn_async, trial_resources
 from trainyard.ui.tune_table import LiveTable, make_callback
 from trainyard.winners import export_winners, registry_dir
 
@@ -261,7 +261,10 @@ class _Tuners:
 
         # A streamed dataset: read lazily, encoded once here, shared by every trial.
         stream = search_stream(cfg, _max_concurrent(cfg))
-        self.trainable = tune.with_resources(tune.with_parameters(trial_fn, job=base, stream=stream),
+        # A one-worker trial goes on training while the driver handles its last result,
+        # except under PBT, which copies a trial at the result it saw.
+        fn = trial_fn_async if cfg.scaling.num_workers == 1 and cfg.tune.scheduler != "pbt" else trial_fn
+        self.trainable = tune.with_resources(tune.with_parameters(fn, job=base, stream=stream),
                                              trial_resources(cfg))
 
     def can_restore(self) -> bool:
