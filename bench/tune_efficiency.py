@@ -229,8 +229,9 @@ def main() -> None:
     for m in methods:
         if m not in METHODS:
             parser.error(f"--methods: unknown method {m!r}; expected one of {list(METHODS)}")
-    if args.budget <= 0 or args.concurrency < 2:
-        parser.error("--budget must be positive and --concurrency at least 2 (PBT's population)")
+    if args.budget <= 0 or args.concurrency < (2 if "PBT" in methods else 1):
+        parser.error("--budget must be positive and --concurrency at least 2 with PBT (its population), "
+                     "else at least 1")
     if args.quick:
         seeds, tasks = seeds[:1], tasks[:1]
 

@@ -19,7 +19,7 @@ from trainyard.checkpoint import load_predictor
 from trainyard.config import load_config, resolve
 from trainyard.errors import TrainingError
 from trainyard.train.data import prepare_data
-from trainyard.tune.driver import run_tuning
+from trainyard.tune.driver import run_tuning, trains_on
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -234,9 +234,10 @@ _AHEAD: list[bool] = []
 
 
 def test_a_trial_trains_its_next_epoch_while_the_driver_handles_its_last_result(tmp_path):
-    """A one-worker trial does not wait for Tune's driver between epochs: while the driver
-    is held up handling a trial's second result, the trial's third epoch is trained, and its
-    checkpoint reaches storage. Every epoch's result still reaches Tune, in order."""
+    """A one-worker trial that leaves the driver a CPU does not wait for Tune's driver
+    between epochs: while the driver is held up handling a trial's second result, the
+    trial's third epoch is trained, and its checkpoint reaches storage. Every epoch's result
+    still reaches Tune, in order. Trials that hold every CPU (and PBT's) wait, as Tune's do."""
     from ray.tune import Callback
 
     class SlowDriver(Callback):
@@ -253,7 +254,9 @@ def test_a_trial_trains_its_next_epoch_while_the_driver_handles_its_last_result(
 
     _AHEAD.clear()
     cfg = tune_config(tmp_path, "ahead", space={"train.lr": {"type": "grid", "values": [0.003]}},
-                      overrides=["train.epochs=4"], search="grid", scheduler="none", num_samples=1)
+                      overrides=["train.epochs=4"], search="grid", scheduler="none", num_samples=1,
+                      max_concurrent_trials=1)
+    assert trains_on(cfg)  # one trial of one CPU: the driver has a CPU of its own
     outcome = run_tuning(cfg, callbacks=[SlowDriver()])
     assert _AHEAD == [True]
     (trial,) = outcome.trials
@@ -261,3 +264,8 @@ def test_a_trial_trains_its_next_epoch_while_the_driver_handles_its_last_result(
     frame = __import__("pandas").read_csv(Path(outcome.run_dir) / trial["trial_id"] / "progress.csv")
     assert list(frame["training_iteration"]) == [1, 2, 3, 4]
     assert (frame["trial_own_s"] > 0).all()  # the trial's own time, each epoch
+
+    assert not trains_on(tune_config(tmp_path, "full", max_concurrent_trials=2))  # 2 CPUs, both held
+    light = ["scaling.cpus_per_worker=0.1"]  # 8 trials in 0.8 CPU: a CPU left, but PBT
+    assert trains_on(tune_config(tmp_path, "light", overrides=light, max_concurrent_trials=8))
+    assert not trains_on(tune_config(tmp_path, "pbt", overrides=light, scheduler="pbt", max_concurrent_trials=8))
