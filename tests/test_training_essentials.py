@@ -140,6 +140,9 @@ class LocalSession:
     def prepare_model(self, model, device):
         return model
 
+    def stop_requested(self) -> bool:
+        return False
+
     def get_checkpoint(self):
         if self.start_from is None:
             return None

@@ -43,6 +43,11 @@ class Session(Protocol):
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
 
+    def stop_requested(self) -> bool:
+        """Whether to stop now, mid-epoch (a Tune trial that trains on while Tune handles its
+        last result, and that Tune has stopped: trainyard.tune.trial.AsyncReports)."""
+        ...
+
 
 class TrainSession:
     """The loop's view of a Ray Train worker."""
@@ -69,6 +74,9 @@ class TrainSession:
         import ray.train
 
         return ray.train.get_checkpoint()
+
+    def stop_requested(self) -> bool:
+        return False  # its trainer stops a Ray Train worker
 
     def dataset_shard(self, name: str):
         """This worker's shard of a streamed dataset (Ray Train splits it)."""
@@ -207,18 +215,16 @@ def run_loop(loop_config: dict, session: Session) -> None:
 def _epochs(t: Trainee, job: ResolvedJob, session: Session, emit: Callable[[dict], None], plugin: str) -> None:
     cfg = job.config
     for epoch in range(t.start_epoch, cfg.train.epochs):
-        if _stop_requested(session):
+        if session.stop_requested():
             return
         streamed = isinstance(t.data, Streamed)
         trained = (train_epoch_stream if streamed else train_epoch)(t, session, epoch, emit)
-        if _stop_requested(session):  # an epoch Tune will not take: neither checked nor saved
+        if session.stop_requested():  # an epoch Tune will not take: neither checked nor saved
             return
         if streamed:
             checked = evaluate_stream(job, t.model, t.data, t.device, session.world, t.amp_dtype)
         else:
             checked = evaluate(job, t.model, t.data, t.device, session.rank, session.world, t.amp_dtype)
-        if _stop_requested(session):
-            return
         metrics = {**checked, **trained}
         emit({"type": "epoch_end", "epoch": epoch, "metrics": metrics})
         stop = t.stopping is not None and t.stopping.update(metrics[f"val_{job.monitor}"])
@@ -227,13 +233,6 @@ def _epochs(t: Trainee, job: ResolvedJob, session: Session, emit: Callable[[dict
             emit({"type": "early_stop", "epoch": epoch, "monitor": f"val_{job.monitor}",
                   "best": t.stopping.best, "patience": cfg.train.patience})
             return
-
-
-def _stop_requested(session: Session) -> bool:
-    """Whether the session says to stop now: a Tune trial that goes on training while Tune
-    handles its last result (trainyard.tune.trial.AsyncReports) and that Tune has stopped."""
-    asked = getattr(session, "stop_requested", None)
-    return asked is not None and asked()
 
 
 def _streamed(loop_config: dict, session: Session) -> Streamed | None:
@@ -355,8 +354,9 @@ def train_epoch(t: Trainee, session: Session, epoch: int, emit: Callable[[dict],
     total_loss = torch.zeros((), device=t.device) if on_gpu else 0.0
     seen, last_emit, started = 0, 0.0, time.perf_counter()
     accum = cfg.train.grad_accum_steps
+    halt = session.stop_requested
     for step, global_idx in enumerate(batches):
-        if step % 8 == 7 and _stop_requested(session):
+        if step % 8 == 7 and halt():
             break
         local = global_idx[rank::world] if world > 1 else global_idx
         if accum == 1:
@@ -400,8 +400,9 @@ def train_epoch_stream(t: Trainee, session: Session, epoch: int, emit: Callable[
     seen, last_emit, started = 0, 0.0, time.perf_counter()
     if t.data.feed is None:
         t.data.feed = TrainFeed(t.data.train, t.data.meta, cfg, world, epoch, cfg.train.epochs - 1)
+    halt = session.stop_requested
     for step, (x, y) in enumerate(t.data.feed.batches(epoch)):
-        if step % 8 == 7 and _stop_requested(session):
+        if step % 8 == 7 and halt():
             break
         x, y = to_device(x, t.device), y.to(t.device, non_blocking=True)
         rows = len(y)

@@ -60,12 +60,13 @@ class ResumableVariants(BasicVariantGenerator):
         # Trials the snapshot records that this state had not created yet: create them
         # now and drop them, so that the next trial is the one after them, not one again.
         made = self._iterators[0].counter if len(self._iterators) == 1 else None
-        ahead = sorted(t for t in trials if made is not None and _index(t, self._uuid_prefix) >= made)
+        numbered = {t: _index(t, self._uuid_prefix) for t in trials}
+        ahead = sorted(t for t, n in numbered.items() if made is not None and n >= made)
         if ahead:
             log.warning("the search's own state was older than its trials' (%s not created yet); "
                         "passing over them", ", ".join(ahead))
             self._trial_iter = self._trial_iter or iter(self._trial_generator)
-            for _ in range(max(_index(t, self._uuid_prefix) for t in ahead) + 1 - made):
+            for _ in range(numbered[ahead[-1]] + 1 - made):
                 try:
                     next(self._trial_iter)
                 except StopIteration:

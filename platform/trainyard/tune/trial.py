@@ -29,6 +29,11 @@ class TuneTrialSession:
     rank, world = 0, 1
 
     def __init__(self):
+        from ray.train._internal.session import get_session
+
+        # Made in the trial's training thread, after Tune set its session up for this trial
+        # (a reused actor's session gets a new stop event per trial).
+        self._stop = get_session().stop_event
         self._since = time.perf_counter()
 
     def device(self):
@@ -48,7 +53,7 @@ class TuneTrialSession:
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.tune
 
-        if self.stop_requested():  # Tune would not take it: nothing goes to storage
+        if self._stop.is_set():  # Tune would not take it: nothing goes to storage
             return
         checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         # The trial's own time since its last report returned (the first: since it began):
@@ -58,10 +63,7 @@ class TuneTrialSession:
 
     def stop_requested(self) -> bool:
         """Whether Tune has stopped this trial while it trains on (see AsyncReports)."""
-        from ray.train._internal.session import get_session
-
-        session = get_session()
-        return session is not None and session.stop_event.is_set()
+        return self._stop.is_set()
 
     def load_dataset(self, job: Any) -> Any:
         """The dataset plugin's ``load`` for ``job``, kept for the next trial: Tune reuses a
