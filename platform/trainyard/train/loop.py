@@ -26,7 +26,8 @@ from trainyard.batches import call_model, take, to_device
 from trainyard.config import ResolvedJob, resolve
 from trainyard.train.data import Prepared, epoch_batches, prepare_data
 from trainyard.train.stream import StreamMeta, TrainFeed, batch_bytes, steps_per_epoch, val_batches
-from trainyard.train.schedule import EarlyStopping, apply_hyperparameters, make_scheduler, optimizer_steps
+from trainyard.train.schedule import (EarlyStopping, apply_hyperparameters, make_scheduler, optimizer_steps,
+                                      warmup_end)
 
 
 class Session(Protocol):
@@ -181,6 +182,16 @@ class Trainee:
     start_epoch: int
     scheduler: Any = None
     stopping: EarlyStopping | None = None
+    #: The optimizer step at which the schedule's warmup ends (0: no warmup).
+    warmup_end: float = 0
+    #: The warmup's length in epochs.
+    warmup_epochs: float = 0
+
+
+#: Reported with each epoch of a schedule that warms its learning rate up: whether the
+#: warmup goes on after this epoch, and the warmup's length in epochs (trainyard's ASHA
+#: compares a trial in its warmup only with trials of the same warmup: tune/asha.py).
+WARMING_UP, WARMUP_EPOCHS = "warming_up", "warmup_epochs"
 
 
 def run_loop(loop_config: dict, session: Session) -> None:
@@ -226,6 +237,9 @@ def _epochs(t: Trainee, job: ResolvedJob, session: Session, emit: Callable[[dict
         else:
             checked = evaluate(job, t.model, t.data, t.device, session.rank, session.world, t.amp_dtype)
         metrics = {**checked, **trained}
+        if t.warmup_end:
+            metrics[WARMING_UP] = t.scheduler.last_epoch < t.warmup_end
+            metrics[WARMUP_EPOCHS] = t.warmup_epochs
         emit({"type": "epoch_end", "epoch": epoch, "metrics": metrics})
         stop = t.stopping is not None and t.stopping.update(metrics[f"val_{job.monitor}"])
         save_and_report(t, session, epoch, metrics, plugin)
@@ -336,7 +350,9 @@ def setup(job: ResolvedJob, session: Session, streamed: Streamed | None = None) 
         stopping.load(saved.get("stopping"))
     amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    return Trainee(job, data, model, optimizer, device, amp_dtype, scaler, start_epoch, scheduler, stopping)
+    warmup = warmup_end(cfg, epoch_steps) if scheduler is not None else 0
+    return Trainee(job, data, model, optimizer, device, amp_dtype, scaler, start_epoch, scheduler, stopping,
+                   warmup, warmup / max(1, epoch_steps))
 
 
 def train_epoch(t: Trainee, session: Session, epoch: int, emit: Callable[[dict], None]) -> dict:

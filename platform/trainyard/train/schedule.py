@@ -25,6 +25,24 @@ def warmup_steps(cfg: Any, total: int) -> int:
     return t.warmup_steps or int(round(t.warmup_ratio * total))
 
 
+def warmup_end(cfg: Any, steps_per_epoch: int) -> float:
+    """The optimizer step at which ``train.scheduler``'s learning rate stops rising: the
+    end of its warmup (one-cycle: its peak, pct_start into the run); 0 with no warmup."""
+    t = cfg.train
+    if t.scheduler == "none":
+        return 0
+    total = max(1, steps_per_epoch * t.epochs)
+    if t.scheduler == "onecycle":
+        return _onecycle_pct(cfg, total) * total
+    return warmup_steps(cfg, total)
+
+
+def _onecycle_pct(cfg: Any, total: int) -> float:
+    # OneCycleLR warms up over pct_start of the run (its own default: 0.3).
+    warmup = warmup_steps(cfg, total)
+    return min(max(warmup / total if warmup else 0.3, 1e-6), 0.999)
+
+
 def make_scheduler(cfg: Any, optimizer: Any, steps_per_epoch: int) -> Any:
     """The ``train.scheduler`` schedule over the whole run's optimizer steps; None for none."""
     t = cfg.train
@@ -39,9 +57,7 @@ def make_scheduler(cfg: Any, optimizer: Any, steps_per_epoch: int) -> Any:
 
         return get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
     if t.scheduler == "onecycle":
-        # OneCycleLR warms up over pct_start of the run (its own default: 0.3).
-        pct = warmup / total if warmup else 0.3
-        return lrs.OneCycleLR(optimizer, max_lr=t.lr, total_steps=total, pct_start=min(max(pct, 1e-6), 0.999))
+        return lrs.OneCycleLR(optimizer, max_lr=t.lr, total_steps=total, pct_start=_onecycle_pct(cfg, total))
     return lrs.LambdaLR(optimizer, _StepDecay(warmup, max(1, t.lr_step_epochs * steps_per_epoch), t.lr_gamma))
 
 

@@ -105,7 +105,10 @@ def _scheduler(cfg: DictConfig, run_dir: Path):
         from trainyard.tune.pbt import make_pbt
 
         return make_pbt(cfg, run_dir, mutable_keys(cfg))
-    from ray.tune.schedulers import ASHAScheduler
+    if t.grace_warmup:
+        from trainyard.tune.asha import WarmupASHA as ASHAScheduler
+    else:
+        from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
         time_attr="training_iteration",
