@@ -76,11 +76,14 @@ def write_checkpoint(
     registry: Any = None,
     scheduler: Any = None,
     state: dict | None = None,
+    durable: bool = True,
 ) -> Path:
     """Write a checkpoint folder (see the module docstring for its layout).
 
     ``plugin`` names the plugin that provides the model; ``registry`` (default: the
-    process's) is where its version is looked up.
+    process's) is where its version is looked up. ``durable``: the manifest, written last,
+    reaches the disk before this returns; False for a scratch folder that is copied to
+    storage at once (a training epoch's, which Ray copies as it takes the report).
     """
     import torch
 
@@ -120,7 +123,11 @@ def write_checkpoint(
         json.dumps({**(state or {}), "epoch": epoch, "metrics": metrics}, indent=2)
     )
     manifest["files"] = _file_sizes(directory)
-    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2))  # the completion marker, last
+    text = json.dumps(manifest, indent=2)
+    if durable:
+        atomic_write_text(directory / MANIFEST, text)  # the completion marker, last
+    else:
+        (directory / MANIFEST).write_text(text)
     return directory
 
 
