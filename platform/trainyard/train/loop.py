@@ -186,9 +186,6 @@ class Trainee:
     warmup_end: float = 0
     #: The warmup's length in epochs.
     warmup_epochs: float = 0
-    #: The folder each epoch's checkpoint is written to before the session copies it to
-    #: storage (one per run, written over each epoch).
-    scratch: str = ""
 
 
 #: Reported with each epoch of a schedule that warms its learning rate up: whether the
@@ -220,8 +217,7 @@ def run_loop(loop_config: dict, session: Session) -> None:
     if t.start_epoch >= cfg.train.epochs:
         emit({"type": "done_before", "epoch": t.start_epoch - 1})
     try:
-        with tempfile.TemporaryDirectory(prefix="trainyard-checkpoint-") as t.scratch:
-            _epochs(t, job, session, emit, plugin)
+        _epochs(t, job, session, emit, plugin)
     finally:
         if isinstance(t.data, Streamed) and t.data.feed is not None:
             t.data.feed.close()
@@ -635,10 +631,12 @@ def save_and_report(t: Trainee, session: Session, epoch: int, metrics: dict, plu
         return
     from trainyard.checkpoint import unwrap, write_checkpoint
 
-    # The session copies the folder to storage before report returns (Ray's report, in its
-    # default synchronous upload): the next epoch writes over it.
-    write_checkpoint(t.scratch, job=t.job, model=unwrap(t.model), processor=t.data.processor,
-                     info=t.data.info, epoch=epoch, metrics=metrics, optimizer=t.optimizer,
-                     plugin=plugin, scheduler=t.scheduler,
-                     state={"early_stopping": t.stopping.state()} if t.stopping else None, durable=False)
-    session.report(metrics, t.scratch)
+    # A new folder each epoch: writing over the last one's files was slower (on ext4, freeing
+    # a file's blocks as it is truncated costs more than making and removing a folder).
+    # Not durable: the session copies the folder to storage as it takes the report.
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(tmp, job=t.job, model=unwrap(t.model), processor=t.data.processor,
+                         info=t.data.info, epoch=epoch, metrics=metrics, optimizer=t.optimizer,
+                         plugin=plugin, scheduler=t.scheduler,
+                         state={"early_stopping": t.stopping.state()} if t.stopping else None, durable=False)
+        session.report(metrics, tmp)
