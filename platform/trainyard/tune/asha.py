@@ -12,8 +12,8 @@ trainyard's loop reports, with each epoch of such a trial, ``warming_up`` (wheth
 goes on after this epoch) and ``warmup_epochs`` (how many epochs the warmup lasts). Here a
 rung reached while warming up compares the trial with the trials at that rung whose warmup
 ends in the same epoch, which are at about the same point of their rate's rise: the same
-successive halving, among like trials. Once its warmup has ended, the trial is judged with all trials, at the
-highest rung it has passed.
+successive halving, among like trials. Once its warmup has ended, the trial is judged with
+all trials, at the highest rung it has passed.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class WarmupASHA(AsyncHyperBandScheduler):
         super().__init__(*args, **kwargs)
         self._blank = copy.deepcopy(self._brackets[0])  # rungs with nothing recorded
         #: The rungs of the trials warming up, by the epoch their warmup ends in.
-        self._warming: dict[float, object] = {}
+        self._warming: dict[int, object] = {}
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         time, metric = result.get(self._time_attr), result.get(self._metric)
