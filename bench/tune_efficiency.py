@@ -6,10 +6,9 @@ For each task and seed, four searches run with the same ``tune.time_budget_s`` a
 
 - random: seeded random search, no early stopping (``scheduler: none``);
 - ASHA: the same random search with ASHA (``scheduler: asha``; grace period 1 epoch,
-  reduction factor 4, Ray Tune's default and the ASHA paper's), trainyard's, which compares a
-  trial warming its learning rate up (one-cycle on the sched task) only with trials of the
-  same warmup until the warmup ends (``tune.grace_warmup``; Ray Tune's own stopped every
-  one-cycle trial at its first epoch);
+  reduction factor 4, Ray Tune's default and the ASHA paper's), trainyard's, which compares
+  a trial only with the trials on the same learning-rate schedule (``tune.asha_per_schedule``;
+  Ray Tune's own stopped every one-cycle trial of the sched task at its first epoch);
 - TPE+ASHA: Optuna's TPE sampler with ASHA (``search: optuna, scheduler: asha``);
 - PBT: population based training, a population of ``--concurrency`` trials (PBT trains its
   whole population at once, so the population is the concurrency), search random. Its

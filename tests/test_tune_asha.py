@@ -1,6 +1,6 @@
-"""ASHA and a trial whose learning rate warms up (trainyard.tune.asha): the scheduler's
-decisions on the results a trial reports, and the loop's warming_up flag they rest on.
-Pure logic on Ray Tune's own scheduler; no Ray is started."""
+"""ASHA and learning-rate schedules (trainyard.tune.asha): the scheduler's decisions on the
+results trials report, compared with Ray Tune's own ASHA on the same results. Pure logic
+on Ray Tune's scheduler; no Ray is started."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from trainyard.train.loop import WARMING_UP, WARMUP_EPOCHS
-from trainyard.tune.asha import WarmupASHA
+from trainyard.train.loop import WARMUP_EPOCHS
+from trainyard.tune.asha import ScheduleASHA
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 
@@ -20,82 +20,67 @@ def _asha(cls):
     return scheduler
 
 
-def _result(scheduler, trial, epoch: int, loss: float, warming: bool | None = None, length: float = 4.8) -> str:
-    result = {"training_iteration": epoch, "val_loss": loss}
-    if warming is not None:  # as the loop reports them (length: the warmup's epochs)
-        result[WARMING_UP], result[WARMUP_EPOCHS] = warming, length
-    return scheduler.on_trial_result(None, trial, result)
-
-
-def _trials(scheduler, n: int) -> list:
-    trials = [Trial("__fake", stub=True) for _ in range(n)]
+def _trials(scheduler, n: int, schedule: str | None = None) -> list:
+    """``n`` trials added to ``scheduler``, with ``schedule`` as their train.scheduler value
+    (None: the space does not vary it)."""
+    trials = [Trial("__fake", stub=True, config={} if schedule is None else {"train.scheduler": schedule})
+              for _ in range(n)]
     for trial in trials:
         scheduler.on_trial_add(None, trial)
     return trials
 
 
-def _rungs(scheduler, trial) -> dict[int, bool]:
-    """Whether each rung (its epoch) has recorded ``trial``."""
-    return {milestone: trial.trial_id in recorded for milestone, recorded in scheduler._trial_info[trial.trial_id]._rungs}
+def _result(scheduler, trial, epoch: int, loss: float, warmup: float | None = None) -> str:
+    result = {"training_iteration": epoch, "val_loss": loss}
+    if warmup is not None:  # as the loop reports it for a schedule that warms up
+        result[WARMUP_EPOCHS] = warmup
+    return scheduler.on_trial_result(None, trial, result)
 
 
-def test_a_warming_trial_is_not_stopped_at_a_rung_it_reaches_in_its_warmup():
-    warm, plain = _asha(WarmupASHA), _asha(ASHAScheduler)
-    for scheduler in (warm, plain):
-        *full, slow = _trials(scheduler, 5)
-        for trial, loss in zip(full, (0.30, 0.35, 0.40, 0.45)):  # at full rate from the start
+def test_a_one_cycle_trial_is_not_stopped_for_losing_to_trials_at_full_rate():
+    ours, ray = _asha(ScheduleASHA), _asha(ASHAScheduler)
+    for scheduler in (ours, ray):
+        for trial, loss in zip(_trials(scheduler, 4, "none"), (0.30, 0.35, 0.40, 0.45)):
             _result(scheduler, trial, 1, loss)
-        scheduler.slow = slow
-    # Ray Tune's ASHA stops the warming trial at its first epoch, on a loss it reached at a
-    # fraction of its learning rate; trainyard's does not compare it with the trials at full
-    # rate, and records nothing in their rungs.
-    assert _result(plain, plain.slow, 1, 0.60, warming=True) == STOP
-    assert _result(warm, warm.slow, 1, 0.60, warming=True) == CONTINUE
-    assert not any(_rungs(warm, warm.slow).values())
-    for epoch in (2, 3, 4):
-        assert _result(warm, warm.slow, epoch, 0.5, warming=True) == CONTINUE
+        (scheduler.cycle,) = _trials(scheduler, 1, "onecycle")
+    # At epoch 1 one-cycle trains at a fraction of its peak rate: Ray's ASHA stops it on
+    # that loss; trainyard's compares it with one-cycle trials only (none yet).
+    assert _result(ray, ray.cycle, 1, 0.60, warmup=4.8) == STOP
+    assert _result(ours, ours.cycle, 1, 0.60, warmup=4.8) == CONTINUE
+    # At its peak rate (epoch 5) its loss is up again: still among its own.
+    assert _result(ours, ours.cycle, 4, 0.50, warmup=4.8) == CONTINUE
 
 
-def test_trials_in_the_same_warmup_are_halved_among_themselves():
-    scheduler = _asha(WarmupASHA)
-    *warming, worse, better, other = _trials(scheduler, 7)
-    for trial, loss in zip(warming, (0.55, 0.60, 0.65, 0.70)):
-        _result(scheduler, trial, 1, loss, warming=True, length=4.8)
-    # Below the top quarter of the trials whose warmup also ends in epoch 5: stopped.
-    assert _result(scheduler, worse, 1, 0.68, warming=True, length=4.75) == STOP
-    assert _result(scheduler, better, 1, 0.50, warming=True, length=4.8) == CONTINUE
-    # A trial whose warmup ends in another epoch is not at the same point of its rise.
-    assert _result(scheduler, other, 1, 0.68, warming=True, length=2.0) == CONTINUE
+def test_trials_on_the_same_schedule_are_halved_among_themselves():
+    scheduler = _asha(ScheduleASHA)
+    cycles = _trials(scheduler, 6, "onecycle")
+    for trial, loss in zip(cycles, (0.55, 0.60, 0.65, 0.70)):
+        _result(scheduler, trial, 1, loss, warmup=4.8)
+    worse, better = cycles[4:]
+    # Below the top quarter of the one-cycle trials whose warmup also ends in epoch 5: stopped.
+    assert _result(scheduler, worse, 1, 0.68, warmup=4.75) == STOP
+    assert _result(scheduler, better, 1, 0.50, warmup=4.8) == CONTINUE
+    # A one-cycle trial whose warmup ends in another epoch is at another point of its course.
+    (short,) = _trials(scheduler, 1, "onecycle")
+    assert _result(scheduler, short, 1, 0.68, warmup=2.0) == CONTINUE
+    # And the constant-rate trials are halved among themselves, whatever one-cycle's losses.
+    flat = _trials(scheduler, 5, "none")
+    decisions = [_result(scheduler, t, 1, loss) for t, loss in zip(flat, (1.2, 1.05, 1.0, 0.95, 1.3))]
+    assert decisions == [CONTINUE, CONTINUE, CONTINUE, CONTINUE, STOP]
 
 
-def test_after_its_warmup_a_trial_is_judged_at_the_highest_rung_it_passed():
-    scheduler = _asha(WarmupASHA)
-    *full, good, bad = _trials(scheduler, 6)
-    for trial, loss in zip(full, (0.30, 0.35, 0.40, 0.45)):
-        assert _result(scheduler, trial, 1, loss) in (CONTINUE, STOP)
-    for trial, loss in zip(full, (0.20, 0.25, 0.22, 0.24)):  # the rung at epoch 4
-        _result(scheduler, trial, 4, loss)
-    for trial in (good, bad):
-        for epoch in (1, 2, 3, 4):
-            assert _result(scheduler, trial, epoch, 0.6, warming=True) == CONTINUE
-    # Its warmup over at epoch 5, each is compared with what the others had at epoch 4 (the
-    # rung it passed), not at epoch 1: the better one goes on, the worse one stops there.
-    assert _result(scheduler, good, 5, 0.10, warming=False) == CONTINUE
-    assert _result(scheduler, bad, 5, 0.50, warming=False) == STOP
-    assert _rungs(scheduler, good) == {16: False, 4: True, 1: False}
-    # From then on the trial is a trial like any other: judged at the next rung when it gets there.
-    assert _result(scheduler, good, 6, 0.09) == CONTINUE
-
-
-def test_a_trial_without_a_warmup_and_the_last_epoch_are_judged_as_by_ray_tunes_asha():
-    warm, plain = _asha(WarmupASHA), _asha(ASHAScheduler)
+def test_without_the_schedule_in_the_space_it_decides_as_ray_tunes_asha():
     decisions = {}
-    for name, scheduler in (("warm", warm), ("plain", plain)):
+    for cls in (ScheduleASHA, ASHAScheduler):
+        scheduler = _asha(cls)
         trials = _trials(scheduler, 5)
-        decisions[name] = [_result(scheduler, t, 1, loss) for t, loss in zip(trials, (0.3, 0.2, 0.5, 0.1, 0.6))]
-        decisions[name].append(_result(scheduler, trials[1], 16, 0.05, warming=True))  # max_t ends it
-    assert decisions["warm"] == decisions["plain"]
-    assert STOP in decisions["warm"][:5] and decisions["warm"][-1] == STOP
+        made = [_result(scheduler, t, 1, loss) for t, loss in zip(trials, (0.3, 0.2, 0.5, 0.1, 0.6))]
+        made += [_result(scheduler, t, 4, loss) for t, loss in zip(trials, (0.25, 0.15, 0.4, 0.05, 0.5))]
+        made.append(_result(scheduler, trials[1], 16, 0.05))  # max_t ends it
+        scheduler.on_trial_complete(None, trials[1], {"training_iteration": 16, "val_loss": 0.05})
+        decisions[cls] = made
+    assert decisions[ScheduleASHA] == decisions[ASHAScheduler]
+    assert STOP in decisions[ScheduleASHA][:10] and decisions[ScheduleASHA][-1] == STOP
 
 
 def test_the_config_chooses_trainyards_asha_or_ray_tunes(tmp_path):
@@ -105,8 +90,8 @@ def test_the_config_chooses_trainyards_asha_or_ray_tunes(tmp_path):
 
     from tests.conftest import CONFIGS
 
-    assert type(_scheduler(load_config(CONFIGS / "tune_mlp.yaml"), tmp_path)) is WarmupASHA
-    plain = _scheduler(load_config(CONFIGS / "tune_mlp.yaml", ["tune.grace_warmup=false"]), tmp_path)
+    assert type(_scheduler(load_config(CONFIGS / "tune_mlp.yaml"), tmp_path)) is ScheduleASHA
+    plain = _scheduler(load_config(CONFIGS / "tune_mlp.yaml", ["tune.asha_per_schedule=false"]), tmp_path)
     assert type(plain) is ASHAScheduler
-    with pytest.raises(ConfigError, match="tune.grace_warmup"):
-        load_config(CONFIGS / "tune_mlp.yaml", ["tune.grace_warmup=sometimes"])
+    with pytest.raises(ConfigError, match="tune.asha_per_schedule"):
+        load_config(CONFIGS / "tune_mlp.yaml", ["tune.asha_per_schedule=sometimes"])

@@ -234,11 +234,10 @@ class TuneConfig:
     #: ASHA: epochs every trial gets before it can be stopped, and the cut factor.
     grace_period: int = 1
     reduction_factor: int = 2
-    #: ASHA: a trial whose learning rate warms up (train.scheduler onecycle, or a warmup)
-    #: is compared at a rung it reaches in its warmup only with the trials whose warmup ends
-    #: in the same epoch; once its warmup is over, with all trials, at the highest rung it
-    #: has passed. false: Ray Tune's ASHA, which compares all trials at every rung.
-    grace_warmup: bool = True
+    #: ASHA: compare a trial only with the trials on the same learning-rate schedule
+    #: (train.scheduler, where the space varies it, and the epoch its warmup ends in): the
+    #: same successive halving within each. false: Ray Tune's ASHA, all trials together.
+    asha_per_schedule: bool = True
     #: PBT's settings (used with scheduler: pbt).
     pbt: PBTConfig = field(default_factory=PBTConfig)
     #: How many of the best trials to export.

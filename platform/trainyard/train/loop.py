@@ -182,16 +182,14 @@ class Trainee:
     start_epoch: int
     scheduler: Any = None
     stopping: EarlyStopping | None = None
-    #: The optimizer step at which the schedule's warmup ends (0: no warmup).
-    warmup_end: float = 0
-    #: The warmup's length in epochs.
+    #: The length of the schedule's warmup in epochs (0: no warmup).
     warmup_epochs: float = 0
 
 
-#: Reported with each epoch of a schedule that warms its learning rate up: whether the
-#: warmup goes on after this epoch, and the warmup's length in epochs (trainyard's ASHA
-#: compares a trial in its warmup only with trials of the same warmup: tune/asha.py).
-WARMING_UP, WARMUP_EPOCHS = "warming_up", "warmup_epochs"
+#: Reported with each epoch of a schedule that warms its learning rate up: the warmup's
+#: length in epochs (trainyard's ASHA compares a trial only with trials on the same
+#: schedule: tune/asha.py).
+WARMUP_EPOCHS = "warmup_epochs"
 
 
 def run_loop(loop_config: dict, session: Session) -> None:
@@ -237,8 +235,7 @@ def _epochs(t: Trainee, job: ResolvedJob, session: Session, emit: Callable[[dict
         else:
             checked = evaluate(job, t.model, t.data, t.device, session.rank, session.world, t.amp_dtype)
         metrics = {**checked, **trained}
-        if t.warmup_end:
-            metrics[WARMING_UP] = t.scheduler.last_epoch < t.warmup_end
+        if t.warmup_epochs:
             metrics[WARMUP_EPOCHS] = t.warmup_epochs
         emit({"type": "epoch_end", "epoch": epoch, "metrics": metrics})
         stop = t.stopping is not None and t.stopping.update(metrics[f"val_{job.monitor}"])
@@ -352,7 +349,7 @@ def setup(job: ResolvedJob, session: Session, streamed: Streamed | None = None) 
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     warmup = warmup_end(cfg, epoch_steps) if scheduler is not None else 0
     return Trainee(job, data, model, optimizer, device, amp_dtype, scaler, start_epoch, scheduler, stopping,
-                   warmup, warmup / max(1, epoch_steps))
+                   warmup / max(1, epoch_steps))
 
 
 def train_epoch(t: Trainee, session: Session, epoch: int, emit: Callable[[dict], None]) -> dict:

@@ -1,19 +1,21 @@
-"""ASHA that compares a trial in its learning-rate warmup only with trials at the same point
-of the same warmup.
+"""ASHA that compares a trial only with the trials on the same learning-rate schedule.
 
 Ray Tune's ASHA compares trials at fixed epochs (its rungs: the grace period, then times the
-reduction factor). A trial whose schedule warms its learning rate up (one-cycle, or any
-``train.warmup_steps``/``warmup_ratio``) is still training at a fraction of its rate at the
-first rungs, and loses there to trials at full rate whatever it would reach: a search with
-one-cycle in its space stopped every one-cycle trial at its first epoch, the search's best
-configuration among them.
+reduction factor). Where the search's space varies ``train.scheduler``, a trial's loss at a
+rung says as much about where its schedule is in its course as about its values: at epoch 1
+of 16 a one-cycle trial has only begun to climb from a twenty-fifth of its peak rate, and at
+epoch 5 it is at its peak, while a constant-rate trial has been at full rate all along.
+Ray's ASHA stopped every one-cycle trial at its first epoch on the sched benchmark, random
+search's best configuration among them; with the warmup alone set aside, it stopped the
+best one at its peak instead.
 
-trainyard's loop reports, with each epoch of such a trial, ``warming_up`` (whether its warmup
-goes on after this epoch) and ``warmup_epochs`` (how many epochs the warmup lasts). Here a
-rung reached while warming up compares the trial with the trials at that rung whose warmup
-ends in the same epoch, which are at about the same point of their rate's rise: the same
-successive halving, among like trials. Once its warmup has ended, the trial is judged with
-all trials, at the highest rung it has passed.
+Here each schedule has its rungs of its own: the same successive halving, among trials at
+the same point of the same course. A schedule is ``train.scheduler`` (a trial's value, where
+the space varies it) and the epoch its warmup ends in (``warmup_epochs``, which the loop
+reports with each epoch of a schedule that warms up, so that ``train.warmup_ratio`` or
+``warmup_steps`` in the space splits them too). Continuous schedule values (``lr_gamma``,
+``lr_step_epochs``) do not split them. The best of every schedule trains to the end, where
+the search compares them all.
 """
 
 from __future__ import annotations
@@ -23,25 +25,39 @@ import math
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
-from trainyard.train.loop import WARMING_UP, WARMUP_EPOCHS
+from trainyard.train.loop import WARMUP_EPOCHS
+
+#: The space's key that picks a trial's learning-rate schedule.
+SCHEDULE = "train.scheduler"
 
 
-class WarmupASHA(AsyncHyperBandScheduler):
-    """Ray Tune's ASHA, with rungs of their own for trials warming their learning rate up."""
+class ScheduleASHA(AsyncHyperBandScheduler):
+    """Ray Tune's ASHA (one bracket, as trainyard runs it), with rungs of their own for each
+    learning-rate schedule."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._blank = copy.deepcopy(self._brackets[0])  # rungs with nothing recorded
-        #: The rungs of the trials warming up, by the epoch their warmup ends in.
-        self._warming: dict[int, object] = {}
+        #: Each schedule's rungs, by (train.scheduler, the epoch its warmup ends in).
+        self._by_schedule: dict[tuple, object] = {}
+
+    def _rungs(self, trial, result: dict):
+        key = (str((trial.config or {}).get(SCHEDULE)), math.ceil(float(result.get(WARMUP_EPOCHS, 0.0)) - 1e-6))
+        return self._by_schedule.setdefault(key, copy.deepcopy(self._blank))
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        time, metric = result.get(self._time_attr), result.get(self._metric)
-        if not result.get(WARMING_UP) or time is None or metric is None or time >= self._max_t:
-            return super().on_trial_result(tune_controller, trial, result)
-        ends = math.ceil(float(result.get(WARMUP_EPOCHS, 0.0)) - 1e-6)
-        rungs = self._warming.setdefault(ends, copy.deepcopy(self._blank))
-        action = rungs.on_result(trial, time, self._metric_op * metric)
+        if self._time_attr not in result or self._metric not in result:
+            return TrialScheduler.CONTINUE
+        if result[self._time_attr] >= self._max_t and self._stop_last_trials:
+            action = TrialScheduler.STOP
+        else:
+            action = self._rungs(trial, result).on_result(
+                trial, result[self._time_attr], self._metric_op * result[self._metric])
         if action == TrialScheduler.STOP:
             self._num_stopped += 1
         return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        if self._time_attr in result and self._metric in result:
+            self._rungs(trial, result).on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
+        self._trial_info.pop(trial.trial_id, None)

@@ -105,8 +105,8 @@ def _scheduler(cfg: DictConfig, run_dir: Path):
         from trainyard.tune.pbt import make_pbt
 
         return make_pbt(cfg, run_dir, mutable_keys(cfg))
-    if t.grace_warmup:
-        from trainyard.tune.asha import WarmupASHA as ASHAScheduler
+    if t.asha_per_schedule:
+        from trainyard.tune.asha import ScheduleASHA as ASHAScheduler
     else:
         from ray.tune.schedulers import ASHAScheduler
 
