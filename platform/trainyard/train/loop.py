@@ -27,7 +27,7 @@ from trainyard.config import ResolvedJob, resolve
 from trainyard.train.data import Prepared, epoch_batches, prepare_data
 from trainyard.train.stream import StreamMeta, TrainFeed, batch_bytes, steps_per_epoch, val_batches
 from trainyard.train.schedule import (EarlyStopping, apply_hyperparameters, make_scheduler, optimizer_steps,
-                                      warmup_end)
+                                      warmup_epochs)
 
 
 class Session(Protocol):
@@ -347,9 +347,8 @@ def setup(job: ResolvedJob, session: Session, streamed: Streamed | None = None) 
         stopping.load(saved.get("stopping"))
     amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    warmup = warmup_end(cfg, epoch_steps) if scheduler is not None else 0
     return Trainee(job, data, model, optimizer, device, amp_dtype, scaler, start_epoch, scheduler, stopping,
-                   warmup / max(1, epoch_steps))
+                   warmup_epochs(cfg, epoch_steps))
 
 
 def train_epoch(t: Trainee, session: Session, epoch: int, emit: Callable[[dict], None]) -> dict:

@@ -25,16 +25,17 @@ def warmup_steps(cfg: Any, total: int) -> int:
     return t.warmup_steps or int(round(t.warmup_ratio * total))
 
 
-def warmup_end(cfg: Any, steps_per_epoch: int) -> float:
-    """The optimizer step at which ``train.scheduler``'s learning rate stops rising: the
-    end of its warmup (one-cycle: its peak, pct_start into the run); 0 with no warmup."""
+def warmup_epochs(cfg: Any, steps_per_epoch: int) -> float:
+    """How many epochs ``train.scheduler``'s learning rate rises for: its warmup (one-cycle:
+    up to its peak, pct_start into the run); 0 with no warmup."""
     t = cfg.train
     if t.scheduler == "none":
         return 0
-    total = max(1, steps_per_epoch * t.epochs)
+    steps = max(1, steps_per_epoch)
+    total = steps * t.epochs
     if t.scheduler == "onecycle":
-        return _onecycle_pct(cfg, total) * total
-    return warmup_steps(cfg, total)
+        return _onecycle_pct(cfg, total) * t.epochs
+    return warmup_steps(cfg, total) / steps
 
 
 def _onecycle_pct(cfg: Any, total: int) -> float:

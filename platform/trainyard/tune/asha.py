@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 
-from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler
 
 from trainyard.train.loop import WARMUP_EPOCHS
 
@@ -32,32 +32,21 @@ SCHEDULE = "train.scheduler"
 
 
 class ScheduleASHA(AsyncHyperBandScheduler):
-    """Ray Tune's ASHA (one bracket, as trainyard runs it), with rungs of their own for each
-    learning-rate schedule."""
+    """Ray Tune's ASHA (one bracket, as trainyard runs it), with a bracket of its own for
+    each learning-rate schedule. Ray's ASHA keeps each trial's bracket in ``_trial_info``
+    (its one bracket, from ``on_trial_add``); a trial's first result moves it to its
+    schedule's, and Ray's own code decides from there."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._blank = copy.deepcopy(self._brackets[0])  # rungs with nothing recorded
-        #: Each schedule's rungs, by (train.scheduler, the epoch its warmup ends in).
+        #: Each schedule's bracket, by (train.scheduler, the epoch its warmup ends in).
         self._by_schedule: dict[tuple, object] = {}
 
-    def _rungs(self, trial, result: dict):
-        key = (str((trial.config or {}).get(SCHEDULE)), math.ceil(float(result.get(WARMUP_EPOCHS, 0.0)) - 1e-6))
-        return self._by_schedule.setdefault(key, copy.deepcopy(self._blank))
-
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if self._time_attr not in result or self._metric not in result:
-            return TrialScheduler.CONTINUE
-        if result[self._time_attr] >= self._max_t and self._stop_last_trials:
-            action = TrialScheduler.STOP
-        else:
-            action = self._rungs(trial, result).on_result(
-                trial, result[self._time_attr], self._metric_op * result[self._metric])
-        if action == TrialScheduler.STOP:
-            self._num_stopped += 1
-        return action
-
-    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        if self._time_attr in result and self._metric in result:
-            self._rungs(trial, result).on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
-        self._trial_info.pop(trial.trial_id, None)
+        if self._trial_info.get(trial.trial_id, self._brackets[0]) is self._brackets[0]:
+            key = (str((trial.config or {}).get(SCHEDULE)), math.ceil(float(result.get(WARMUP_EPOCHS, 0.0)) - 1e-6))
+            if key not in self._by_schedule:
+                # Ray's bracket records nothing: every trial has left it by its first result.
+                self._by_schedule[key] = copy.deepcopy(self._brackets[0])
+            self._trial_info[trial.trial_id] = self._by_schedule[key]
+        return super().on_trial_result(tune_controller, trial, result)
