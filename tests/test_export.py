@@ -192,6 +192,24 @@ def test_output_folder_is_never_overwritten(runs, tmp_path):
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
 
 
+def test_a_run_name_in_the_manifest_never_leads_the_default_output_out_of_the_folder(runs, tmp_path,
+                                                                                   monkeypatch):
+    import json
+    import shutil
+
+    run_dir, _ = runs["mlp"]
+    forged = tmp_path / "forged"
+    shutil.copytree(run_dir / "checkpoint_000000", forged)
+    manifest = json.loads((forged / "manifest.json").read_text())
+    (forged / "manifest.json").write_text(json.dumps({**manifest, "run": "../../escaped"}))
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    with pytest.raises(TrainyardError, match=r"the run name in its manifest.*'\.\./\.\./escaped' is not a valid name"):
+        export_checkpoint(forged, "torchscript")
+    assert not (tmp_path / "escaped-torchscript").exists() and list(work.iterdir()) == []
+
+
 def test_a_missing_export_extra_is_named(runs, tmp_path, monkeypatch):
     import importlib.util
 

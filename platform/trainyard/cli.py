@@ -11,7 +11,7 @@ import sys  # noqa: E402
 
 import click  # noqa: E402
 
-from trainyard.errors import TrainyardError  # noqa: E402
+from trainyard.errors import ConfigError, TrainyardError  # noqa: E402
 from trainyard.runtime.ingress import INGRESS_MODES  # noqa: E402
 
 
@@ -78,6 +78,10 @@ class TrainyardGroup(click.Group):
         except Exception as exc:
             if os.environ.get("TRAINYARD_DEBUG"):
                 raise
+            if type(exc).__module__.startswith("omegaconf."):  # a value read late: ${oc.env:UNSET}
+                from trainyard.config import _describe
+
+                _fail(str(_describe(exc)), ConfigError.exit_code)
             _fail(f"unexpected {type(exc).__name__}: {exc} (run again with TRAINYARD_DEBUG=1 "
                   "for the traceback, and please report it)")
 
@@ -188,6 +192,11 @@ def tune(config, overrides, address, resume, as_json, tracking_uri):
 
     if tracking_uri and config is None:
         raise click.UsageError("--tracking-uri: a resumed search keeps its own config's tracking")
+    ignored = [o for o in overrides if o.partition("=")[0].strip() != "storage_path"] if resume else []
+    if ignored:  # storage_path= may say where the run named RUN is
+        raise click.UsageError(f"--resume: a resumed search runs with the config it was started with "
+                               f"(RUN/trainyard_tune.yaml), so {' '.join(ignored)} would change nothing; "
+                               "start a new search (another name=) to change it")
     cfg = load_config(config, [*overrides, *tracking.cli_overrides(tracking_uri)]) if config else None
     _warn_plugin_problems(console)
     from rich.markup import escape

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainyard.errors import ConfigError, PluginError
@@ -349,6 +350,42 @@ def _describe(exc: OmegaConfBaseException, prefix: str = "") -> ConfigError:
     return ConfigError(f"{key}: {message}" if key else message)
 
 
+def _misplaced(cfg: DictConfig, layer: Any) -> str | None:
+    """Why ``layer`` cannot merge onto ``cfg`` when OmegaConf does not say where (a list given
+    for a section or a search dimension, a mapping for a list, a plain value for a section):
+    the first key whose branch alone fails to merge, and what it was given; None if none."""
+    if isinstance(layer, DictConfig):
+        layer = OmegaConf.to_container(layer, resolve=False)
+    if not isinstance(layer, dict):
+        return None
+    kinds = {list: "a list", dict: "a mapping of keys"}
+
+    def find(branch: dict, path: tuple) -> str | None:
+        for key, value in branch.items():
+            here = (*path, str(key))
+            nested: Any = value
+            for part in reversed(here):
+                nested = {part: nested}
+            try:
+                OmegaConf.merge(cfg, nested)
+                continue
+            except (TypeError, OmegaConfBaseException) as exc:
+                if getattr(exc, "full_key", None):
+                    continue
+            target: Any = cfg
+            for part in here:
+                target = target.get(part) if isinstance(target, DictConfig) else None
+            if isinstance(value, dict) and not isinstance(target, ListConfig):
+                deeper = find(value, here)
+                if deeper:
+                    return deeper
+            given = kinds.get(type(value), f"a plain value ({value!r})")
+            return f"{'.'.join(here)}: {given} does not fit here (check the nesting against the schema)"
+        return None
+
+    return find(layer, ())
+
+
 def _allowed_keys(exc: OmegaConfBaseException) -> str:
     obj = getattr(exc, "object_type", None)
     if obj is not None and dataclasses.is_dataclass(obj):
@@ -398,7 +435,13 @@ def merge_config(schema: type, path: str | Path | None = None, overrides: list[s
     try:
         cfg = start if start is not None else _structured(schema)
         for layer in layers:
-            cfg = OmegaConf.merge(cfg, layer)
+            try:
+                cfg = OmegaConf.merge(cfg, layer)
+            except (TypeError, OmegaConfBaseException) as exc:
+                clash = _misplaced(cfg, layer) if not getattr(exc, "full_key", None) else None
+                if clash is None:
+                    raise
+                raise ConfigError(clash) from None
         # A checked start has every required value; only the layers could take one away.
         missing = sorted(OmegaConf.missing_keys(cfg)) \
             if start is None or any(OmegaConf.missing_keys(layer) for layer in layers) else []
@@ -441,10 +484,12 @@ def _check_values(cfg: DictConfig) -> None:
     t, s, c = cfg.train, cfg.scaling, cfg.checkpoint
     rules = [
         (name_problem(cfg.name) is None, "name", f"must be {RULE_TEXT}"),
+        (0 <= cfg.seed < 2**32, "seed", "must be 0 to 2**32 - 1 (numpy's and torch's seed range)"),
         (t.epochs >= 1, "train.epochs", "must be at least 1"),
         (t.batch_size >= 1, "train.batch_size", "must be at least 1"),
-        (t.lr >= 0, "train.lr", "must not be negative"),
-        (t.weight_decay >= 0, "train.weight_decay", "must not be negative"),
+        (0 <= t.lr < math.inf, "train.lr", "must be a finite number, not negative"),
+        (0 <= t.weight_decay < math.inf, "train.weight_decay", "must be a finite number, not negative"),
+        (0 <= t.momentum < math.inf, "train.momentum", "must be a finite number, not negative"),
         (t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be positive or null"),
         (t.torch_threads >= 0, "train.torch_threads", "must not be negative"),
         (t.warmup_steps >= 0, "train.warmup_steps", "must not be negative"),
@@ -462,8 +507,8 @@ def _check_values(cfg: DictConfig) -> None:
         ),
         (s.num_workers >= 1, "scaling.num_workers", "must be at least 1"),
         (str(s.use_gpu).lower() in USE_GPU, "scaling.use_gpu", "must be auto, true or false"),
-        (s.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be positive"),
-        (s.gpus_per_worker > 0, "scaling.gpus_per_worker", "must be positive"),
+        (0 < s.cpus_per_worker < math.inf, "scaling.cpus_per_worker", "must be a positive finite number"),
+        (0 < s.gpus_per_worker < math.inf, "scaling.gpus_per_worker", "must be a positive finite number"),
         (
             t.batch_size >= s.num_workers,
             "train.batch_size",

@@ -86,10 +86,14 @@ class ExportResult:
 
 
 def default_output(checkpoint: Path, fmt: str) -> Path:
-    """``<run>-<format>`` in the working folder."""
+    """``<run>-<format>`` in the working folder (the run's name read from the checkpoint's
+    manifest, checked like any name that becomes a folder)."""
+    from trainyard.names import check_name
     from trainyard.winners import model_name_for
 
-    return Path(f"{model_name_for(checkpoint)}-{fmt}")
+    name = check_name(model_name_for(checkpoint), f"{checkpoint}: the run name in its manifest (give -o)",
+                      error=TrainyardError)
+    return Path(f"{name}-{fmt}")
 
 
 def export_checkpoint(

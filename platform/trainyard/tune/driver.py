@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,10 +335,15 @@ class _Tuners:
     def restored(self, restart_errored: bool = False):
         from ray import tune
 
-        tuner = tune.Tuner.restore(
-            self.state_dir, trainable=self.trainable, resume_unfinished=True, resume_errored=False,
-            restart_errored=restart_errored, param_space=param_space(self.cfg),
-        )
+        try:
+            tuner = tune.Tuner.restore(
+                self.state_dir, trainable=self.trainable, resume_unfinished=True, resume_errored=False,
+                restart_errored=restart_errored, param_space=param_space(self.cfg),
+            )
+        except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+            raise ConfigError(f"--resume: {self.state_dir}: Tune's saved search (tuner.pkl) is damaged and "
+                              f"cannot be resumed ({type(exc).__name__}: {exc}); start the search again "
+                              "under another name=") from None
         # Tune restores the search algorithm's state into the object it pickled; a search
         # begun by an older trainyard pickled Tune's own, which a torn snapshot can hang.
         tune_config = tuner._local_tuner._tune_config
@@ -370,7 +376,8 @@ def _find_run(resume: str, cfg: DictConfig | None) -> Path:
     candidate = Path(storage).expanduser().resolve() / resume
     if (candidate / "trainyard_tune.yaml").is_file():
         return check_run_dir_trusted(candidate)
-    raise ConfigError(f"--resume: no tuning run found at {str(path)!r} or {str(candidate)!r}")
+    where = f"{str(path)!r}" if path.resolve() == candidate else f"{str(path)!r} or {str(candidate)!r}"
+    raise ConfigError(f"--resume: no tuning run found at {where} (no trainyard_tune.yaml there)")
 
 
 def _bucket_run(uri: str) -> Path:

@@ -1,0 +1,84 @@
+"""Bad input found by trying the CLI as a user would: each gets one line naming what is
+wrong, before anything runs (and nothing is written where it should not be)."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from trainyard.cli import main
+from trainyard.config import load_config
+from trainyard.errors import ConfigError
+
+MLP = "configs/mlp_breast_cancer.yaml"
+TUNE = "configs/tune_mlp.yaml"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=-1", "seed: must be 0 to 2**32 - 1"),
+    ("train.lr=inf", "train.lr: must be a finite number"),
+    ("train.lr=nan", "train.lr: must be a finite number"),
+    ("train.momentum=-5", "train.momentum: must be a finite number, not negative"),
+    ("scaling.cpus_per_worker=inf", "scaling.cpus_per_worker: must be a positive finite number"),
+    ("model.params=[1,2]", "model.params: a list does not fit here"),
+    ("data.params=[a]", "data.params: a list does not fit here"),
+    ("model=5", "model: a plain value (5) does not fit here"),
+    ("scaling.resources_per_worker=[1]", "scaling.resources_per_worker: a list does not fit here"),
+])
+def test_a_bad_value_is_named_in_one_line(override, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(MLP, [override])
+    assert str(caught.value).startswith(message), caught.value
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("tune:\n  space:\n    train.lr: [0.1, 0.2]\n", "tune.space.train.lr: a list does not fit here"),
+    ("train:\n  metrics: {a: 1}\n", "train.metrics: a mapping of keys does not fit here"),
+    ("model: mlp\n", "model: a plain value ('mlp') does not fit here"),
+])
+def test_a_section_given_the_wrong_shape_in_a_file_is_named(tmp_path, yaml_text, message):
+    (tmp_path / "bad.yaml").write_text(yaml_text)
+    from omegaconf import OmegaConf
+
+    with pytest.raises(ConfigError, match=f"^{message}".replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace(".", r"\.")):
+        load_config(TUNE, base=OmegaConf.load(tmp_path / "bad.yaml"))
+
+
+def test_an_unset_environment_variable_in_a_config_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("TY_SURELY_UNSET", raising=False)
+    job = tmp_path / "job.yaml"
+    job.write_text("name: envjob\ndata: {name: breast_cancer}\nmodel: {name: mlp}\n"
+                   "train:\n  epochs: ${oc.env:TY_SURELY_UNSET}\n")
+    result = CliRunner().invoke(main, ["train", str(job), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == ('error: train.epochs: KeyError raised while resolving interpolation: '
+                                     '"Environment variable \'TY_SURELY_UNSET\' not found"')
+
+
+def test_tune_resume_refuses_overrides_it_would_ignore(tmp_path):
+    result = CliRunner().invoke(main, ["tune", TUNE, "tune.num_samples=5", "storage_path=/x",
+                                       "--resume", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "tune.num_samples=5 would change nothing" in result.output
+    assert "storage_path" not in result.output.split("would change nothing")[0]
+
+
+def test_tune_resume_of_a_missing_run_names_the_path_once(tmp_path):
+    missing = tmp_path / "nowhere"
+    result = CliRunner().invoke(main, ["tune", "--resume", str(missing)])
+    assert result.exit_code == 2
+    assert result.output.count(str(missing)) == 1, result.output
+    assert "no tuning run found" in result.output
+
+
+@pytest.mark.parametrize("damage", [b"", b"garbage\n", b"\x80\x05\x95"])
+def test_a_damaged_tune_state_says_it_cannot_be_resumed(tmp_path, ray_cluster, damage):
+    from trainyard.tune.driver import _Tuners
+
+    cfg = load_config(TUNE, [f"storage_path={tmp_path}"])
+    (tmp_path / "tuner.pkl").write_bytes(damage)
+    tuners = _Tuners(cfg, tmp_path, str(tmp_path), "val_accuracy", "max", [])
+    with pytest.raises(ConfigError, match=r"tuner\.pkl\) is damaged and cannot be resumed"):
+        tuners.restored()
