@@ -183,6 +183,13 @@ HAND_FOUND = {  # label: (route, body, Inference-Header-Content-Length, what the
     "binary inputs a number": ("infer", b'{"inputs": 5}', "binary", "'inputs' must be a list"),
     "predict: numeric strings": ("predict", json.dumps({"inputs": [["1"] * 30]}).encode(), None, "must be numbers, not a string"),
     "predict: 10**400": ("predict", json.dumps({"inputs": [[10**400] * 30]}).encode(), None, "too large"),
+    # JSON reads 1e400 as Infinity, which the client never sent: the message says what it did.
+    "predict: 1e400": ("predict", b'{"inputs": [[1e400' + b", 1" * 29 + b"]]}", None,
+                       "a number is too large (past FP64's range)"),
+    "infer: -1e400": ("infer", _oip().replace(b"[0.5", b"[-1e400", 1), None, "too large (past FP64's range)"),
+    # The id is echoed back; a lone surrogate there made the answer itself invalid JSON.
+    "lone surrogate id": ("infer", _oip().replace(b"{", b'{"id": "a\\udfffb", ', 1), None,
+                          "'id': not valid Unicode text (surrogates not allowed at character 1)"),
     "predict: true": ("predict", json.dumps({"inputs": [[True] * 30]}).encode(), None, "not true/false"),
 }
 

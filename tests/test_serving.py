@@ -128,6 +128,10 @@ def test_health_metadata_and_versions(served):
     assert status == 404 and "no version '7'" in body["error"]
     status, body = call(base + "/v2/models/resnet/infer", {"inputs": []})
     assert status == 404 and "no model named 'resnet'" in body["error"]
+    # A served model's route with its '/' sent encoded does not reach the model.
+    status, body = call(base + "/v2/models/mlp%2Fready")
+    assert status == 404 and body["error"] == ("no route '/v2/models/mlp/ready' for model 'mlp' (a '/' "
+                                               "encoded as %2F does not separate the parts of a path)")
     assert {m["name"] for m in call(base + "/v2/models")[1]["models"]} >= set(MODELS)
 
 

@@ -771,6 +771,9 @@ class Root:
 
     @root_api.api_route("/v2/models/{name}{rest:path}", methods=["GET", "POST"])
     async def unknown_model(self, name: str, rest: str = ""):
+        if name in self.models:  # its own routes did not take it: a '/' sent encoded, as %2F
+            return error(404, f"no route {'/v2/models/' + name + rest!r} for model {name!r} (a '/' "
+                              "encoded as %2F does not separate the parts of a path)")
         served = ", ".join(sorted(self.models)) or "none"
         return error(404, f"no model named {name!r} is served (served: {served})")
 

@@ -158,7 +158,10 @@ def check_values(array: Any, datatype: str, where: str, data: Any = None) -> Non
     # through min and max) and Infinity: this runs on every request.
     low, high = float(array.min()), float(array.max())
     if not (math.isfinite(low) and math.isfinite(high)):
-        raise RequestError(f"{where}: NaN and Infinity are not accepted")
+        # JSON has no NaN or Infinity (they are refused as they are read): here they are a
+        # number past FP64's range, which Python's JSON reads as Infinity.
+        raise RequestError(f"{where}: NaN and Infinity are not accepted" if data is None else
+                           f"{where}: a number is too large (past FP64's range)")
     if datatype in OIP_INT_RANGES:
         lo, hi = OIP_INT_RANGES[datatype]
         if not np.array_equal(array, np.trunc(array)):
@@ -294,6 +297,10 @@ def oip_to_raw(body: Any, sig: ModelSignature, max_batch: int) -> Any:
         raise RequestError(f"unknown field(s): {_fields(extra)}")
     if "id" in body and not isinstance(body["id"], str):
         raise RequestError(f"'id' must be a string, not {_json_type(body['id'])}")
+    try:  # echoed back: it must be text any JSON parser can read
+        body.get("id", "").encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(f"'id': not valid Unicode text ({exc.reason} at character {exc.start})") from None
     if "parameters" in body and not isinstance(body["parameters"], dict):
         raise RequestError("'parameters' must be an object")
     inputs = body.get("inputs")
