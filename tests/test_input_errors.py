@@ -82,3 +82,25 @@ def test_a_damaged_tune_state_says_it_cannot_be_resumed(tmp_path, ray_cluster, d
     tuners = _Tuners(cfg, tmp_path, str(tmp_path), "val_accuracy", "max", [])
     with pytest.raises(ConfigError, match=r"tuner\.pkl\) is damaged and cannot be resumed"):
         tuners.restored()
+
+
+def test_deploy_on_a_port_another_server_holds_is_refused_before_ray_starts(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_serving import make_checkpoint
+
+    folder, _, _ = make_checkpoint(tmp_path / "ckpt", "mlp_breast_cancer", "porttaken")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        started = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "trainyard.cli", "deploy", str(folder), "--port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stderr.strip() == (f"error: port {port} on 127.0.0.1 is already in use (another server "
+                                  "listens there); stop it, or serve on another --port")
+    assert time.monotonic() - started < 30  # no Ray was started to find it out

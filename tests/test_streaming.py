@@ -178,12 +178,14 @@ def test_files_params_are_checked_before_ray_starts(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_column", "empty_glob", "no_such_folder", "wrong_extension", "not_parquet",
-                                  "one_class", "label_not_classes"])
-def test_bad_data_is_one_line_naming_the_uri_or_column(ray_cluster, tmp_path, case):
+                                  "one_class", "label_not_classes", "malformed_csv", "empty_csv"])
+def test_bad_data_is_one_line_naming_the_uri_or_column(ray_cluster, tmp_path, case, capfd):
     frame = _breast_cancer_frame()
     folder = _write_parquet(frame, tmp_path / "table", parts=2)
     (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
     (tmp_path / "fake.parquet").write_text("a,b\n1,2\n")
+    (tmp_path / "quote.csv").write_text('a,b,target\n1,2,0\n3,"4,1\n5,6,0\n')  # a quote left open
+    (tmp_path / "empty.csv").write_text("")
     many = pd.DataFrame({"x": np.arange(10_050, dtype=np.float32), "label": np.arange(10_050) * 0.5})
     _write_parquet(many, tmp_path / "measurements", parts=2)
     params = {"uri": str(folder), "format": "parquet"}
@@ -197,12 +199,20 @@ def test_bad_data_is_one_line_naming_the_uri_or_column(ray_cluster, tmp_path, ca
         "one_class": (dict(params, classes=["only"]), "fewer than two classes"),
         "label_not_classes": (dict(params, uri=str(tmp_path / "measurements")),
                               r"column 'label' holds more than 10,000 distinct values; is data.params.task"),
+        "malformed_csv": ({"uri": str(tmp_path / "quote.csv"), "format": "csv", "label": "target"},
+                          r"quote.csv: cannot read \(Failed to read CSV file"),
+        "empty_csv": ({"uri": str(tmp_path / "empty.csv"), "format": "csv", "label": "target"},
+                      r"empty.csv: cannot read \(Failed to read CSV file"),
     }[case]
     cfg = _files_cfg(tmp_path, "mlp", expected[0])
+    capfd.readouterr()
     with pytest.raises(ConfigError, match=expected[1]) as err:
         prepare_stream(resolve(cfg))
     message = str(err.value)
     assert "\n" not in message and message.startswith("data (files): ")
+    assert "ray::" not in message
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.err + printed.out  # Ray Data's traces go to its log file only
 
 
 # --------------------------------------------------------------------------------------

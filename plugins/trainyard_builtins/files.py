@@ -96,8 +96,21 @@ def _filesystem(uri: str):
 
 
 def _line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    """The reason ``exc`` gives, in one line: its innermost cause's (a Ray task's error wraps
+    the reader's, which wraps the parser's), else its own first line."""
+    chain, seen = [exc], {id(exc)}
+    while True:
+        inner = getattr(chain[-1], "cause", None) or chain[-1].__cause__
+        if not isinstance(inner, BaseException) or id(inner) in seen:
+            break
+        chain.append(inner)
+        seen.add(id(inner))
+    for error in reversed(chain):
+        lines = [line.strip() for line in str(error).splitlines()
+                 if line.strip() and not line.strip().startswith(("ray::", "\x1b[36mray::"))]
+        if lines:
+            return lines[0]
+    return type(exc).__name__
 
 
 def find_files(uri: str, fmt: str):

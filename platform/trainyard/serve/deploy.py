@@ -130,8 +130,12 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
 
     from trainyard.serve.app import model_app, root_app
 
+    import ray
+
     application_specs(cfg, auth={})  # errors in the winners surface before Ray starts
     check_exposure(cfg, cfg.host)
+    if address is None and not ray.is_initialized():  # nothing of this process holds it yet
+        _check_port_free(cfg.host, int(cfg.port))
     auth = replica_auth(cfg, address)
     init_ray(address, ingress=None if cfg.ingress == "auto" else cfg.ingress)
     check_serve_fits(cfg)
@@ -158,6 +162,27 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
                     pass
             raise TrainyardError(f"model {spec['name']!r} did not start: {reason}") from None
     return endpoints
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse, before Ray starts, a port another server listens on (Serve would find out
+    only when its HTTP ingress fails to bind, in a stack trace)."""
+    import errno
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise TrainyardError(f"--host {host!r}: cannot be resolved ({exc.strerror})") from None
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise TrainyardError(f"port {port} on {host} is already in use (another server listens "
+                                     "there); stop it, or serve on another --port") from None
+            raise TrainyardError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
 
 
 def _shed_in_haproxy(spec: dict) -> None:

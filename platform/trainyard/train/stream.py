@@ -15,6 +15,7 @@ shuffled as ``data.stream.shuffle`` says, with ``prefetch_batches`` fetches prep
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from dataclasses import dataclass
@@ -195,6 +196,31 @@ def _first_line(exc: BaseException) -> str:
 def prepare_stream(job: Any, search: bool = False) -> Stream:
     """The job's training and validation streams, encoded, and the fitted processor.
     ``search``: the streams feed a Tune search (its trials share them)."""
+    quiet_ray_data()  # imports Ray Data, which sets its logging up
+    with _read_errors_in_one_line():
+        return _prepare_stream(job, search)
+
+
+@contextlib.contextmanager
+def _read_errors_in_one_line():
+    """Ray Data logs a read that fails with its stack traces on the console before it raises;
+    here every such error becomes one ConfigError line naming the URI, so the console shows
+    that line only (the traces still go to the session's ray-data log)."""
+    import logging
+
+    handlers = [h for h in logging.getLogger("ray.data").handlers if not isinstance(h, logging.FileHandler)
+                and type(h).__name__ != "SessionFileHandler"]
+    levels = [h.level for h in handlers]
+    for h in handlers:
+        h.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for h, level in zip(handlers, levels):
+            h.setLevel(level)
+
+
+def _prepare_stream(job: Any, search: bool = False) -> Stream:
     cfg = job.config
     s = cfg.data.stream
     quiet_ray_data()
