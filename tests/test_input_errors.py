@@ -24,6 +24,8 @@ TUNE = "configs/tune_mlp.yaml"
     ("data.params=[a]", "data.params: a list does not fit here"),
     ("model=5", "model: a plain value (5) does not fit here"),
     ("scaling.resources_per_worker=[1]", "scaling.resources_per_worker: a list does not fit here"),
+    ("storage_path=", "storage_path: must not be empty (a value of type 'str')"),
+    ("train.epochs=", "train.epochs: must not be empty (a value of type 'int')"),
 ])
 def test_a_bad_value_is_named_in_one_line(override, message):
     with pytest.raises(ConfigError) as caught:
@@ -104,3 +106,15 @@ def test_deploy_on_a_port_another_server_holds_is_refused_before_ray_starts(tmp_
     assert out.stderr.strip() == (f"error: port {port} on 127.0.0.1 is already in use (another server "
                                   "listens there); stop it, or serve on another --port")
     assert time.monotonic() - started < 30  # no Ray was started to find it out
+
+
+def test_deploy_of_a_path_that_does_not_exist_says_so(tmp_path):
+    result = CliRunner().invoke(main, ["deploy", str(tmp_path / "nowhere")])
+    assert result.exit_code == 1 and result.output.strip() == f"error: {tmp_path / 'nowhere'}: no such file or folder"
+
+
+def test_a_served_version_and_a_job_id_follow_the_name_rule(tmp_path):
+    result = CliRunner().invoke(main, ["deploy", str(tmp_path), "--version", "../1"])
+    assert result.exit_code == 2 and "models[0].version: '../1' is not a valid name" in result.output
+    result = CliRunner().invoke(main, ["submit", MLP, f"storage_path={tmp_path}", "--job-id", "../x", "--dry-run"])
+    assert result.exit_code == 2 and "--job-id" in result.output and "'../x' is not a valid name" in result.output

@@ -365,3 +365,28 @@ def test_a_reader_that_stops_early_hangs_up_the_websocket(fake_head):
     assert next(stream) == "first\n"
     stream.close()  # as Ctrl-C or a break in the caller's loop does
     assert head.closed_by_client.wait(10)
+
+
+def test_an_address_that_is_not_ray_s_jobs_api_is_said_to_be_so(monkeypatch):
+    """A web server that is not Ray's dashboard (404 to everything) was reported as a
+    missing job named '?'."""
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from trainyard.jobs import JobsClient
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    address = f"http://127.0.0.1:{server.server_port}"
+    try:
+        with pytest.raises(JobsError) as refused:
+            JobsClient(address).list()
+    finally:
+        server.shutdown()
+    assert str(refused.value).startswith(f"{address} is not Ray's Jobs API (Version check returned 404)")
+    assert "port 8265" in str(refused.value) and "no job" not in str(refused.value)

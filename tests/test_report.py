@@ -270,3 +270,20 @@ def test_exploits_kept_in_the_trials_file_show_when_the_jsonl_is_gone(tmp_path):
     assert "1970-01-01 00:00:00 UTC" in page
     assert "1 stopped early" not in page and "1 never started" in page and "never reported an epoch" in page
     assert "<p>the time budget (tune.time_budget_s=5s) ended the search.</p>" in page
+
+
+def test_report_output_that_is_a_folder_missing_or_someone_else_s_file_is_refused(tmp_path):
+    from trainyard.errors import TrainyardError
+
+    run = _run(tmp_path, [_trial("t0", {"train.lr": 0.1}, 0.9)])
+    data = tmp_path / "data.csv"
+    data.write_text("a,b\n1,2\n")
+    for output, message in ((tmp_path, "is a folder; give a file"),
+                            (tmp_path / "nowhere" / "r.html", "does not exist"),
+                            (data, "exists and is not an HTML file; the report does not overwrite it")):
+        with pytest.raises(TrainyardError, match=message):
+            write_report(run, output)
+    assert data.read_text() == "a,b\n1,2\n"
+    page = tmp_path / "mine.html"
+    assert write_report(run, page) == page and "<html" in page.read_text()[:200].lower()
+    assert write_report(run, page) == page  # an HTML report is rewritten

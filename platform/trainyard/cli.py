@@ -282,6 +282,10 @@ def submit(config, overrides, address, mode, deploy, serve_port, pip, job_id, fo
 
     from trainyard.config import load_config
     from trainyard.jobs import JobsClient, jobs_address, stage
+    from trainyard.names import name_problem
+
+    if job_id is not None and name_problem(job_id):
+        raise click.BadParameter(name_problem(job_id), param_hint="--job-id")
 
     console = _console()
     cfg = load_config(config, list(overrides))

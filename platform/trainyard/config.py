@@ -341,6 +341,8 @@ def _describe(exc: OmegaConfBaseException, prefix: str = "") -> ConfigError:
         message = f"unknown key (allowed here: {_allowed_keys(exc)})"
     elif "Missing mandatory value" in message:
         message = "missing required value"
+    elif message.startswith("Incompatible value 'None' for field of type"):  # key= with no value
+        message = f"must not be empty (a value of type {message.rsplit('type', 1)[1].strip(' .')})"
     elif "Value '" in message and "could not be converted" in message:
         message = "wrong type: " + message
     elif message.startswith("Invalid value") and "expected one of" in message:

@@ -154,6 +154,9 @@ class JobsClient:
             ) from None
         except RuntimeError as exc:
             text = str(exc)
+            if "Version check returned" in text:  # the address answers HTTP, but not as Ray's Jobs API
+                raise JobsError(f"{self.address} is not Ray's Jobs API ({text.split('.')[0]}): give the "
+                                "head node's dashboard address, usually port 8265") from None
             missing = re.search(r"Job (\S+) does not exist", text)
             if missing or "404" in text:
                 what = missing.group(1) if missing else "?"

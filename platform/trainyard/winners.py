@@ -308,6 +308,8 @@ def resolve_checkpoint(target: str | Path) -> Path | str:
         )
     if read_index(path):
         raise TrainyardError(f"{path}: its winners.json names a version that is not there")
+    if not path.exists():
+        raise TrainyardError(f"{path}: no such file or folder")
     raise TrainyardError(
         f"{path}: not a checkpoint, a winners folder, a tuning run or a training run"
     )

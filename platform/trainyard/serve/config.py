@@ -166,6 +166,7 @@ def load_serve_config(path: str | Path | None = None, overrides: list[str] | Non
         key = f"models[{i}]"
         if m.name:
             check_name(m.name, f"{key}.name", reserved=True)
+        check_name(str(m.version), f"{key}.version")  # a part of the model's routes
         rules += [
             (m.num_replicas >= 1, f"{key}.num_replicas", "must be at least 1"),
             (m.max_replicas == 0 or m.max_replicas >= m.min_replicas >= 0, f"{key}.max_replicas",

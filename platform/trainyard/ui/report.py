@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from trainyard.errors import TrainyardError
+from trainyard.runtime.storage import atomic_write_text
 
 WIDTH, HEIGHT, PAD = 520, 300, 48
 #: Space kinds sampled on a log scale: drawn on a log axis. Every other numeric kind is linear.
@@ -762,6 +763,13 @@ def write_report(run: str | Path, output: str | Path | None = None) -> Path:
     data_file = run_dir / "trainyard_trials.json"
     if not data_file.is_file():
         raise TrainyardError(f"{run_dir} is not a finished trainyard tuning run (no trainyard_trials.json)")
+    out = Path(output).expanduser() if output else run_dir / "report.html"
+    if out.is_dir():
+        raise TrainyardError(f"-o: {out} is a folder; give a file, such as {out / 'report.html'}")
+    if not out.parent.is_dir():
+        raise TrainyardError(f"-o: the folder {out.parent} does not exist")
+    if out.exists() and out.suffix.lower() not in (".html", ".htm"):
+        raise TrainyardError(f"-o: {out} exists and is not an HTML file; the report does not overwrite it")
     data = json.loads(data_file.read_text())
     trials, metric, winners, mode = data["trials"], data["metric"], data["winners"], data["mode"]
     winner = winners[0]["trial_id"] if winners else None
@@ -829,6 +837,5 @@ def write_report(run: str | Path, output: str | Path | None = None) -> Path:
 {''.join(panels)}
 <p>TensorBoard logs: <code>tensorboard --logdir {_e(run_dir.resolve())}</code></p>
 </body></html>"""
-    out = Path(output) if output else run_dir / "report.html"
-    out.write_text(page, encoding="utf-8")
+    atomic_write_text(out, page)
     return out
