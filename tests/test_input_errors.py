@@ -118,3 +118,13 @@ def test_a_served_version_and_a_job_id_follow_the_name_rule(tmp_path):
     assert result.exit_code == 2 and "models[0].version: '../1' is not a valid name" in result.output
     result = CliRunner().invoke(main, ["submit", MLP, f"storage_path={tmp_path}", "--job-id", "../x", "--dry-run"])
     assert result.exit_code == 2 and "--job-id" in result.output and "'../x' is not a valid name" in result.output
+
+
+def test_trainyard_s_own_warnings_are_one_line_without_source(capsys):
+    """Python's default shows a warning's file, line number and line of code."""
+    from trainyard.cli import _show_warning
+    from trainyard.jobs import InsecureTokenWarning
+
+    _show_warning(InsecureTokenWarning("the token goes over plain HTTP"), InsecureTokenWarning,
+                  "/x/cli.py", 405, line="client = JobsClient(address)")
+    assert capsys.readouterr().err == "warning: the token goes over plain HTTP\n"

@@ -8,6 +8,7 @@ START = time.perf_counter()  # the start-up figure counts from here
 
 import os  # noqa: E402
 import sys  # noqa: E402
+import warnings  # noqa: E402
 
 import click  # noqa: E402
 
@@ -63,10 +64,23 @@ def _serve_until_interrupted(console, embedded: bool = True) -> None:
     console.print(f"{name}: requests in flight answered; {what}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """trainyard's own warnings as one line, like its errors (Python's default prints the
+    warning's source file, line number and the line of code); others as Python shows them."""
+    if category.__module__.startswith("trainyard."):
+        click.echo(click.style("warning: ", fg="yellow", bold=True) + str(message), err=True)
+    else:
+        _PYTHON_SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_PYTHON_SHOW_WARNING = warnings.showwarning
+
+
 class TrainyardGroup(click.Group):
     """Turns trainyard's own errors into one readable line instead of a traceback."""
 
     def invoke(self, ctx):
+        warnings.showwarning = _show_warning
         try:
             return super().invoke(ctx)
         except TrainyardError as exc:
