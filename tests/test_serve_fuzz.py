@@ -186,6 +186,11 @@ HAND_FOUND = {  # label: (route, body, Inference-Header-Content-Length, what the
     # JSON reads 1e400 as Infinity, which the client never sent: the message says what it did.
     "predict: 1e400": ("predict", b'{"inputs": [[1e400' + b", 1" * 29 + b"]]}", None,
                        "a number is too large (past FP64's range)"),
+    # The data nested otherwise than its shape says (the OpenAPI document's rows hold numbers).
+    "data nested deeper than its shape": ("infer", _oip(data=[[[0.5]] * 30]), None,
+                                          "nested as [1, 30, 1], not as its shape [1, 30]"),
+    "data of shape [1, 60] for [2, 30]": ("infer", _oip(shape=[2, 30], data=[[0.5] * 60]), None,
+                                          "nested as [1, 60], not as its shape [2, 30]"),
     "infer: -1e400": ("infer", _oip().replace(b"[0.5", b"[-1e400", 1), None, "too large (past FP64's range)"),
     # The id is echoed back; a lone surrogate there made the answer itself invalid JSON.
     "lone surrogate id": ("infer", _oip().replace(b"{", b'{"id": "a\\udfffb", ', 1), None,

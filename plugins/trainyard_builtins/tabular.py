@@ -49,12 +49,20 @@ def read_table(path: str):
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"data file {str(p)!r} does not exist")
-    if p.suffix == ".parquet" or p.name.endswith(".pq"):
-        return pd.read_parquet(p)
     try:
-        return pd.read_csv(p, engine="pyarrow")  # several times faster on large files
-    except (ImportError, ValueError):
-        return pd.read_csv(p)
+        if p.suffix == ".parquet" or p.name.endswith(".pq"):
+            frame = pd.read_parquet(p)
+        else:
+            try:
+                frame = pd.read_csv(p, engine="pyarrow")  # several times faster on large files
+            except (ImportError, ValueError):
+                frame = pd.read_csv(p)
+    except Exception as exc:  # pandas' and pyarrow's parse errors: name the file
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ValueError(f"data file {str(p)!r}: cannot read it ({reason})") from None
+    if frame.empty:
+        raise ValueError(f"data file {str(p)!r} holds no rows")
+    return frame
 
 
 def load_table(params: TableParams, seed):
@@ -72,6 +80,11 @@ def load_table(params: TableParams, seed):
     if missing or not features:
         raise ValueError(f"{params.path}: feature columns not found: {missing or 'no numeric columns'}")
     frames = [frame] + ([read_table(params.val_path)] if params.val_path else [])
+    if params.val_path:
+        absent = [c for c in [*features, params.label] if c not in frames[1].columns]
+        if absent:
+            raise ValueError(f"{params.val_path}: no column(s) {', '.join(map(repr, absent))}, which the "
+                             f"training file {params.path} has")
     classes: list[str] = []
     if params.task == "classification":
         classes = sorted({str(v) for f in frames for v in f[params.label]})

@@ -350,6 +350,9 @@ def oip_to_raw(body: Any, sig: ModelSignature, max_batch: int) -> Any:
         array, exact = json_numbers(data, "inputs[0].data"), data
     if array.size != math.prod(shape):
         raise RequestError(f"inputs[0].data: {array.size} values do not fill shape {shape}")
+    if array.ndim > 1 and list(array.shape) != list(shape):  # OIP: flat, or nested as the shape says
+        raise RequestError(f"inputs[0].data: nested as {list(array.shape)}, not as its shape {shape} "
+                           "(or send it flat)")
     check_values(array, datatype, "inputs[0].data", exact)
     return to_model_batch(array.reshape(shape), sig)
 
