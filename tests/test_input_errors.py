@@ -128,3 +128,70 @@ def test_trainyard_s_own_warnings_are_one_line_without_source(capsys):
     _show_warning(InsecureTokenWarning("the token goes over plain HTTP"), InsecureTokenWarning,
                   "/x/cli.py", 405, line="client = JobsClient(address)")
     assert capsys.readouterr().err == "warning: the token goes over plain HTTP\n"
+
+
+def test_a_new_search_under_the_name_of_one_that_ran_is_refused_before_ray(tmp_path):
+    from trainyard.tune.driver import _search
+
+    cfg = load_config(TUNE, [f"storage_path={tmp_path}", "name=again"])
+    run = tmp_path / "again"
+    run.mkdir()
+    (run / "trainyard_tune.yaml").write_text("name: again\n")  # a search that failed at its start
+    assert _search(cfg, None)[1] == run
+    for record in ("trainyard_trials.json", "experiment_state-2026-11-27_00-00-00.json"):
+        (run / record).write_text("{}")  # one that finished, or one stopped half-way
+        with pytest.raises(ConfigError, match=rf"^name: a search named 'again' already ran in {run}; resume it "
+                                              rf"\(trainyard tune --resume {run}\) or give this one another name=$"):
+            _search(cfg, None)
+        (run / record).unlink()
+
+
+def test_a_run_started_again_with_other_data_is_refused_only_when_it_has_a_checkpoint(tmp_path):
+    """A run that failed before its first checkpoint (a data file that was not there) has
+    nothing to resume: the corrected command starts it again."""
+    from omegaconf import OmegaConf
+
+    from trainyard.train.driver import _check_resumable
+
+    first = load_config(MLP, [f"storage_path={tmp_path}", "name=retry", "data.val_fraction=0.2"])
+    fixed = load_config(MLP, [f"storage_path={tmp_path}", "name=retry", "data.val_fraction=0.3"])
+    run = tmp_path / "retry"
+    run.mkdir()
+    _check_resumable(OmegaConf.to_yaml(first), str(run), fixed)  # no checkpoint: starts again
+    (run / "checkpoint_000000").mkdir()
+    with pytest.raises(ConfigError, match=r"^data: run 'retry' already exists .* different data section, so it "
+                                          r"cannot resume"):
+        _check_resumable(OmegaConf.to_yaml(first), str(run), fixed)
+    _check_resumable(OmegaConf.to_yaml(fixed), str(run), fixed)  # the same config resumes
+
+
+def test_the_table_dataset_names_the_file_and_what_is_wrong_with_it(tmp_path):
+    from trainyard_builtins.tabular import TableParams, load_table
+
+    files = {"empty.csv": "", "header.csv": "a,b,target\n", "quote.csv": 'a,b,target\n1,2,0\n3,"4,1\n5,6,0\n',
+             "ok.csv": "a,b,target\n1,2,0\n3,4,1\n", "val.csv": "a,target\n1,0\n2,1\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    cases = [("empty.csv", None, r"empty\.csv': cannot read it \(No columns to parse from file\)"),
+             ("header.csv", None, r"header\.csv' holds no rows"),
+             ("quote.csv", None, r"quote\.csv': cannot read it \(.*EOF inside string"),
+             ("ok.csv", "val.csv", r"val\.csv: no column\(s\) 'b', which the training file .*ok\.csv has")]
+    for path, val, message in cases:
+        with pytest.raises(ValueError, match=message):
+            load_table(TableParams(path=str(tmp_path / path), label="target",
+                                   val_path=str(tmp_path / val) if val else None), 0)
+
+
+@pytest.mark.parametrize("dimension, message", [
+    ({"name": {"type": "choice", "values": ["a", "b"]}}, "tune.space.name: name is the search's own setting"),
+    ({"storage_path": {"type": "choice", "values": ["/a", "/b"]}}, "tune.space.storage_path: storage_path is the"),
+    ({"tune.num_samples": {"type": "choice", "values": [1, 2]}}, "tune.space.tune.num_samples: tune.num_samples is"),
+    ({"train.metrics": {"type": "choice", "values": [["accuracy"], ["loss"]]}}, "tune.space.train.metrics: train"),
+    ({"train.lr": {"type": "uniform", "low": 0.0, "high": float("inf")}},
+     r"tune.space.train.lr.high: must be a finite number \(got inf\)"),
+])
+def test_a_space_that_searches_the_search_itself_or_to_infinity_is_refused(dimension, message):
+    from trainyard.tune.space import validate_space
+
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        validate_space(load_config(TUNE, base={"tune": {"space": dimension}}))

@@ -251,10 +251,14 @@ def _fit(cfg: Any, job: Any, loop_config: dict, storage: str, sink: Any, run_dir
 
 def _check_resumable(previous: str | None, run_dir: str, cfg: Any) -> None:
     """A run started again resumes; its model and data must be those it was trained on.
-    ``previous``: the run's saved config.yaml, if it has one."""
+    ``previous``: the run's saved config.yaml, if it has one. A run that saved no
+    checkpoint (it failed before its first epoch ended: a data file that was not there) has
+    nothing to resume, and starts again with the new config."""
     from omegaconf import OmegaConf
 
-    if previous is None:
+    from trainyard.runtime.storage import list_names
+
+    if previous is None or not any(n.startswith("checkpoint_") for n in list_names(run_dir)):
         return
     old = OmegaConf.create(previous)
     for key in ("model", "data"):

@@ -261,7 +261,16 @@ def _search(cfg: DictConfig | None, resume: str | None) -> tuple[DictConfig, Pat
     if is_uri(cfg.tune.registry):
         check_uri(cfg.tune.registry, "tune.registry", write=True)
     run_dir = Path(run_dir or local_run_dir(storage, cfg.name))
+    if not resume and _searched_before(run_dir):  # a new search would replace its records
+        raise ConfigError(f"name: a search named {cfg.name!r} already ran in {run_dir}; resume it "
+                          f"(trainyard tune --resume {run_dir}) or give this one another name=")
     return cfg, run_dir, f"val_{metric_name}", mode
+
+
+def _searched_before(run_dir: Path) -> bool:
+    """A search ran in ``run_dir``: it finished (its trials' record), or Tune saved its state
+    (one stopped half-way, to be resumed). A search that failed before either starts again."""
+    return (run_dir / "trainyard_trials.json").is_file() or any(run_dir.glob("experiment_state-*.json"))
 
 
 def state_dir(cfg: DictConfig, run_dir: Path) -> str:

@@ -3,6 +3,7 @@ param schemas before anything starts, applied to a trial's config, and handed to
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +22,8 @@ def _dimension_samples(key: str, dim: Any) -> list:
     for bound in ("low", "high"):
         if getattr(dim, bound) is None:
             raise ConfigError(f"{where}.{bound}: {kind} needs low and high")
+        if not math.isfinite(getattr(dim, bound)):
+            raise ConfigError(f"{where}.{bound}: must be a finite number (got {getattr(dim, bound)})")
     if dim.low >= dim.high:
         raise ConfigError(f"{where}: low ({dim.low:g}) must be below high ({dim.high:g})")
     if kind == "loguniform" and dim.low <= 0:
@@ -32,6 +35,12 @@ def _dimension_samples(key: str, dim: Any) -> list:
     return [dim.low, dim.high]
 
 
+#: Keys that are the search's, not a trial's: where it runs and stores, and how it searches.
+NOT_SEARCHED = ("name", "storage_path", "tracking", "tune", "scaling", "checkpoint",
+                "train.metrics", "train.monitor")
+NOT_SEARCHED_PREFIXES = ("tune.", "tracking.", "scaling.", "checkpoint.")
+
+
 def validate_space(cfg: DictConfig) -> dict[str, list]:
     """Check every dimension against the job schema and the plugins' param schemas."""
     space = cfg.tune.space
@@ -39,6 +48,9 @@ def validate_space(cfg: DictConfig) -> dict[str, list]:
         raise ConfigError("tune.space: empty; give at least one dimension, e.g. train.lr")
     samples: dict[str, list] = {}
     for key, dim in space.items():
+        if key in NOT_SEARCHED or key.startswith(NOT_SEARCHED_PREFIXES):
+            raise ConfigError(f"tune.space.{key}: {key} is the search's own setting, the same for every "
+                              "trial; it cannot be searched")
         values = _dimension_samples(key, dim)
         current = OmegaConf.select(cfg, key, default="__missing__")
         if current == "__missing__" and not key.startswith(("model.params.", "data.params.")):
