@@ -195,3 +195,33 @@ def test_a_space_that_searches_the_search_itself_or_to_infinity_is_refused(dimen
 
     with pytest.raises(ConfigError, match=f"^{message}"):
         validate_space(load_config(TUNE, base={"tune": {"space": dimension}}))
+
+
+def test_a_hand_damaged_checkpoint_is_one_line_naming_the_file(tmp_path):
+    import json
+    import shutil
+
+    from tests.test_serving import make_checkpoint
+    from trainyard.checkpoint import load_predictor
+    from trainyard.errors import TrainyardError
+    from trainyard.winners import model_name_for
+
+    folder, _, _ = make_checkpoint(tmp_path / "ckpt", "mlp_breast_cancer", "damaged")
+    manifest = json.loads((folder / "manifest.json").read_text())
+
+    emptied = tmp_path / "emptied"
+    shutil.copytree(folder, emptied)
+    (emptied / "manifest.json").write_text("{}")
+    with pytest.raises(TrainyardError, match=r"manifest\.json: names no model plugin"):
+        load_predictor(emptied)
+    with pytest.raises(TrainyardError, match="names no run or model"):
+        model_name_for(emptied)
+
+    widened = tmp_path / "widened"
+    shutil.copytree(folder, widened)
+    params = dict(manifest["model_params"], hidden=[128, 32])
+    text = json.dumps({**manifest, "model_params": params})
+    (widened / "manifest.json").write_text(text)
+    with pytest.raises(TrainyardError, match=r"its weights do not fit the model its manifest\.json") as refused:
+        load_predictor(widened)
+    assert "\n" not in str(refused.value)

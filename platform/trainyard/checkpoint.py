@@ -353,7 +353,7 @@ def load_predictor(directory: str | Path, device: str = "cpu", registry: Any = N
         from trainyard.plugins import get_registry
 
         registry = get_registry()
-    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest = read_manifest(directory)
     fmt = manifest.get("format", 1)
     if isinstance(fmt, int) and fmt > FORMAT_VERSION:
         raise TrainyardError(
@@ -367,9 +367,30 @@ def load_predictor(directory: str | Path, device: str = "cpu", registry: Any = N
     processor = spec.processor(params, info)
     processor.load(directory / "processor")
     model = spec.build(params, info, processor)
-    load_weights(directory, model)
+    try:
+        load_weights(directory, model)
+    except RuntimeError as exc:  # torch's and safetensors' "size mismatch", "Missing key(s)"
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise TrainyardError(
+            f"checkpoint {directory}: its weights do not fit the model its manifest.json and "
+            f"data_info.json describe ({reason[:200]}); were they edited, or copied from another "
+            "checkpoint?") from None
     model.to(device).eval()
     return Predictor(model, processor, info, manifest, config, device)
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """A checkpoint's manifest.json, checked for what loading it needs (a mapping naming
+    its model plugin)."""
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TrainyardError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("model"), str):
+        raise TrainyardError(f"{path}: names no model plugin (its 'model' key); this is not a manifest "
+                             "trainyard wrote")
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------

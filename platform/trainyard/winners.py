@@ -393,5 +393,11 @@ def model_name_for(checkpoint: Path | str) -> str:
     text = read_text(join(checkpoint, MANIFEST))
     if text is None:
         raise TrainyardError(f"{checkpoint}: not a trainyard checkpoint (no manifest.json)")
-    manifest = json.loads(text)
-    return str(manifest.get("run") or manifest["model"])
+    try:
+        manifest = json.loads(text)
+    except ValueError as exc:
+        raise TrainyardError(f"{checkpoint}: its manifest.json is not valid JSON ({exc})") from None
+    name = manifest.get("run") or manifest.get("model") if isinstance(manifest, dict) else None
+    if not isinstance(name, str):
+        raise TrainyardError(f"{checkpoint}: its manifest.json names no run or model; give the model a name")
+    return name
