@@ -128,6 +128,10 @@ def test_health_metadata_and_versions(served):
     assert status == 404 and "no version '7'" in body["error"]
     status, body = call(base + "/v2/models/resnet/infer", {"inputs": []})
     assert status == 404 and "no model named 'resnet'" in body["error"]
+    # HEAD wherever GET answers (load balancers' health checks): its status, no body.
+    for head in (base + "/v2/health/ready", url, url + "/ready"):
+        with urllib.request.urlopen(urllib.request.Request(head, method="HEAD"), timeout=60) as response:
+            assert response.status == 200 and response.read() == b"", head
     # A served model's route with its '/' sent encoded does not reach the model.
     status, body = call(base + "/v2/models/mlp%2Fready")
     assert status == 404 and body["error"] == ("no route '/v2/models/mlp/ready' for model 'mlp' (a '/' "

@@ -87,6 +87,26 @@ class ExactPrefix:
         await self.app(scope, receive, send)
 
 
+class HeadAsGet:
+    """HEAD answered wherever GET is, as HTTP asks (load balancers' health checks use it): the
+    GET route's status and headers, without its body."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headless(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headless)
+
+
 def error(status: int, message: str, headers: dict | None = None) -> Response:
     """A JSON ``{"error": message}`` answer. A lone surrogate a client sent (JSON can spell
     one, UTF-8 cannot) and that the message quotes is written out as its escape."""
@@ -457,6 +477,7 @@ MODEL_API_DESCRIPTION = ("Open Inference Protocol (KServe V2) routes and a plain
 model_api = FastAPI(title="trainyard model", description=MODEL_API_DESCRIPTION,
                     openapi_url=None, docs_url=None, redoc_url=None)
 model_api.add_middleware(ExactPrefix)
+model_api.add_middleware(HeadAsGet)
 model_api.add_exception_handler(HTTPException, http_error)
 model_api.add_exception_handler(RequestValidationError, validation_error)
 
@@ -742,6 +763,7 @@ class ModelServer:
 root_api = FastAPI(title="trainyard", description="Health routes and the list of served models.")
 root_api.add_exception_handler(HTTPException, http_error)
 root_api.add_exception_handler(RequestValidationError, validation_error)
+root_api.add_middleware(HeadAsGet)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": ROOT_CPUS})  # light; not a whole CPU (Serve's default)
