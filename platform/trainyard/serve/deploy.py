@@ -126,11 +126,10 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
     running; a model whose replicas cannot start (a missing API key, a broken checkpoint) is
     one TrainyardError naming the reason, and a new one is removed again.
     """
+    import ray
     from ray import serve
 
     from trainyard.serve.app import model_app, root_app
-
-    import ray
 
     application_specs(cfg, auth={})  # errors in the winners surface before Ray starts
     check_exposure(cfg, cfg.host)
