@@ -108,6 +108,23 @@ def test_deploy_on_a_port_another_server_holds_is_refused_before_ray_starts(tmp_
     assert time.monotonic() - started < 30  # no Ray was started to find it out
 
 
+def test_up_on_a_port_another_server_holds_is_refused_before_the_search(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "trainyard.cli", "up", TUNE, f"storage_path={tmp_path}",
+                              f"tune.registry={tmp_path / 'w'}", "--port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"error: port {port} on 127.0.0.1 is already in use" in out.stderr
+    assert not (tmp_path / "tune_mlp").exists()  # no search ran
+
+
 def test_deploy_of_a_path_that_does_not_exist_says_so(tmp_path):
     result = CliRunner().invoke(main, ["deploy", str(tmp_path / "nowhere")])
     assert result.exit_code == 1 and result.output.strip() == f"error: {tmp_path / 'nowhere'}: no such file or folder"

@@ -34,6 +34,12 @@ def tune_and_serve(cfg: DictConfig, port: int = 8000, ingress: str | None = None
     from trainyard.train.data import sample_input
     from trainyard.tune.driver import run_tuning
 
+    import ray
+
+    from trainyard.serve.deploy import check_port_free
+
+    if not ray.is_initialized():  # a port another server holds is said now, not after the search
+        check_port_free("127.0.0.1", port)
     # The search starts the embedded Ray that Serve then shares: its ingress is fixed there.
     outcome = run_tuning(cfg, console=console, ingress=ingress)
     if on_tuned is not None:

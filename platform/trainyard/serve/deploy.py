@@ -134,7 +134,7 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
     application_specs(cfg, auth={})  # errors in the winners surface before Ray starts
     check_exposure(cfg, cfg.host)
     if address is None and not ray.is_initialized():  # nothing of this process holds it yet
-        _check_port_free(cfg.host, int(cfg.port))
+        check_port_free(cfg.host, int(cfg.port))
     auth = replica_auth(cfg, address)
     init_ray(address, ingress=None if cfg.ingress == "auto" else cfg.ingress)
     check_serve_fits(cfg)
@@ -163,7 +163,7 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
     return endpoints
 
 
-def _check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int) -> None:
     """Refuse, before Ray starts, a port another server listens on (Serve would find out
     only when its HTTP ingress fails to bind, in a stack trace)."""
     import errno
