@@ -242,3 +242,13 @@ def test_a_hand_damaged_checkpoint_is_one_line_naming_the_file(tmp_path):
     with pytest.raises(TrainyardError, match=r"its weights do not fit the model its manifest\.json") as refused:
         load_predictor(widened)
     assert "\n" not in str(refused.value)
+
+
+def test_tune_resume_of_a_training_run_says_what_it_is(tmp_path):
+    run = tmp_path / "trained"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: trained\n")
+    (run / "metrics.jsonl").write_text("")
+    result = CliRunner().invoke(main, ["tune", "--resume", str(run)])
+    assert result.exit_code == 2
+    assert f"--resume: {run} is a training run, not a search" in result.output

@@ -148,6 +148,9 @@ def _tensor(**overrides):
 BAD_REQUESTS = {
     "malformed JSON": (b'{"inputs": [', "application/json", 400, "malformed JSON"),
     "wrong content type": (json.dumps(_tensor()).encode(), "text/plain", 415, "content type"),
+    "another charset": (json.dumps(_tensor()).encode(), "application/json; charset=latin-1", 415,
+                        "charset must be utf-8 (JSON is UTF-8 text), got latin-1"),
+    "a byte order mark": (b"\xef\xbb\xbf" + json.dumps(_tensor()).encode(), None, 400, "byte order mark"),
     "unknown output": ({**_tensor(), "outputs": [{"name": "logits"}]}, None, 400, "no output named 'logits'"),
     "missing field": ({"inputs": [{"name": "x", "shape": [1, 30], "data": [0.5] * 30}]}, None, 400, "missing field(s): datatype"),
     "extra field": ({**_tensor(), "colour": "red"}, None, 400, "unknown field(s): colour"),
@@ -170,6 +173,14 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_model_keeps_serving(s
     assert text in answer["error"]
     ok, _ = call(served["endpoints"]["mlp"] + "/infer", _tensor())
     assert ok == 200
+
+
+def test_a_compressed_body_is_refused_naming_its_encoding(served):
+    import gzip
+
+    body = gzip.compress(json.dumps(_tensor()).encode())
+    got, answer = call(served["endpoints"]["mlp"] + "/infer", body, headers={"Content-Encoding": "gzip"})
+    assert got == 415 and answer["error"] == "Content-Encoding 'gzip' is not accepted; send the body as it is"
 
 
 def test_bad_plain_json_requests_get_a_4xx(served):

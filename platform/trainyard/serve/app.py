@@ -55,6 +55,13 @@ async def read_json(request: Request, max_bytes: int, binary: bool = False) -> A
     allowed = ("application/json", "application/octet-stream") if header_length else ("application/json",)
     if ctype and ctype.split(";")[0].strip().lower() not in allowed:
         raise RequestError(f"content type must be application/json, got {ctype}", 415)
+    charset = next((p.split("=", 1)[1].strip().strip('"').lower() for p in ctype.split(";")[1:]
+                    if p.strip().lower().startswith("charset=")), "utf-8")
+    if charset not in ("utf-8", "utf8"):  # JSON is UTF-8 (RFC 8259): a body sent as another is not read as it
+        raise RequestError(f"charset must be utf-8 (JSON is UTF-8 text), got {charset[:40]}", 415)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise RequestError(f"Content-Encoding {encoding[:40]!r} is not accepted; send the body as it is", 415)
     length = request.headers.get("content-length")
     if length is not None and length.isascii() and length.isdigit() and \
             (len(length) > 15 or int(length) > max_bytes):
@@ -484,7 +491,8 @@ model_api.add_exception_handler(RequestValidationError, validation_error)
 _ERROR_STATUSES = {
     "400": "a request that is not valid: the error names what is wrong",
     "413": "a body or batch over the limit",
-    "415": "a content type other than application/json",
+    "415": ("a content type other than application/json, a charset other than UTF-8, or a compressed "
+            "body (Content-Encoding)"),
     "422": "inputs the model could not process (its output not finite, or it failed on them)",
     "503": "the model ran out of memory on this request, or the replica is overloaded",
 }

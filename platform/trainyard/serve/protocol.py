@@ -513,6 +513,9 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 def parse_json(raw: bytes) -> Any:
     """A request body as JSON: UTF-8 text only (RFC 8259; no UTF-16 or UTF-32 guessing), no
     NaN or Infinity, and nesting too deep for the parser refused like any malformed body."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise RequestError("malformed JSON: the body starts with a byte order mark (EF BB BF), which "
+                           "JSON text must not (RFC 8259)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

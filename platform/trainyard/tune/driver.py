@@ -385,6 +385,10 @@ def _find_run(resume: str, cfg: DictConfig | None) -> Path:
     candidate = Path(storage).expanduser().resolve() / resume
     if (candidate / "trainyard_tune.yaml").is_file():
         return check_run_dir_trusted(candidate)
+    for folder in (path, candidate):
+        if (folder / "config.yaml").is_file() and (folder / "metrics.jsonl").exists():
+            raise ConfigError(f"--resume: {folder} is a training run, not a search; start it again with "
+                              "trainyard train and the same name= to resume it")
     where = f"{str(path)!r}" if path.resolve() == candidate else f"{str(path)!r} or {str(candidate)!r}"
     raise ConfigError(f"--resume: no tuning run found at {where} (no trainyard_tune.yaml there)")
 
