@@ -368,22 +368,30 @@ def test_batches_are_reported_in_ray_metrics_under_serve_s_batching_names(secure
     assert all(status == 200 for status, _ in together([(url, body)] * 6))
     port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
 
-    def sample(name: str) -> float | None:
+    def scrape() -> dict[str, float]:
+        """sec_cnn's batching metrics in one read of the endpoint, each summed over its series."""
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        found: dict[str, float] = {}
         for line in text.splitlines():
-            if line.startswith(f"ray_{name}{{") and 'application="sec_cnn"' in line \
+            if line.startswith("ray_serve_") and 'application="sec_cnn"' in line \
                     and 'function_name="predict_batch"' in line:
-                return float(line.rsplit(" ", 1)[1])
-        return None
+                name = line.split("{", 1)[0][len("ray_"):]
+                found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        return found
 
-    deadline = time.monotonic() + 90  # Ray exports metrics every few seconds
-    while (count := sample("serve_actual_batch_size_count")) is None and time.monotonic() < deadline:
+    # Ray exports metrics every few seconds, a histogram's parts not always in the same export:
+    # wait for a read in which the batch sizes' sum has caught up with their count.
+    deadline = time.monotonic() + 90
+    while True:
+        metrics = scrape()
+        count, total = metrics.get("serve_actual_batch_size_count"), metrics.get("serve_actual_batch_size_sum")
+        if (count and total and total >= count) or time.monotonic() > deadline:
+            break
         time.sleep(2)
-    assert count is not None, "no serve_actual_batch_size for sec_cnn in Ray's metrics"
-    total = sample("serve_actual_batch_size_sum")
+    assert count is not None, f"no serve_actual_batch_size for sec_cnn in Ray's metrics: {metrics}"
     # Sent together into a 150 ms window: fewer passes than requests.
-    assert count >= 1 and total is not None and total > count
-    assert (sample("serve_batches_processed_total") or 0) >= 1
+    assert count >= 1 and total is not None and total > count, metrics
+    assert metrics.get("serve_batches_processed_total", 0) >= 1, metrics
 
 
 def test_a_lone_surrogate_gets_a_4xx_and_the_requests_batched_with_it_their_answers(secured):
