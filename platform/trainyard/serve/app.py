@@ -55,10 +55,11 @@ async def read_json(request: Request, max_bytes: int, binary: bool = False) -> A
     allowed = ("application/json", "application/octet-stream") if header_length else ("application/json",)
     if ctype and ctype.split(";")[0].strip().lower() not in allowed:
         raise RequestError(f"content type must be application/json, got {ctype}", 415)
-    charset = next((p.split("=", 1)[1].strip().strip('"').lower() for p in ctype.split(";")[1:]
-                    if p.strip().lower().startswith("charset=")), "utf-8")
-    if charset not in ("utf-8", "utf8"):  # JSON is UTF-8 (RFC 8259): a body sent as another is not read as it
-        raise RequestError(f"charset must be utf-8 (JSON is UTF-8 text), got {charset[:40]}", 415)
+    if ";" in ctype:  # parameters, rarely sent: JSON is UTF-8 (RFC 8259), a body in another charset is refused
+        charset = next((p.split("=", 1)[1].strip().strip('"').lower() for p in ctype.split(";")[1:]
+                        if p.strip().lower().startswith("charset=")), "utf-8")
+        if charset not in ("utf-8", "utf8"):
+            raise RequestError(f"charset must be utf-8 (JSON is UTF-8 text), got {charset[:40]}", 415)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise RequestError(f"Content-Encoding {encoding[:40]!r} is not accepted; send the body as it is", 415)
