@@ -177,11 +177,34 @@ def test_files_params_are_checked_before_ray_starts(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
+def _image_folder(root: Path, classes=("zero", "one"), count: int = 4) -> Path:
+    from PIL import Image
+
+    for i, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for j in range(count):
+            Image.fromarray(np.full((6, 6), 40 + 150 * i + j, np.uint8), mode="L").save(root / cls / f"{j}.png")
+    return root
+
+
 @pytest.mark.parametrize("case", ["missing_column", "empty_glob", "no_such_folder", "wrong_extension", "not_parquet",
-                                  "one_class", "label_not_classes", "malformed_csv", "empty_csv"])
+                                  "one_class", "label_not_classes", "malformed_csv", "empty_csv",
+                                  "classes_miss_a_label", "missing_labels", "missing_features", "image_beside_classes",
+                                  "corrupt_image"])
 def test_bad_data_is_one_line_naming_the_uri_or_column(ray_cluster, tmp_path, case, capfd):
     frame = _breast_cancer_frame()
     folder = _write_parquet(frame, tmp_path / "table", parts=2)
+    gaps = frame.astype({"label": float})
+    gaps.loc[[3, 300], "label"] = np.nan
+    _write_parquet(gaps, tmp_path / "gaps", parts=2)
+    holes = frame.copy()
+    holes.loc[::10, "mean_radius"] = np.nan
+    _write_parquet(holes, tmp_path / "holes", parts=2)
+    images = _image_folder(tmp_path / "images")
+    if case == "image_beside_classes":
+        (images / "zero" / "0.png").rename(images / "cover.png")
+    if case == "corrupt_image":
+        (images / "one" / "broken.png").write_text("not a png")
     (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
     (tmp_path / "fake.parquet").write_text("a,b\n1,2\n")
     (tmp_path / "quote.csv").write_text('a,b,target\n1,2,0\n3,"4,1\n5,6,0\n')  # a quote left open
@@ -203,16 +226,64 @@ def test_bad_data_is_one_line_naming_the_uri_or_column(ray_cluster, tmp_path, ca
                           r"quote.csv: cannot read \(Failed to read CSV file"),
         "empty_csv": ({"uri": str(tmp_path / "empty.csv"), "format": "csv", "label": "target"},
                       r"empty.csv: cannot read \(Failed to read CSV file"),
+        # Raised inside Ray Data's tasks: their own line, not Ray's advice on retries.
+        "classes_miss_a_label": (dict(params, classes=["0", "2"]),
+                                 r"label '1' in column 'label' is not one of the classes \['0', '2'\]"),
+        "missing_labels": (dict(params, uri=str(tmp_path / "gaps")),
+                           r"column 'label' has 2 row\(s\) without a label \(empty, null or NaN\)"),
+        "missing_features": (dict(params, uri=str(tmp_path / "holes")),
+                             r"feature 'mean_radius' has missing \(NaN\) or infinite values"),
+        "image_beside_classes": ({"uri": str(images), "format": "images", "image_mode": "L"},
+                                 r"1 image\(s\) lie beside the class folders, not in one \(e.g. .*cover.png\)"),
+        "corrupt_image": ({"uri": str(images), "format": "images", "image_mode": "L", "image_size": [6, 6]},
+                          r"couldn't load image file at path '.*broken.png'"),
     }[case]
-    cfg = _files_cfg(tmp_path, "mlp", expected[0])
+    cfg = _files_cfg(tmp_path, "cnn" if "image" in case else "mlp", expected[0])
     capfd.readouterr()
     with pytest.raises(ConfigError, match=expected[1]) as err:
         prepare_stream(resolve(cfg))
     message = str(err.value)
     assert "\n" not in message and message.startswith("data (files): ")
-    assert "ray::" not in message
+    assert "ray::" not in message and "retry" not in message
     printed = capfd.readouterr()
     assert "Traceback" not in printed.err + printed.out  # Ray Data's traces go to its log file only
+
+
+def test_a_label_column_of_whole_floats_names_the_classes_of_the_int_column(ray_cluster, tmp_path):
+    """pandas turns an int column with a gap into floats: 0.0 and 1.0 are classes '0' and '1',
+    in the class list and in each row's target alike."""
+    frame = _breast_cancer_frame()
+    _write_parquet(frame.astype({"label": float}), tmp_path / "floats", parts=2)
+    _write_parquet(frame, tmp_path / "ints", parts=2)
+    from trainyard.train.stream import load_stream
+
+    jobs = [resolve(_files_cfg(tmp_path, "mlp", {"uri": str(tmp_path / name)})) for name in ("floats", "ints")]
+    assert [prepare_stream(job).meta.info.classes for job in jobs] == [["0", "1"], ["0", "1"]]
+    targets = [np.sort(load_stream(job).train.take_batch(600, batch_format="numpy")["target"]) for job in jobs]
+    assert len(targets[0]) == len(frame) and np.array_equal(targets[0], targets[1])
+
+
+def test_a_streams_rows_are_checked_against_its_data_info_before_workers_start():
+    """A third-party stream's rows: the two columns, the declared shape (no Ray needed)."""
+    from types import SimpleNamespace
+
+    from trainyard.hookspecs import DataInfo
+    from trainyard.train.stream import _check_rows
+
+    job = SimpleNamespace(dataset=SimpleNamespace(name="waves"))
+    info = DataInfo(task="classification", inputs="features", classes=["a", "b"], input_shape=[3],
+                    feature_names=["x", "y", "z"])
+    rows = np.zeros((4, 3), np.float32)
+    _check_rows({"input": rows, "target": np.array([0, 1, 0, 1])}, info, job)  # as declared: no error
+    with pytest.raises(ConfigError, match=r"^data \(waves\): the stream's rows have no 'target' column "
+                                          r"\(columns: input\)"):
+        _check_rows({"input": rows}, info, job)
+    with pytest.raises(ConfigError, match=r"^data \(waves\): the stream's rows: inputs of shape \[4, 8\] do not "
+                                          r"match DataInfo.input_shape"):
+        _check_rows({"input": np.zeros((4, 8), np.float32), "target": np.array([0, 1, 0, 1])}, info, job)
+    rows[2, 1] = np.inf
+    with pytest.raises(ConfigError, match=r"feature 'y' has missing \(NaN\) or infinite values"):
+        _check_rows({"input": rows, "target": np.array([0, 1, 0, 1])}, info, job)
 
 
 # --------------------------------------------------------------------------------------

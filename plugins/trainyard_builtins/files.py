@@ -96,21 +96,10 @@ def _filesystem(uri: str):
 
 
 def _line(exc: BaseException) -> str:
-    """The reason ``exc`` gives, in one line: its innermost cause's (a Ray task's error wraps
-    the reader's, which wraps the parser's), else its own first line."""
-    chain, seen = [exc], {id(exc)}
-    while True:
-        inner = getattr(chain[-1], "cause", None) or chain[-1].__cause__
-        if not isinstance(inner, BaseException) or id(inner) in seen:
-            break
-        chain.append(inner)
-        seen.add(id(inner))
-    for error in reversed(chain):
-        lines = [line.strip() for line in str(error).splitlines()
-                 if line.strip() and not line.strip().startswith(("ray::", "\x1b[36mray::"))]
-        if lines:
-            return lines[0]
-    return type(exc).__name__
+    """The reason ``exc`` gives, in one line, through Ray's wrapping of it."""
+    from trainyard.errors import reason_line
+
+    return reason_line(exc)
 
 
 def find_files(uri: str, fmt: str):
@@ -228,8 +217,29 @@ class _Distinct:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        values = pc.unique(table.column(self.label)).drop_null()
-        return pa.table({"value": pc.cast(values, pa.string())})
+        column = table.column(self.label)
+        missing = column.null_count
+        if pa.types.is_floating(column.type):
+            missing += int(pc.sum(pc.is_nan(column)).as_py() or 0)
+        names = [label_name(v) for v in pc.unique(column).to_pylist() if not _is_missing(v)]
+        return pa.table({"value": pa.array(names, pa.string()),
+                         "missing": pa.array([missing] * len(names), pa.int64())} if names else
+                        {"value": pa.array([None], pa.string()), "missing": pa.array([missing], pa.int64())})
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def label_name(value) -> str:
+    """A class label as a class name: ``1``, ``1.0`` and ``np.float64(1.0)`` are all ``"1"``
+    (a label column of whole numbers read as floats, as pandas makes of an int column
+    with a gap, names the same classes as the int column)."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    if isinstance(value, np.generic):
+        value = value.item()
+    return str(value)
 
 
 def _label_values(ds, label: str, uri: str) -> list[str]:
@@ -237,14 +247,19 @@ def _label_values(ds, label: str, uri: str) -> list[str]:
     (each read task keeps its block's distinct values; Ray Data's ``unique`` runs a hash
     aggregation with actors, seconds slower per call)."""
     found: set[str] = set()
+    missing = 0
     try:
         distinct = ds.select_columns([label]).map_batches(_Distinct(label), batch_format="pyarrow", batch_size=None)
         for batch in distinct.iter_batches(batch_size=None, batch_format="pyarrow"):
-            found.update(batch.column("value").to_pylist())
+            found.update(v for v in batch.column("value").to_pylist() if v is not None)
+            missing += max(batch.column("missing").to_pylist() or [0])
             if len(found) > MAX_CLASSES:
                 break
     except Exception as exc:
         raise ValueError(f"{uri}: cannot read column {label!r} ({_line(exc)})") from None
+    if missing:
+        raise ValueError(f"{uri}: column {label!r} has {missing:,} row(s) without a label (empty, null "
+                         "or NaN); drop or fill them")
     if len(found) > MAX_CLASSES:
         raise ValueError(f"{uri}: column {label!r} holds more than {MAX_CLASSES:,} distinct values; "
                          "is data.params.task (classification) right? Or name data.params.classes")
@@ -272,7 +287,15 @@ class ToRows:
         values = np.asarray(values)
         if self.p.task == "regression":
             return values.astype(np.float32)
-        names, inverse = np.unique(values.astype(str), return_inverse=True)  # one lookup per class
+        if values.dtype.kind == "f" and np.isnan(values).any():
+            raise ValueError(f"{self.uri}: column {self.p.label!r} has row(s) without a label (empty, "
+                             "null or NaN); drop or fill them")
+        if values.dtype == object and any(_is_missing(v) for v in values):
+            raise ValueError(f"{self.uri}: column {self.p.label!r} has row(s) without a label (empty "
+                             "or null); drop or fill them")
+        uniques, inverse = np.unique(values if values.dtype != object else values.astype(str),
+                                     return_inverse=True)  # one lookup per distinct label
+        names = [label_name(v) for v in uniques]
         try:
             codes = np.array([self.index[n] for n in names], dtype=np.int64)
         except KeyError as exc:
@@ -305,6 +328,7 @@ def load_files(params: FilesParams, seed):
     train, fs, files = _read(params, params.uri)
     features: list[str] = []
     if params.format == "images":
+        _check_class_folders(files, params.uri)
         classes = params.classes or sorted({Path(f).parent.name for f in files})
         first = train.take_batch(1, batch_format="numpy")["image"][0]
         shape = [1, *first.shape] if first.ndim == 2 else [first.shape[2], first.shape[0], first.shape[1]]
@@ -362,6 +386,17 @@ def load_files(params: FilesParams, seed):
     if size is not None and params.format in ("parquet", "images"):
         size *= 4  # compressed on storage: several times larger in memory
     return StreamingData(info, train.map_batches(rows, batch_format=fmt), val, count, size)
+
+
+def _check_class_folders(files: list[str], uri: str) -> None:
+    """An image's class is its folder's name: an image in a folder that also holds class
+    folders (the root, or a class with sub-folders) would make a class of that folder."""
+    folders = {str(Path(f).parent) for f in files}
+    nested = {f for f in folders if any(g.startswith(f.rstrip("/") + "/") for g in folders)}
+    stray = [f for f in files if str(Path(f).parent) in nested]
+    if stray:
+        raise ValueError(f"{uri}: {len(stray)} image(s) lie beside the class folders, not in one "
+                         f"(e.g. {stray[0]}); put each image in the folder of its class")
 
 
 def _parquet_rows(fs, files: list[str]) -> int | None:

@@ -65,6 +65,25 @@ def read_table(path: str):
     return frame
 
 
+def _check_values(frame, features: list[str], label: str, path: str) -> None:
+    """Missing labels and missing or infinite feature values, named by column: they would
+    otherwise train to a NaN loss (or a class named 'nan')."""
+    missing = int(frame[label].isna().sum())
+    if missing:
+        raise ValueError(f"{path}: column {label!r} has {missing:,} row(s) without a label (empty or NaN); "
+                         "drop or fill them")
+    try:
+        values = frame[features].to_numpy(dtype=np.float64, na_value=np.nan)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: the feature columns must hold numbers ({exc})") from None
+    finite = np.isfinite(values).all(axis=0)
+    if not finite.all():
+        column = features[int(np.flatnonzero(~finite)[0])]
+        count = int((~np.isfinite(values[:, list(features).index(column)])).sum())
+        raise ValueError(f"{path}: column {column!r} has {count:,} missing (NaN) or infinite value(s); "
+                         "drop or fill them")
+
+
 def load_table(params: TableParams, seed):
     import pandas as pd
 
@@ -85,6 +104,8 @@ def load_table(params: TableParams, seed):
         if absent:
             raise ValueError(f"{params.val_path}: no column(s) {', '.join(map(repr, absent))}, which the "
                              f"training file {params.path} has")
+    for path, f in zip([params.path, params.val_path], frames):
+        _check_values(f, features, params.label, path)
     classes: list[str] = []
     if params.task == "classification":
         classes = sorted({str(v) for f in frames for v in f[params.label]})

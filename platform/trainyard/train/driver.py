@@ -77,6 +77,10 @@ def _root_cause(exc: BaseException) -> str:
     if failures:
         first = next(iter(failures.values()))
         return _root_cause(first)
+    if "To change retry attempts" in str(exc):  # a Ray Data task's error: its cause is in its text
+        from trainyard.errors import reason_line
+
+        return reason_line(exc)
     cause = getattr(exc, "cause", None) or exc.__cause__
     if cause is not None and cause is not exc:
         return _root_cause(cause)
@@ -149,6 +153,7 @@ def run_training(
 
     sink = ProgressSink.remote()
     loop_config["progress"] = sink
+    loop_config["fail_on_nonfinite"] = True  # a search's diverging trial is an outcome; a run's is an error
     _check_resumable(read_text(join(remote or str(run_dir), "config.yaml")), remote or str(run_dir), cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -208,7 +213,7 @@ def _fit(cfg: Any, job: Any, loop_config: dict, storage: str, sink: Any, run_dir
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    resumed_from = stopped_early_at = None
+    resumed_from = stopped_early_at = diverged = None
     workers: dict[int, dict] = {}
     while True:
         thread.join(timeout=0.25)
@@ -217,6 +222,8 @@ def _fit(cfg: Any, job: Any, loop_config: dict, storage: str, sink: Any, run_dir
                 resumed_from = event["epoch"]
             if event["type"] == "early_stop":
                 stopped_early_at = event["epoch"]
+            if event["type"] == "diverged":
+                diverged = event
             if event["type"] == "worker":
                 workers[event["rank"]] = {k: v for k, v in event.items() if k != "type"}
                 if run_dir is not None:
@@ -235,6 +242,12 @@ def _fit(cfg: Any, job: Any, loop_config: dict, storage: str, sink: Any, run_dir
     result = outcome["result"]
     if result.error is not None:
         raise TrainingError(f"training failed: {_root_cause(result.error)}")
+    if diverged is not None:
+        kept = (f"; the latest checkpoint is epoch {diverged['epoch']}'s" if diverged["epoch"] > 0 else "")
+        raise TrainingError(
+            f"training failed: train_loss is {diverged['train_loss']} at epoch {diverged['epoch'] + 1}: the "
+            f"data may hold missing (NaN) or infinite values, or train.lr ({cfg.train.lr:g}) is too high"
+            f"{kept}")
     history = log.history if log is not None else []
     checkpoint = None
     if result.checkpoint is not None:

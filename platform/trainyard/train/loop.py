@@ -12,6 +12,7 @@ value.
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 import tempfile
 import time
@@ -215,13 +216,14 @@ def run_loop(loop_config: dict, session: Session) -> None:
     if t.start_epoch >= cfg.train.epochs:
         emit({"type": "done_before", "epoch": t.start_epoch - 1})
     try:
-        _epochs(t, job, session, emit, plugin)
+        _epochs(t, job, session, emit, plugin, bool(loop_config.get("fail_on_nonfinite")))
     finally:
         if isinstance(t.data, Streamed) and t.data.feed is not None:
             t.data.feed.close()
 
 
-def _epochs(t: Trainee, job: ResolvedJob, session: Session, emit: Callable[[dict], None], plugin: str) -> None:
+def _epochs(t: Trainee, job: ResolvedJob, session: Session, emit: Callable[[dict], None], plugin: str,
+            fail_on_nonfinite: bool = False) -> None:
     cfg = job.config
     for epoch in range(t.start_epoch, cfg.train.epochs):
         if session.stop_requested():
@@ -235,6 +237,12 @@ def _epochs(t: Trainee, job: ResolvedJob, session: Session, emit: Callable[[dict
         else:
             checked = evaluate(job, t.model, t.data, t.device, session.rank, session.world, t.amp_dtype)
         metrics = {**checked, **trained}
+        if fail_on_nonfinite and not math.isfinite(metrics["train_loss"]):
+            # Ends here, before its checkpoint (the latest stays the last epoch with a finite
+            # loss), for the driver to fail the run: an error raised here would have Ray
+            # Train restart the workers (checkpoint.max_failures) into the same loss.
+            emit({"type": "diverged", "epoch": epoch, "train_loss": metrics["train_loss"]})
+            return
         if t.warmup_epochs:
             metrics[WARMUP_EPOCHS] = t.warmup_epochs
         emit({"type": "epoch_end", "epoch": epoch, "metrics": metrics})

@@ -186,11 +186,9 @@ def _count(ds: Any, what: str, job: Any) -> int:
 
 
 def _first_line(exc: BaseException) -> str:
-    cause = exc
-    while getattr(cause, "__cause__", None) is not None:
-        cause = cause.__cause__
-    lines = [line for line in str(cause).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(cause).__name__
+    from trainyard.errors import reason_line
+
+    return reason_line(exc)
 
 
 def prepare_stream(job: Any, search: bool = False) -> Stream:
@@ -255,6 +253,7 @@ def _prepare_stream(job: Any, search: bool = False) -> Stream:
         raise ConfigError(f"data ({job.dataset.name}): no training rows to fit the processor on ({exc})") from None
     except Exception as exc:
         raise ConfigError(f"data ({job.dataset.name}): cannot read the training rows: {_first_line(exc)}") from None
+    _check_rows(batch, info, job)
     processor.fit(raw_inputs(batch["input"], info))
     probe = processor.encode(raw_inputs(batch["input"][:2], info))
     keys = sorted(probe) if isinstance(probe, dict) else None
@@ -268,6 +267,36 @@ def _prepare_stream(job: Any, search: bool = False) -> Stream:
     if s.shuffle == "full":
         train = train.random_shuffle(seed=None)  # a new order every epoch
     return Stream(StreamMeta(info, processor, rows, keys, row_bytes), train, val)
+
+
+def _check_rows(batch: dict, info: DataInfo, job: Any) -> None:
+    """The stream's rows (the processor's sample) as its DataInfo describes them: an
+    ``input`` and a ``target`` column, inputs of its shape, features without missing values.
+    A plugin's mistake is named here, before the workers start, not met inside them."""
+    from trainyard.conformance.datasets import split_problem
+
+    name = job.dataset.name
+    absent = [c for c in ("input", "target") if c not in batch]
+    if absent:
+        raise ConfigError(f"data ({name}): the stream's rows have no {absent[0]!r} column (columns: "
+                          f"{', '.join(map(str, batch)) or 'none'}); a stream's rows hold 'input' and "
+                          "'target' (docs/plugins.md)")
+    try:
+        head = Split(raw_inputs(batch["input"][:64], info), np.asarray(batch["target"][:64]))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"data ({name}): the stream's 'input' rows are not {info.inputs} inputs ({exc})") from None
+    problem = split_problem(head, info)
+    if problem:
+        raise ConfigError(f"data ({name}): the stream's rows: {problem}")
+    if info.inputs == "features":
+        x = raw_inputs(batch["input"], info)
+        finite = np.isfinite(x).reshape(len(x), -1).all(axis=0)
+        if not finite.all():
+            column = int(np.flatnonzero(~finite)[0])
+            named = (f"feature {info.feature_names[column]!r}" if column < len(info.feature_names or [])
+                     else f"feature {column}")
+            raise ConfigError(f"data ({name}): {named} has missing (NaN) or infinite values in the "
+                              "training rows; drop or fill them")
 
 
 def _row_bytes(probe: Any, targets: Any) -> int:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from trainyard.checkpoint import checkpoint_uri, local_run_dir, upload_records
 from trainyard.config import load_config, resolve
-from trainyard.errors import ConfigError
+from trainyard.errors import ConfigError, TrainyardError
 from trainyard.runtime.cluster import init_ray
 from trainyard.runtime.resources import check_workers_fit
 from trainyard.runtime.storage import atomic_write_text, check_uri, is_uri, join, read_text, storage_root, write_text
@@ -196,9 +196,9 @@ def run_tuning(
                      [callback, recorder, *tracked, *(callbacks or []), *retention, BackgroundTBXLogger()])
     tuner = tuners.restored() if resume and tuners.can_restore() else tuners.new()
     reaper = PlacementGroupReaper() if cfg.scaling.num_workers > 1 else contextlib.nullcontext()
-    with live, reaper:
+    with live, reaper, _interruptions() as interrupted:
         grid = tuner.fit()
-        if resume and any(_lost_checkpoint(r.error) for r in grid):
+        if not interrupted and resume and any(_lost_checkpoint(r.error) for r in grid):
             # A driver killed mid-search can leave Tune's last snapshot naming a trial
             # checkpoint that num_to_keep has since deleted; Tune then fails that trial on
             # resume. Start such unfinished trials again from scratch; finished ones stay.
@@ -207,20 +207,71 @@ def run_tuning(
             sweep(grid, keep, metric, mode)
     trials = _collect(grid, metric, mode, keys, cfg.train.epochs, pbt=cfg.tune.scheduler == "pbt",
                       recorded=read_history(run_dir))
-    winners = export_winners(trials, cfg, metric, mode)
     mark = budget_ended(run_dir)
-    stopped_by = "time_budget" if mark else None
-    message = budget_message(mark, trials, winners, _planned(cfg)) if mark else ""
+    if interrupted:  # a search cut short: resumable, and no winner replaces the registry's
+        winners: list = []
+        stopped_by = "interrupted"
+        done = sum(t["state"] == "TERMINATED" for t in trials)
+        message = (f"search interrupted (Ctrl-C): {done} of {_planned(cfg)} trials ran all their epochs; "
+                   f"no winner was exported. Resume it: trainyard tune --resume {state if bucket else run_dir}")
+    else:
+        winners = export_winners(trials, cfg, metric, mode)
+        stopped_by = "time_budget" if mark else None
+        message = budget_message(mark, trials, winners, _planned(cfg)) if mark else ""
     exploits = read_exploits(run_dir)
     atomic_write_text(run_dir / "trainyard_trials.json", json.dumps(
         {"metric": metric, "mode": mode, "max_t": cfg.train.epochs, "trials": trials,
          "winners": winners, "stopped_by": stopped_by, "stop_message": message,
          "exploits": exploits}, indent=2, default=str))
-    registered = tracking.register_winners(tracked, winners)
     if bucket:  # the search's records go next to Tune's own state in the bucket
         upload_records(run_dir, state)
+    if interrupted:
+        raise SearchInterrupted(message)
+    registered = tracking.register_winners(tracked, winners)
     return TuneOutcome(str(run_dir), metric, mode, trials, winners, registry_dir(cfg),
                        stopped_by, message, exploits, registered)
+
+
+class SearchInterrupted(TrainyardError):
+    """Ctrl-C (SIGINT) ended a search: Tune saved its state; nothing was exported."""
+
+    exit_code = 130
+
+
+@contextlib.contextmanager
+def _interruptions():
+    """Yields a list that holds True after the block if Ctrl-C interrupted Tune's run. Tune
+    catches SIGINT itself, saves the search's state and returns its results as if the search
+    had ended; the only trace is the event its signal handler sets, taken here from the
+    function that makes it (``ray.tune.tune._setup_signal_catching``, called by each run)."""
+    import ray.tune.tune as tune_module
+
+    events: list = []
+    original = getattr(tune_module, "_setup_signal_catching", None)
+    if original is None:  # another Ray: no way to tell, as before
+        yield _Interrupted(events)
+        return
+
+    def setup(*args, **kwargs):
+        event = original(*args, **kwargs)
+        events.append(event)
+        return event
+
+    tune_module._setup_signal_catching = setup
+    try:
+        yield _Interrupted(events)
+    finally:
+        tune_module._setup_signal_catching = original
+
+
+class _Interrupted:
+    """True once any of Tune's runs in the block was interrupted."""
+
+    def __init__(self, events: list):
+        self.events = events
+
+    def __bool__(self) -> bool:
+        return any(event.is_set() for event in self.events)
 
 
 def _kept(cfg: DictConfig) -> int | None:
