@@ -3,6 +3,8 @@ wrong, before anything runs (and nothing is written where it should not be)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from click.testing import CliRunner
 
@@ -186,13 +188,20 @@ def test_the_table_dataset_names_the_file_and_what_is_wrong_with_it(tmp_path):
     from trainyard_builtins.tabular import TableParams, load_table
 
     files = {"empty.csv": "", "header.csv": "a,b,target\n", "quote.csv": 'a,b,target\n1,2,0\n3,"4,1\n5,6,0\n',
-             "ok.csv": "a,b,target\n1,2,0\n3,4,1\n", "val.csv": "a,target\n1,0\n2,1\n"}
+             "ok.csv": "a,b,target\n1,2,0\n3,4,1\n", "val.csv": "a,target\n1,0\n2,1\n",
+             "gap.csv": "a,b,target\n1,2,0\n3,,1\n5,6,0\n", "unlabelled.csv": "a,b,target\n1,2,0\n3,4,\n5,6,1\n",
+             "inf.csv": "a,b,target\n1,2,0\n3,4,1\n5,inf,1\n"}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     cases = [("empty.csv", None, r"empty\.csv': cannot read it \(No columns to parse from file\)"),
              ("header.csv", None, r"header\.csv' holds no rows"),
              ("quote.csv", None, r"quote\.csv': cannot read it \(.*EOF inside string"),
-             ("ok.csv", "val.csv", r"val\.csv: no column\(s\) 'b', which the training file .*ok\.csv has")]
+             ("ok.csv", "val.csv", r"val\.csv: no column\(s\) 'b', which the training file .*ok\.csv has"),
+             # would train to a NaN loss, or make a class named 'nan'
+             ("gap.csv", None, r"gap\.csv: column 'b' has 1 missing \(NaN\) or infinite value\(s\); drop or fill"),
+             ("inf.csv", None, r"inf\.csv: column 'b' has 1 missing \(NaN\) or infinite value\(s\)"),
+             ("ok.csv", "gap.csv", r"gap\.csv: column 'b' has 1 missing"),
+             ("unlabelled.csv", None, r"unlabelled\.csv: column 'target' has 1 row\(s\) without a label")]
     for path, val, message in cases:
         with pytest.raises(ValueError, match=message):
             load_table(TableParams(path=str(tmp_path / path), label="target",
@@ -252,3 +261,20 @@ def test_tune_resume_of_a_training_run_says_what_it_is(tmp_path):
     result = CliRunner().invoke(main, ["tune", "--resume", str(run)])
     assert result.exit_code == 2
     assert f"--resume: {run} is a training run, not a search" in result.output
+
+
+def test_a_training_run_whose_loss_diverges_fails_in_one_line_without_saving_it(tmp_path):
+    """A NaN or infinite train_loss ends the run at once (no retry of the same loss), before
+    that epoch's checkpoint, naming the likely causes."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "trainyard.cli", "train", MLP, f"storage_path={tmp_path}",
+                          "name=diverges", "train.lr=1e12", "train.epochs=3", "scaling.num_workers=1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert re.match(r"error: training failed: train_loss is (nan|-?inf) at epoch 1: the data may hold missing "
+                    r"\(NaN\) or infinite values, or train.lr \(1e\+12\) is too high$", lines[-1]), out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert not list((tmp_path / "diverges").glob("checkpoint_*"))
