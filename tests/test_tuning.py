@@ -230,6 +230,41 @@ def test_search_whose_driver_is_killed_resumes_without_redoing_finished_trials(t
     assert summary["winners"] and np.isfinite(summary["winners"][0]["value"])
 
 
+def test_ctrl_c_ends_a_search_as_interrupted_exporting_nothing_and_saying_how_to_resume(tmp_path):
+    """Tune catches SIGINT and returns as if the search had ended: trainyard says it was
+    interrupted, exports no winner (a half search must not become the registry's current
+    version), records it, and exits 130."""
+    space = {"train.lr": {"type": "grid", "values": [0.001, 0.002, 0.003]}}
+    cfg = tune_config(tmp_path, "cut", space=space, overrides=["train.epochs=300"],
+                      search="grid", scheduler="none", num_samples=1, max_concurrent_trials=1)
+    config_file = tmp_path / "cut.yaml"
+    from omegaconf import OmegaConf
+
+    config_file.write_text(OmegaConf.to_yaml(cfg))
+    run_dir = tmp_path / "runs" / "cut"
+    driver = subprocess.Popen([sys.executable, "-m", "trainyard.cli", "tune", str(config_file)],
+                              start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(run_dir.glob("*_0000*/checkpoint_*")) and time.monotonic() < deadline:
+            assert driver.poll() is None, "the search ended before it could be interrupted"
+            time.sleep(0.1)
+        driver.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        out, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert driver.returncode == 130, out[-2000:] + err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: search interrupted (Ctrl-C): 0 of 3 trials ran all their epochs; no winner was exported. "
+        f"Resume it: trainyard tune --resume {run_dir}"), err[-2000:]
+    summary = json.loads((run_dir / "trainyard_trials.json").read_text())
+    assert summary["stopped_by"] == "interrupted" and summary["winners"] == []
+    assert summary["trials"] and all(t["state"] != "TERMINATED" for t in summary["trials"])
+    assert not (tmp_path / "winners" / "cut").exists() or not any((tmp_path / "winners" / "cut").iterdir())
+
+
 _AHEAD: list[bool] = []
 
 
