@@ -186,7 +186,10 @@ def test_a_pbt_search_records_its_exploits_and_the_exploited_trials_train_with_t
     history = read_history(outcome.run_dir)
     for e in exploits:
         assert {e["trial"], e["from_trial"]} <= ids and e["trial"] != e["from_trial"]
-        assert set(e["new"]) == set(e["old"]) == {"train.lr", "train.weight_decay", "model.params.dropout"}
+        assert set(e["new"]) == set(e["old"]) == {"train.lr", "train.weight_decay", "model.params.dropout",
+                                                  "train.batch_size"}
+        # Not perturbed (mutable: false), but the copied checkpoint's own: recorded as changed.
+        assert e["new"]["train.batch_size"] == e["donor"]["train.batch_size"]
         assert e["epoch"] >= 1 and e["from_epoch"] >= 1
         # Perturbed (times 1.2 or 0.8) or drawn afresh: never the copied trial's own rate,
         # which the copied optimizer state holds.

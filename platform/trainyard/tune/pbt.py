@@ -77,12 +77,15 @@ def hyperparam_mutations(cfg: DictConfig, keys: list[str]) -> tuple[dict, dict]:
 class RecordingPBT(PopulationBasedTraining):
     """Ray Tune's PopulationBasedTraining, writing each exploit to ``exploits.jsonl``."""
 
-    def __init__(self, exploits_path: str, **kwargs):
+    def __init__(self, exploits_path: str, space_keys: list[str] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.exploits_path = exploits_path
+        #: Every key of the search's space: an exploit also copies the donor's values of the
+        #: keys it does not perturb (its checkpoint was trained with them).
+        self.space_keys = list(space_keys or [])
 
     def _exploit(self, tune_controller, trial, trial_to_clone):
-        keys = list(self._hyperparam_mutations)
+        keys = [*self._hyperparam_mutations, *(k for k in self.space_keys if k not in self._hyperparam_mutations)]
         old = {k: trial.config.get(k) for k in keys}
         donor = {k: trial_to_clone.config.get(k) for k in keys}
         # PBT saves the result that brought a trial to its perturbation step before it
@@ -111,6 +114,7 @@ def make_pbt(cfg: DictConfig, run_dir: Path, keys: list[str]) -> RecordingPBT:
     mutations, bounds = hyperparam_mutations(cfg, keys)
     return RecordingPBT(
         str(Path(run_dir) / EXPLOITS),
+        list(cfg.tune.space.keys()),
         time_attr="training_iteration",
         perturbation_interval=p.perturbation_interval,
         burn_in_period=p.burn_in_period,
