@@ -82,3 +82,25 @@ def test_the_budget_ends_the_search_exports_the_winners_so_far_and_says_so(tmp_p
     assert "of 4 trials ran to their end" in outcome.stop_message
     summary = json.loads((run_dir / "trainyard_trials.json").read_text())
     assert summary["stopped_by"] == "time_budget" and summary["stop_message"] == outcome.stop_message
+
+
+def test_a_search_the_budget_ended_is_not_resumed_and_keeps_its_record(tmp_path):
+    """Its budget counts over resumes, so it is spent: a resume says so before Ray starts,
+    and the run's records (the budget's mark, the winners) stay as they were."""
+    from trainyard.tune.driver import _search
+    from trainyard.tune.records import BUDGET_MARK
+
+    raw = OmegaConf.to_container(OmegaConf.load(CONFIGS / "tune_mlp.yaml"))
+    raw.update(name="spent", storage_path=str(tmp_path / "runs"))
+    raw["tune"].update(registry=str(tmp_path / "winners"), time_budget_s=30)
+    cfg = load_config(base=raw)
+    run_dir = tmp_path / "runs" / "spent"
+    run_dir.mkdir(parents=True)
+    (run_dir / "trainyard_tune.yaml").write_text(OmegaConf.to_yaml(cfg))
+    _search(None, str(run_dir))  # no mark: the budget did not end it, so it resumes
+    mark = json.dumps({"budget_s": 30, "started": 1.0, "ended": 31.0})
+    (run_dir / BUDGET_MARK).write_text(mark)
+    with pytest.raises(ConfigError, match=rf"^tune.time_budget_s: the time budget \(30 s\) already ended the "
+                                          rf"search in {run_dir}, and it counts over resumes"):
+        _search(None, str(run_dir))
+    assert (run_dir / BUDGET_MARK).read_text() == mark

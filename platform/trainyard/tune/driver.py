@@ -300,6 +300,12 @@ def _search(cfg: DictConfig | None, resume: str | None) -> tuple[DictConfig, Pat
     if resume:
         run_dir = _find_run(resume, cfg)
         cfg = load_config(run_dir / "trainyard_tune.yaml")
+        spent = budget_ended(run_dir)
+        if spent:  # the budget counts over resumes: nothing is left to run
+            raise ConfigError(
+                f"tune.time_budget_s: the time budget ({spent.get('budget_s', '?')} s) already ended the search "
+                f"in {run_dir}, and it counts over resumes; its winners were exported then. To search on, "
+                "start a new search (another name=) with its own budget")
     if cfg.tune is None:
         raise ConfigError("tune: this config has no tune section (see configs/tune_mlp.yaml)")
     validate_space(cfg)
