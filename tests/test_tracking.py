@@ -113,6 +113,11 @@ def test_tracking_config_is_checked_before_anything_runs():
         load_config(base, ["tracking.uri=http://127.0.0.1:5000"])
     with pytest.raises(ConfigError, match=r"^tracking.uri: must be a URI .*got 'mlruns'"):
         load_config(base, ["tracking.backend=mlflow", "tracking.uri=mlruns"])
+    with pytest.raises(ConfigError, match=r"^tracking.uri: MLflow has no tracking store for 'htp://'; use one of "
+                                          r"http://, https://, .* \(got 'htp://127.0.0.1:5000'\)"):
+        load_config(base, ["tracking.backend=mlflow", "tracking.uri=htp://127.0.0.1:5000"])
+    for uri in ("https://mlflow.example.com", "postgresql+psycopg2://u@db/mlflow", "sqlite:////tmp/m.db"):
+        assert load_config(base, ["tracking.backend=mlflow", f"tracking.uri={uri}"]).tracking.uri == uri
     with pytest.raises(ConfigError, match=r"^tracking.uri: needed when storage_path is a URI"):
         load_config(base, ["tracking.backend=mlflow", "storage_path=s3://bucket/runs"])
     with pytest.raises(ConfigError, match=r"^tracking.backend: must be one of none, mlflow"):
@@ -251,6 +256,47 @@ def test_with_no_uri_the_store_is_local_in_the_run_folder(job_config, caplog):
     assert [step for step, _ in _history(client, run.info.run_id, "val_accuracy")] == [0, 1]
     manifests = list((result.run_dir / tracking.LOCAL_ARTIFACTS).rglob("checkpoint/" + MANIFEST))
     assert len(manifests) == 1 and manifests[0].read_text() == (result.checkpoint / MANIFEST).read_text()
+
+
+def test_a_tracking_server_that_takes_the_connection_and_never_answers_holds_the_run_seconds(job_config, caplog):
+    """A wedged server (it accepts, and never answers) costs one warning and tens of seconds
+    at most, not MLflow's 3 x 120 s."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held: list = []
+    stop = threading.Event()
+
+    def hold() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    threading.Thread(target=hold, daemon=True).start()
+    uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    cfg = job_config("mlp_breast_cancer", "name=wedged", "scaling.num_workers=1", "train.epochs=2",
+                     "tracking.backend=mlflow", f"tracking.uri={uri}")
+    try:
+        started = time.monotonic()
+        result = run_training(cfg)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        for conn in held:
+            conn.close()
+        listener.close()
+    assert held, "MLflow never connected"
+    warnings = _tracking_warnings(caplog, uri)
+    assert len(warnings) == 1, warnings
+    assert "timed out" in warnings[0].lower() or "timeout" in warnings[0].lower(), warnings[0]
+    assert [r["epoch"] for r in result.history] == [0, 1]
+    # Training (~25 s) and at most 3 tries of 10 s with their back-off, run beside it.
+    assert took < 120, f"the run took {took:.0f} s"
 
 
 def test_a_tracking_server_that_is_down_costs_one_warning_and_nothing_of_the_run(job_config, caplog):

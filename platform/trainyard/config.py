@@ -268,6 +268,11 @@ class TrackingConfig:
     log_checkpoints: bool = True
 
 
+#: The URI schemes of MLflow's tracking stores (a database's driver may follow a '+').
+TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks",
+                    "databricks-uc", "uc")
+
+
 def _check_tracking(cfg: DictConfig) -> None:
     t = cfg.tracking
     if t.backend == "none":
@@ -278,6 +283,10 @@ def _check_tracking(cfg: DictConfig) -> None:
     if t.uri and "://" not in t.uri and t.uri != "databricks":
         raise ConfigError(f"tracking.uri: must be a URI such as http://host:5000 or "
                           f"sqlite:////abs/path/mlflow.db (got {t.uri!r})")
+    scheme = str(t.uri).split("://", 1)[0].split("+", 1)[0].lower() if "://" in str(t.uri) else ""
+    if scheme and scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"tracking.uri: MLflow has no tracking store for {scheme + '://'!r}; use one of "
+                          f"{', '.join(s + '://' for s in TRACKING_SCHEMES)} (got {t.uri!r})")
     if not t.uri and "://" in cfg.storage_path:
         raise ConfigError("tracking.uri: needed when storage_path is a URI (with no URI the "
                           "tracking store lives in the run folder, which must be local)")

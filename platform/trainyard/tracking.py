@@ -50,11 +50,14 @@ _THREAD = "trainyard-tracking"
 
 #: MLflow settings trainyard sets unless the environment already does: no usage data sent
 #: to MLflow's telemetry service, a down server fails in seconds (2 quick retries, not 7
-#: with growing waits), no progress bars or run links printed over trainyard's own view.
+#: with growing waits), and so does one that takes the connection and never answers (10 s
+#: a request, not MLflow's 120 s: 3 tries of 120 s held a 30 s run for 6 minutes), no
+#: progress bars or run links printed over trainyard's own view.
 MLFLOW_ENV_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
@@ -124,7 +127,7 @@ def _reason(exc: BaseException) -> str:
         return errno.group(1).strip().lower()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     line = shown_uri(lines[0]) if lines else type(exc).__name__
-    return line if len(line) <= 200 else line[:197] + "..."
+    return line if len(line) <= 400 else line[:397] + "..."
 
 
 def _mlflow():
