@@ -63,6 +63,15 @@ def test_stop_a_running_job(two_nodes, tmp_path):
     assert stopped.returncode == 0 and f"stopping job {job}" in stopped.stdout
     status = two_nodes.cli("jobs", "status", job, "--wait", "--timeout", "120", "--address", two_nodes.url)
     assert "STOPPED" in status.stdout and status.returncode == 1, status.stdout + status.stderr
+    # Its id is taken: a new job under it is refused in one line (the Jobs API answered a
+    # 500 holding two server-side tracebacks).
+    again = two_nodes.cli("submit", str(CONFIGS / "mlp_breast_cancer.yaml"), f"storage_path={tmp_path / 'runs'}",
+                          "name=again", "--job-id", job, "--address", two_nodes.url)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert again.stderr.strip().splitlines()[-1] == (
+        f"error: a job with id {job} already exists on the cluster at {two_nodes.url}; give another --job-id "
+        "(`trainyard jobs list` shows the jobs)"), again.stderr
+    assert "Traceback" not in again.stdout + again.stderr
 
 
 def _without_token(env: dict, home: Path) -> dict:
