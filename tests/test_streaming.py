@@ -439,3 +439,18 @@ def test_parquet_in_a_bucket_streams_and_bad_credentials_are_one_line(ray_cluste
         prepare_stream(resolve(cfg))
     message = str(err.value)
     assert "\n" not in message and message.startswith("data (files): ") and "table" in message, message
+
+
+def test_a_search_too_wide_for_its_streams_names_its_concurrent_trials(ray_cluster):
+    """The CPUs a search's trials hold leave none for Ray Data: the line names the setting
+    that made them many, tune.max_concurrent_trials, not only the workers."""
+    from trainyard.train.stream import check_data_cpus
+
+    cfg = load_config(CONFIGS / "tune_mlp.yaml", ["scaling.cpus_per_worker=1"])
+    with pytest.raises(ConfigError, match=r"cannot hold 64 trial\(s\) at once \(tune.max_concurrent_trials\) of 1 "
+                                          r"worker\(s\) of 1 CPU plus one CPU for Ray Data's read .* lower "
+                                          r"tune.max_concurrent_trials, scaling.cpus_per_worker"):
+        check_data_cpus(cfg, 64, trials=64)
+    with pytest.raises(ConfigError, match=r"cannot hold 64 worker\(s\) of 1 CPU plus .* lower "
+                                          r"scaling.cpus_per_worker \(e.g. 0.5\) or scaling.num_workers"):
+        check_data_cpus(cfg, 64)

@@ -306,17 +306,21 @@ def _row_bytes(probe: Any, targets: Any) -> int:
     return max(1, int(math.ceil(total / max(1, len(targets)))))
 
 
-def check_data_cpus(cfg: Any, holders: float) -> None:
+def check_data_cpus(cfg: Any, holders: float, trials: int | None = None) -> None:
     """Ray Data's read and encode tasks need a CPU that the workers (or trials) do not
     hold, or the stream never starts: fail at once, saying so. ``holders``: how many
-    workers or concurrent trials hold ``scaling.cpus_per_worker`` each."""
+    workers hold ``scaling.cpus_per_worker`` each; ``trials``: a search's trials at once."""
     from trainyard.runtime.cluster import check_capacity
 
     need = holders * float(cfg.scaling.cpus_per_worker) + 1
-    check_capacity({"CPU": need}, f"{holders:g} worker(s) of {cfg.scaling.cpus_per_worker:g} CPU plus "
-                   "one CPU for Ray Data's read and preprocessing tasks",
-                   "Streamed data is read beside the workers: lower scaling.cpus_per_worker (e.g. 0.5) "
-                   "or scaling.num_workers", error=ConfigError)
+    held = f"{holders:g} worker(s) of {cfg.scaling.cpus_per_worker:g} CPU"
+    advice = "lower scaling.cpus_per_worker (e.g. 0.5) or scaling.num_workers"
+    if trials is not None:
+        held = (f"{trials} trial(s) at once (tune.max_concurrent_trials) of {cfg.scaling.num_workers} "
+                f"worker(s) of {cfg.scaling.cpus_per_worker:g} CPU")
+        advice = "lower tune.max_concurrent_trials, scaling.cpus_per_worker (e.g. 0.5) or scaling.num_workers"
+    check_capacity({"CPU": need}, f"{held} plus one CPU for Ray Data's read and preprocessing tasks",
+                   f"Streamed data is read beside the workers: {advice}", error=ConfigError)
 
 
 def quiet_ray_data() -> None:
