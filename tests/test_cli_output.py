@@ -47,7 +47,10 @@ def outcome(n: int, id_length: int = 48):
             "checkpoint": None, "history": [], "path": None,
         })
     return SimpleNamespace(trials=trials, metric="val_accuracy", mode="max", run_dir="runs/long",
-                           registry_dir="winners/long", winners=[])
+                           registry_dir="winners/long", winners=[], stopped_by="time_budget",
+                           stop_message="the time budget (tune.time_budget_s=30s) ended the search: ...",
+                           exploits=[{"trial": "b", "from_trial": "a", "epoch": 2}],
+                           registered=[{"rank": 1, "name": "long", "version": "3"}])
 
 
 # -- tables in a log -------------------------------------------------------------------------------
@@ -191,7 +194,10 @@ def test_tune_summary_json_ranks_every_trial_and_is_valid_json():
     result = outcome(4)
     result.trials[0]["final"] = float("nan")  # JSON has no NaN: it becomes null
     data = json.loads(json.dumps(summary_json(result), allow_nan=False))
-    assert set(data) == {"run_dir", "metric", "mode", "registry_dir", "trials", "winners"}
+    assert set(data) == {"run_dir", "metric", "mode", "registry_dir", "trials", "winners", "stopped_by",
+                         "stop_message", "exploits", "registered"}
+    assert (data["stopped_by"], data["stop_message"]) == (result.stopped_by, result.stop_message)
+    assert data["exploits"] == result.exploits and data["registered"] == result.registered
     assert [t["rank"] for t in data["trials"]] == [1, 2, 3, None]
     assert [t["best"] for t in data["trials"][:3]] == sorted((t["best"] for t in result.trials[:3]), reverse=True)
     assert set(data["trials"][0]) == {"rank", "trial_id", "state", "params", "iterations", "best", "final",
@@ -322,7 +328,9 @@ def test_tune_json_in_a_log(tmp_path, ray_cluster, capfd):
                "train.epochs=1", "--json"], prog_name="trainyard", standalone_mode=False)
     out = capfd.readouterr()
     data = json.loads(out.out)
-    assert set(data) == {"run_dir", "metric", "mode", "registry_dir", "trials", "winners"}
+    assert set(data) == {"run_dir", "metric", "mode", "registry_dir", "trials", "winners", "stopped_by",
+                         "stop_message", "exploits", "registered"}
+    assert (data["stopped_by"], data["stop_message"], data["exploits"], data["registered"]) == (None, "", [], [])
     assert data["metric"] == "val_accuracy" and data["mode"] == "max"
     assert [t["rank"] for t in data["trials"]] == [1, 2]
     assert data["trials"][0]["best"] >= data["trials"][1]["best"]

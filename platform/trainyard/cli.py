@@ -177,8 +177,9 @@ def train(config, overrides, address, dry_run, tracking_uri):
                    "to stderr). Keys: run_dir, metric, mode, registry_dir; trials (every trial, "
                    "best first: rank (null without a value), trial_id, state, params, iterations, "
                    "best, final, error, checkpoint); winners (rank, run, trial_id, metric, mode, "
-                   "value, params, path, version, replaced). Printed before a search with no "
-                   "winner exits 1.")
+                   "value, params, path, version, replaced); stopped_by (time_budget or null), "
+                   "stop_message; exploits (PBT); registered (MLflow versions). Printed before a "
+                   "search with no winner exits 1.")
 @click.option("--tracking-uri", default=None, metavar="URI",
               help="Log to MLflow at URI (e.g. http://127.0.0.1:5000); same as "
                    "tracking.backend=mlflow tracking.uri=URI.")

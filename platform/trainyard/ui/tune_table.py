@@ -320,7 +320,10 @@ def summary_json(outcome: Any) -> dict:
       (full config keys), ``iterations``, ``best``, ``final``, ``error`` ("" when none),
       ``checkpoint``;
     - ``winners``: the exported winners, best first: ``rank``, ``run``, ``trial_id``,
-      ``metric``, ``mode``, ``value``, ``params``, ``path``, ``version``, ``replaced``.
+      ``metric``, ``mode``, ``value``, ``params``, ``path``, ``version``, ``replaced``;
+    - ``stopped_by`` (``time_budget``, or null: the search ran to its end) and ``stop_message``;
+    - ``exploits`` (PBT's, see ``trainyard.tune.records.read_exploits``) and ``registered``
+      (the winners registered in MLflow: rank, name, version, uri, trial_id).
 
     NaN and infinite values are null."""
     trials = [{"rank": rank, "trial_id": t["trial_id"], "state": t["state"], "params": t["params"],
@@ -330,4 +333,8 @@ def summary_json(outcome: Any) -> dict:
     winners = [dict(w) for w in outcome.winners]
     return _finite({"run_dir": str(outcome.run_dir), "metric": outcome.metric, "mode": outcome.mode,
                     "registry_dir": str(getattr(outcome, "registry_dir", "") or ""),
-                    "trials": trials, "winners": winners})
+                    "trials": trials, "winners": winners,
+                    "stopped_by": getattr(outcome, "stopped_by", None),
+                    "stop_message": getattr(outcome, "stop_message", "") or "",
+                    "exploits": list(getattr(outcome, "exploits", None) or []),
+                    "registered": list(getattr(outcome, "registered", None) or [])})
