@@ -278,3 +278,25 @@ def test_a_training_run_whose_loss_diverges_fails_in_one_line_without_saving_it(
                     r"\(NaN\) or infinite values, or train.lr \(1e\+12\) is too high$", lines[-1]), out.stderr
     assert "Traceback" not in out.stdout + out.stderr
     assert not list((tmp_path / "diverges").glob("checkpoint_*"))
+
+
+def test_a_relative_data_path_is_the_callers_as_in_the_readme(tmp_path):
+    """`data.params.path=data.csv` (the README's example) is read from where trainyard ran,
+    though Ray starts its workers in folders of their own."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+    from sklearn.datasets import load_breast_cancer
+
+    frame = load_breast_cancer(as_frame=True).frame
+    frame.columns = [c.replace(" ", "_") for c in frame.columns]
+    frame.to_csv(tmp_path / "data.csv", index=False)
+    assert pd.read_csv(tmp_path / "data.csv").shape == frame.shape
+    out = subprocess.run([sys.executable, "-m", "trainyard.cli", "train", str(Path(MLP).resolve()),
+                          "storage_path=runs", "name=relative", "data.name=table", "data.params.path=data.csv",
+                          "data.params.label=target", "train.epochs=1", "scaling.num_workers=1"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert list((tmp_path / "runs" / "relative").glob("checkpoint_*"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -154,6 +155,7 @@ def run_training(
     sink = ProgressSink.remote()
     loop_config["progress"] = sink
     loop_config["fail_on_nonfinite"] = True  # a search's diverging trial is an outcome; a run's is an error
+    loop_config["cwd"] = os.getcwd()  # relative paths in the job (a data file) are the caller's
     _check_resumable(read_text(join(remote or str(run_dir), "config.yaml")), remote or str(run_dir), cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))

@@ -199,6 +199,7 @@ def run_loop(loop_config: dict, session: Session) -> None:
 
     from trainyard.plugins import get_registry
 
+    _work_in(loop_config.get("cwd"))
     cfg = loop_config["config"]  # a dict; a Tune trial in its own process passes its DictConfig
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     registry = get_registry()
@@ -220,6 +221,16 @@ def run_loop(loop_config: dict, session: Session) -> None:
     finally:
         if isinstance(t.data, Streamed) and t.data.feed is not None:
             t.data.feed.close()
+
+
+def _work_in(folder: str | None) -> None:
+    """Work in the caller's folder (where `trainyard train` ran), so that a relative path in
+    the job, such as a data file's, means what it meant there; Ray starts its workers, and
+    Tune its trials, in folders of their own. A node without that folder keeps its own."""
+    import os
+
+    if folder and os.path.isdir(folder) and os.getcwd() != folder:
+        os.chdir(folder)
 
 
 def _epochs(t: Trainee, job: ResolvedJob, session: Session, emit: Callable[[dict], None], plugin: str,

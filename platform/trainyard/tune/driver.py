@@ -350,7 +350,7 @@ class _Tuners:
         # A streamed dataset: read lazily, encoded once here, shared by every trial.
         stream = search_stream(cfg, _max_concurrent(cfg))
         fn = trial_fn_async if trains_on(cfg) else trial_fn
-        self.trainable = tune.with_resources(tune.with_parameters(fn, job=base, stream=stream),
+        self.trainable = tune.with_resources(tune.with_parameters(fn, job=base, stream=stream, cwd=os.getcwd()),
                                              trial_resources(cfg))
 
     def can_restore(self) -> bool:

@@ -101,11 +101,12 @@ def search_stream(cfg: DictConfig, concurrent: int | None) -> Any:
     return prepare_stream(job, search=True)
 
 
-def trial_fn(values: dict, job: dict | None = None, stream: Any = None) -> None:
+def trial_fn(values: dict, job: dict | None = None, stream: Any = None, cwd: str | None = None) -> None:
     """One Tune trial: the job with this trial's values, trained and reported per epoch.
-    ``stream``: a streamed dataset's streams (see :func:`search_stream`)."""
+    ``stream``: a streamed dataset's streams (see :func:`search_stream`); ``cwd``: the
+    search's working folder, which relative paths in the job are relative to."""
     cfg = apply_values(job, values)
-    loop_config: dict = {"config": cfg}
+    loop_config: dict = {"config": cfg, "cwd": cwd}
     datasets = None
     if stream is not None:
         datasets = {"train": stream.train, "val": stream.val}
@@ -147,9 +148,9 @@ class AsyncReports:
         get_session().synchronous_result_reporting = False
 
 
-def trial_fn_async(values: dict, job: dict | None = None, stream: Any = None) -> None:
+def trial_fn_async(values: dict, job: dict | None = None, stream: Any = None, cwd: str | None = None) -> None:
     """:func:`trial_fn`, run by a trainable with :class:`AsyncReports`."""
-    trial_fn(values, job, stream)
+    trial_fn(values, job, stream, cwd)
 
 
 trial_fn_async.__mixins__ = (AsyncReports,)
