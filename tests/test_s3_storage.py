@@ -70,7 +70,8 @@ def test_training_checkpoints_to_a_bucket_and_a_second_run_resumes_from_them(s3_
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_search_exports_winners_to_a_bucket_and_deploy_serves_them_over_http(s3_bucket, s3_server):
+def test_search_exports_winners_to_a_bucket_and_deploy_serves_them_over_http(s3_bucket, s3_server, tmp_path,
+                                                                             monkeypatch):
     from omegaconf import OmegaConf
     from ray import serve
 
@@ -100,6 +101,18 @@ def test_search_exports_winners_to_a_bucket_and_deploy_serves_them_over_http(s3_
     from trainyard.winners import resolve_checkpoint
 
     assert resolve_checkpoint(f"{s3_bucket}/runs/s3tune") == winner["path"]  # the run names its winner
+    # Its report, from the bucket (what `--resume`, deploy and export take), written here.
+    from click.testing import CliRunner
+
+    from trainyard.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    written = CliRunner().invoke(main, ["report", f"{s3_bucket}/runs/s3tune"])
+    assert written.exit_code == 0 and "wrote s3tune-report.html" in written.output, written.output
+    assert winner["trial_id"] in (tmp_path / "s3tune-report.html").read_text()
+    missing = CliRunner().invoke(main, ["report", f"{s3_bucket}/runs/none"])
+    assert missing.exit_code == 1 and missing.output.strip().splitlines()[-1] == (
+        f"error: {s3_bucket}/runs/none is not a finished trainyard tuning run (no trainyard_trials.json there)")
 
     # Deploy the registry (its current version) straight from the bucket; ask it over HTTP.
     port = free_port()

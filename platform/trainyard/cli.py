@@ -9,6 +9,7 @@ START = time.perf_counter()  # the start-up figure counts from here
 import os  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
 
@@ -245,13 +246,39 @@ def tune(config, overrides, address, resume, as_json, tracking_uri):
 
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False))
-@click.option("-o", "--output", default=None, help="HTML file to write (default: RUN/report.html).")
+@click.option("-o", "--output", default=None,
+              help="HTML file to write (default: RUN/report.html; for a run in a bucket, "
+                   "NAME-report.html here).")
 def report(run, output):
-    """Write one self-contained HTML report of the tuning run RUN."""
+    """Write one self-contained HTML report of the tuning run RUN: its folder, or its URI in
+    a bucket (s3://bucket/runs/NAME)."""
+    from trainyard.runtime.storage import is_uri
     from trainyard.ui.report import write_report
 
-    path = write_report(run, output)
-    click.echo(f"wrote {path}")
+    if not is_uri(run):
+        click.echo(f"wrote {write_report(run, output)}")
+        return
+    import tempfile
+
+    name = run.rstrip("/").rsplit("/", 1)[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        _fetch_records(run, Path(tmp))
+        click.echo(f"wrote {write_report(tmp, output or f'{name}-report.html')}")
+
+
+def _fetch_records(run: str, folder: Path) -> None:
+    """A search's records (the files directly in its folder in a bucket) into ``folder``."""
+    from trainyard.runtime.storage import check_uri, join, list_names, read_text
+    from trainyard.tune.records import BUDGET_MARK, EXPLOITS, HISTORY
+
+    check_uri(run, "RUN")
+    names = [n for n in list_names(run) if n.startswith("trainyard_") or n in (BUDGET_MARK, EXPLOITS, HISTORY)]
+    if "trainyard_trials.json" not in names:
+        raise TrainyardError(f"{run} is not a finished trainyard tuning run (no trainyard_trials.json there)")
+    for name in names:
+        text = read_text(join(run, name))
+        if text is not None:
+            (folder / name).write_text(text)
 
 
 _INGRESS_HELP = ("HTTP ingress of an embedded Ray: haproxy (Serve's HAProxy ingress, several times "
