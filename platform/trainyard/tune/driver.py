@@ -306,6 +306,10 @@ def _search(cfg: DictConfig | None, resume: str | None) -> tuple[DictConfig, Pat
                 f"tune.time_budget_s: the time budget ({spent.get('budget_s', '?')} s) already ended the search "
                 f"in {run_dir}, and it counts over resumes; its winners were exported then. To search on, "
                 "start a new search (another name=) with its own budget")
+        if _ran_to_its_end(run_dir):
+            raise ConfigError(f"--resume: the search in {run_dir} already ran to its end, and its winners were "
+                              "exported then; nothing is left to run. To search on, start a new search "
+                              "(another name=)")
     if cfg.tune is None:
         raise ConfigError("tune: this config has no tune section (see configs/tune_mlp.yaml)")
     validate_space(cfg)
@@ -322,6 +326,15 @@ def _search(cfg: DictConfig | None, resume: str | None) -> tuple[DictConfig, Pat
         raise ConfigError(f"name: a search named {cfg.name!r} already ran in {run_dir}; resume it "
                           f"(trainyard tune --resume {run_dir}) or give this one another name=")
     return cfg, run_dir, f"val_{metric_name}", mode
+
+
+def _ran_to_its_end(run_dir: Path) -> bool:
+    """The search's records say it ran to its end (not cut by Ctrl-C or the time budget)."""
+    try:
+        data = json.loads((run_dir / "trainyard_trials.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "stopped_by" in data and data["stopped_by"] is None
 
 
 def _searched_before(run_dir: Path) -> bool:
