@@ -315,3 +315,18 @@ def test_a_tracking_server_that_is_down_costs_one_warning_and_nothing_of_the_run
     assert len((result.run_dir / "metrics.jsonl").read_text().splitlines()) == 2
     assert incomplete_reason(result.checkpoint) is None
     assert not (result.run_dir / tracking.LOCAL_STORE).exists()
+
+
+def test_a_deleted_experiment_is_restored_saying_so(tmp_path, caplog):
+    """Logging under the name of an experiment someone deleted brings it back, with one
+    line that says so (it silently undid the delete)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    deleted = client.create_experiment("gone", artifact_location=str(tmp_path / "artifacts"))
+    client.delete_experiment(deleted)
+    with caplog.at_level(logging.WARNING, logger="trainyard.tracking"):
+        assert tracking._experiment(client, "gone", tmp_path / "artifacts") == deleted
+    assert client.get_experiment(deleted).lifecycle_stage == "active"
+    assert [r.getMessage() for r in caplog.records if r.name == "trainyard.tracking"] == [
+        f"tracking: MLflow experiment 'gone' (id {deleted}) was deleted; restored it to log this run"]

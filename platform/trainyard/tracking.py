@@ -259,6 +259,8 @@ def _experiment(client: Any, name: str, artifact_root: Path | None) -> str:
                 raise exc
     if found.lifecycle_stage == "deleted":
         client.restore_experiment(found.experiment_id)
+        LOG.warning("tracking: MLflow experiment %r (id %s) was deleted; restored it to log this run",
+                    name, found.experiment_id)
     return found.experiment_id
 
 
