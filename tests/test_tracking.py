@@ -122,6 +122,9 @@ def test_tracking_config_is_checked_before_anything_runs():
         load_config(base, ["tracking.backend=mlflow", "storage_path=s3://bucket/runs"])
     with pytest.raises(ConfigError, match=r"^tracking.backend: must be one of none, mlflow"):
         load_config(base, ["tracking.backend=wandb"])
+    with pytest.raises(ConfigError, match=r"^--tracking-uri: empty; give the tracking server's URI"):
+        tracking.cli_overrides("")  # "$MLFLOW_TRACKING_URI", unset
+    assert tracking.cli_overrides(None) == []
     cfg = load_config(base, tracking.cli_overrides("http://127.0.0.1:5000"))
     assert (cfg.tracking.backend, cfg.tracking.uri) == ("mlflow", "http://127.0.0.1:5000")
     assert load_config(base).tracking.backend == "none"  # off by default
@@ -254,6 +257,9 @@ def test_with_no_uri_the_store_is_local_in_the_run_folder(job_config, caplog):
     client = _client(f"sqlite:///{store}")
     [run] = client.search_runs([client.get_experiment_by_name("tracked_local").experiment_id])
     assert [step for step, _ in _history(client, run.info.run_id, "val_accuracy")] == [0, 1]
+    # The run's last lines say where it went.
+    assert result.tracked == (f"MLflow run {run.info.run_id} in experiment 'tracked_local' at "
+                              f"sqlite:///{store.resolve()}")
     manifests = list((result.run_dir / tracking.LOCAL_ARTIFACTS).rglob("checkpoint/" + MANIFEST))
     assert len(manifests) == 1 and manifests[0].read_text() == (result.checkpoint / MANIFEST).read_text()
 
@@ -294,7 +300,7 @@ def test_a_tracking_server_that_takes_the_connection_and_never_answers_holds_the
     warnings = _tracking_warnings(caplog, uri)
     assert len(warnings) == 1, warnings
     assert "timed out" in warnings[0].lower() or "timeout" in warnings[0].lower(), warnings[0]
-    assert [r["epoch"] for r in result.history] == [0, 1]
+    assert [r["epoch"] for r in result.history] == [0, 1] and result.tracked is None
     # Training (~25 s) and at most 3 tries of 10 s with their back-off, run beside it.
     assert took < 120, f"the run took {took:.0f} s"
 

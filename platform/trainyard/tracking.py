@@ -80,8 +80,11 @@ _PARAM_MAX, _PARAMS_PER_CALL, _METRICS_PER_CALL = 6000, 100, 1000
 
 def cli_overrides(uri: str | None) -> list[str]:
     """The config overrides a ``--tracking-uri URI`` option stands for."""
-    if not uri:
+    if uri is None:
         return []
+    if not uri.strip():  # an unset variable, "$MLFLOW_TRACKING_URI": not "no tracking"
+        raise ConfigError("--tracking-uri: empty; give the tracking server's URI (or, for a local store in "
+                          "the run folder, tracking.backend=mlflow)")
     return ["tracking.backend=mlflow", f"tracking.uri={uri}"]
 
 
@@ -380,6 +383,13 @@ class TrainTracking:
             self.conn.submit(finish)
         finally:
             self.conn.close()
+
+    def where(self) -> str | None:
+        """Where the run was logged, for the run's last lines; None if tracking failed."""
+        if self.conn.failed or self.run_id is None:
+            return None
+        return (f"MLflow run {self.run_id} in experiment {self.conn.experiment!r} at "
+                f"{shown_uri(self.conn.uri)}")
 
 
 def train_run(cfg: Any, run_dir: Path | None, storage: str) -> TrainTracking | None:

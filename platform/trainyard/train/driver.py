@@ -35,6 +35,8 @@ class TrainResult:
     resumed_from: int | None = None
     #: The epoch early stopping (train.patience) ended the run at; None if it ran to the end.
     stopped_early_at: int | None = None
+    #: Where the run was tracked: "MLflow run ID in experiment NAME at URI"; None if it was not.
+    tracked: str | None = None
 
 
 def make_trainer(cfg: Any, loop_config: dict, name: str, storage: str, callbacks: list | None = None,
@@ -177,6 +179,7 @@ def run_training(
                 upload_records(run_dir, remote)
     if tracker is not None:
         tracker.finish("FINISHED", checkpoint=final, report=_report(cfg, run_dir, log, result))
+        result.tracked = tracker.where()
     return result
 
 

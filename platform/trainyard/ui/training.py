@@ -109,3 +109,5 @@ class TrainingView:
         self.console.print(f"run folder: {result.run_dir}")
         if result.checkpoint is not None:
             self.console.print(f"latest checkpoint: {result.checkpoint}")
+        if getattr(result, "tracked", None):
+            self.console.print(f"tracked: {result.tracked}", markup=False, highlight=False)
