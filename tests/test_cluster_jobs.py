@@ -54,6 +54,7 @@ def test_stop_a_running_job(two_nodes, tmp_path):
     done = two_nodes.cli("submit", str(CONFIGS / "mlp_breast_cancer.yaml"), "train.epochs=1000",
                          f"storage_path={tmp_path / 'runs'}", "name=long", "--address", two_nodes.url)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "Uploading package" not in done.stdout + done.stderr  # Ray's INFO lines as it packs the job
     job = _job_id(done.stdout)
     deadline = time.monotonic() + 180
     while "epoch 1/1000" not in two_nodes.cli("jobs", "logs", job, "--address", two_nodes.url).stdout:

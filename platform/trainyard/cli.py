@@ -468,7 +468,7 @@ def jobs_logs(job_id, address, follow):
 @click.argument("job_id")
 @click.option("--address", default=None, metavar="URL", help=_JOBS_ADDRESS_HELP)
 def jobs_stop(job_id, address):
-    """Stop JOB_ID (its workers, trials and checkpoints already written stay)."""
+    """Stop JOB_ID: its driver, workers and trials end; the checkpoints it wrote stay."""
     from trainyard.jobs import JobsClient
 
     client = JobsClient(address)

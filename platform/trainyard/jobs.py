@@ -173,6 +173,11 @@ class JobsClient:
 
     def submit(self, entrypoint: str, runtime_env: dict, submission_id: str | None,
                metadata: dict) -> str:
+        # Ray's INFO lines as it packs and uploads the job's files ("Uploading package ...")
+        # would come before trainyard's own; its warnings stay.
+        for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+            logger = logging.getLogger(name)
+            logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
         return self._call(self._client.submit_job, entrypoint=entrypoint, runtime_env=runtime_env,
                           submission_id=submission_id, metadata=metadata)
 
