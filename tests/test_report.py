@@ -287,3 +287,8 @@ def test_report_output_that_is_a_folder_missing_or_someone_else_s_file_is_refuse
     page = tmp_path / "mine.html"
     assert write_report(run, page) == page and "<html" in page.read_text()[:200].lower()
     assert write_report(run, page) == page  # an HTML report is rewritten
+    with pytest.raises(TrainyardError, match=r"nope: no such folder$"):
+        write_report(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainyardError, match=r"is not a finished trainyard tuning run \(no trainyard_trials.json\)"):
+        write_report(tmp_path / "empty")

@@ -190,7 +190,7 @@ def _image_folder(root: Path, classes=("zero", "one"), count: int = 4) -> Path:
 @pytest.mark.parametrize("case", ["missing_column", "empty_glob", "no_such_folder", "wrong_extension", "not_parquet",
                                   "one_class", "label_not_classes", "malformed_csv", "empty_csv",
                                   "classes_miss_a_label", "missing_labels", "missing_features", "image_beside_classes",
-                                  "corrupt_image"])
+                                  "corrupt_image", "columns_differ"])
 def test_bad_data_is_one_line_naming_the_uri_or_column(ray_cluster, tmp_path, case, capfd):
     frame = _breast_cancer_frame()
     folder = _write_parquet(frame, tmp_path / "table", parts=2)
@@ -201,6 +201,9 @@ def test_bad_data_is_one_line_naming_the_uri_or_column(ray_cluster, tmp_path, ca
     holes.loc[::10, "mean_radius"] = np.nan
     _write_parquet(holes, tmp_path / "holes", parts=2)
     images = _image_folder(tmp_path / "images")
+    (tmp_path / "mixed").mkdir()
+    frame.iloc[:300].to_parquet(tmp_path / "mixed" / "a.parquet")
+    frame.iloc[300:].drop(columns=["mean_radius"]).to_parquet(tmp_path / "mixed" / "b.parquet")
     if case == "image_beside_classes":
         (images / "zero" / "0.png").rename(images / "cover.png")
     if case == "corrupt_image":
@@ -237,6 +240,9 @@ def test_bad_data_is_one_line_naming_the_uri_or_column(ray_cluster, tmp_path, ca
                                  r"1 image\(s\) lie beside the class folders, not in one \(e.g. .*cover.png\)"),
         "corrupt_image": ({"uri": str(images), "format": "images", "image_mode": "L", "image_size": [6, 6]},
                           r"couldn't load image file at path '.*broken.png'"),
+        "columns_differ": (dict(params, uri=str(tmp_path / "mixed")),
+                           r"mixed: .*b.parquet has no column 'mean_radius', which the job uses \(the files' "
+                           r"columns differ\)"),
     }[case]
     cfg = _files_cfg(tmp_path, "cnn" if "image" in case else "mlp", expected[0])
     capfd.readouterr()

@@ -351,9 +351,11 @@ def load_files(params: FilesParams, seed):
                             and isinstance(t, pa.DataType) and (pa.types.is_integer(t) or pa.types.is_floating(t))]
                 if not features:
                     raise ValueError(f"{params.uri}: no numeric feature columns besides {label!r}")
-        if params.format == "parquet":  # read only the columns used
-            train, _, _ = _read(params, params.uri, [*features, label] if kind != "text" else [params.text, label],
-                                found=(fs, files))
+        count = None
+        if params.format == "parquet":  # read only the columns used, which every file must have
+            used = [*features, label] if kind != "text" else [params.text, label]
+            count = _parquet_rows(fs, files, used, params.uri)
+            train, _, _ = _read(params, params.uri, used, found=(fs, files))
         classes = []
         if params.task == "classification":
             if params.classes:
@@ -379,9 +381,8 @@ def load_files(params: FilesParams, seed):
             if missing:
                 raise ValueError(f"{params.val_uri}: no column {missing[0]!r}; columns: {', '.join(names)}")
         val = val_ds.map_batches(ToRows(params, features, info.classes, params.val_uri), batch_format=fmt)
-    count = None
-    if params.format == "parquet":
-        count = _parquet_rows(fs, files)
+    if params.format != "parquet":
+        count = None
     size = files_bytes(fs, files)
     if size is not None and params.format in ("parquet", "images"):
         size *= 4  # compressed on storage: several times larger in memory
@@ -399,15 +400,23 @@ def _check_class_folders(files: list[str], uri: str) -> None:
                          f"(e.g. {stray[0]}); put each image in the folder of its class")
 
 
-def _parquet_rows(fs, files: list[str]) -> int | None:
-    """The training rows from the Parquet footers (no row is read)."""
+def _parquet_rows(fs, files: list[str], used: list[str], uri: str) -> int | None:
+    """The training rows from the Parquet footers (no row is read); a file without one of
+    the ``used`` columns is named (Ray Data's error named neither it nor the column)."""
     import pyarrow.parquet as pq
 
     total = 0
     try:
         for path in files:
             with fs.open_input_file(path) as f:
-                total += pq.ParquetFile(f).metadata.num_rows
+                footer = pq.ParquetFile(f)
+                missing = [c for c in used if c not in footer.schema_arrow.names]
+                if missing:
+                    raise KeyError(path, missing[0])
+                total += footer.metadata.num_rows
+    except KeyError as exc:
+        raise ValueError(f"{uri}: {exc.args[0]} has no column {exc.args[1]!r}, which the job uses (the files' "
+                         "columns differ)") from None
     except (OSError, ValueError):
         return None
     return total

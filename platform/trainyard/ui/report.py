@@ -761,6 +761,8 @@ def _panel(pid: str, title: str, body: str) -> str:
 def write_report(run: str | Path, output: str | Path | None = None) -> Path:
     run_dir = Path(run).expanduser()
     data_file = run_dir / "trainyard_trials.json"
+    if not run_dir.exists():
+        raise TrainyardError(f"{run_dir}: no such folder")
     if not data_file.is_file():
         raise TrainyardError(f"{run_dir} is not a finished trainyard tuning run (no trainyard_trials.json)")
     out = Path(output).expanduser() if output else run_dir / "report.html"
