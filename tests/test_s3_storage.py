@@ -109,7 +109,8 @@ def test_search_exports_winners_to_a_bucket_and_deploy_serves_them_over_http(s3_
     monkeypatch.chdir(tmp_path)
     written = CliRunner().invoke(main, ["report", f"{s3_bucket}/runs/s3tune"])
     assert written.exit_code == 0 and "wrote s3tune-report.html" in written.output, written.output
-    assert winner["trial_id"] in (tmp_path / "s3tune-report.html").read_text()
+    page = (tmp_path / "s3tune-report.html").read_text()
+    assert winner["trial_id"] in page and "Tuning run s3tune" in page  # named by the run, not a temp folder
     missing = CliRunner().invoke(main, ["report", f"{s3_bucket}/runs/none"])
     assert missing.exit_code == 1 and missing.output.strip().splitlines()[-1] == (
         f"error: {s3_bucket}/runs/none is not a finished trainyard tuning run (no trainyard_trials.json there)")

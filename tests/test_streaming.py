@@ -267,6 +267,21 @@ def test_a_label_column_of_whole_floats_names_the_classes_of_the_int_column(ray_
     assert [prepare_stream(job).meta.info.classes for job in jobs] == [["0", "1"], ["0", "1"]]
     targets = [np.sort(load_stream(job).train.take_batch(600, batch_format="numpy")["target"]) for job in jobs]
     assert len(targets[0]) == len(frame) and np.array_equal(targets[0], targets[1])
+    # Classes the user names as "0.0" and "1.0" keep their names, and the labels still match.
+    named = resolve(_files_cfg(tmp_path, "mlp", {"uri": str(tmp_path / "floats"), "classes": ["0.0", "1.0"]}))
+    assert prepare_stream(named).meta.info.classes == ["0.0", "1.0"]
+    assert np.array_equal(np.sort(load_stream(named).train.take_batch(600, batch_format="numpy")["target"]),
+                          targets[0])
+
+
+def test_a_hive_partition_column_is_a_column_though_no_file_holds_it(ray_cluster, tmp_path):
+    """label=0/part.parquet: Ray Data adds the label from the path; the footers' column check
+    must not refuse it."""
+    frame = _breast_cancer_frame()
+    for label, rows in frame.groupby("label"):
+        _write_parquet(rows.drop(columns=["label"]), tmp_path / "hive" / f"label={label}", parts=1)
+    stream = prepare_stream(resolve(_files_cfg(tmp_path, "mlp", {"uri": str(tmp_path / "hive")})))
+    assert stream.meta.info.classes == ["0", "1"] and stream.meta.train_rows > 300
 
 
 def test_a_streams_rows_are_checked_against_its_data_info_before_workers_start():

@@ -265,7 +265,7 @@ def test_with_no_uri_the_store_is_local_in_the_run_folder(job_config, caplog):
 
 
 def test_a_tracking_server_that_takes_the_connection_and_never_answers_holds_the_run_seconds(job_config, caplog):
-    """A wedged server (it accepts, and never answers) costs one warning and tens of seconds
+    """A wedged server (it accepts, and never answers) costs one warning and about a minute
     at most, not MLflow's 3 x 120 s."""
     import threading
 
@@ -301,8 +301,8 @@ def test_a_tracking_server_that_takes_the_connection_and_never_answers_holds_the
     assert len(warnings) == 1, warnings
     assert "timed out" in warnings[0].lower() or "timeout" in warnings[0].lower(), warnings[0]
     assert [r["epoch"] for r in result.history] == [0, 1] and result.tracked is None
-    # Training (~25 s) and at most 3 tries of 10 s with their back-off, run beside it.
-    assert took < 120, f"the run took {took:.0f} s"
+    # Training (~25 s) beside at most 3 tries of 20 s with their back-off.
+    assert took < 150, f"the run took {took:.0f} s"
 
 
 def test_a_tracking_server_that_is_down_costs_one_warning_and_nothing_of_the_run(job_config, caplog):

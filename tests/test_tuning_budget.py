@@ -107,8 +107,10 @@ def test_a_search_the_budget_ended_is_not_resumed_and_keeps_its_record(tmp_path)
     # One that ran to its end has nothing left either (a resume exported the same winners
     # again as a new version); one Ctrl-C cut short resumes.
     (run_dir / BUDGET_MARK).unlink()
-    for stopped_by, refused in ((None, True), ("interrupted", False)):
-        (run_dir / "trainyard_trials.json").write_text(json.dumps({"trials": [], "stopped_by": stopped_by}))
+    planned = [{"trial_id": str(i), "state": "TERMINATED"} for i in range(cfg.tune.num_samples)]
+    for stopped_by, trials, refused in ((None, planned, True), ("interrupted", planned, False),
+                                        (None, planned[1:], False)):  # an older version's Ctrl-C
+        (run_dir / "trainyard_trials.json").write_text(json.dumps({"trials": trials, "stopped_by": stopped_by}))
         if refused:
             with pytest.raises(ConfigError, match=rf"^--resume: the search in {run_dir} already ran to its end"):
                 _search(None, str(run_dir))

@@ -262,8 +262,10 @@ def report(run, output):
 
     name = run.rstrip("/").rsplit("/", 1)[-1]
     with tempfile.TemporaryDirectory() as tmp:
-        _fetch_records(run, Path(tmp))
-        click.echo(f"wrote {write_report(tmp, output or f'{name}-report.html')}")
+        folder = Path(tmp, name)  # the report names the run by its folder
+        folder.mkdir()
+        _fetch_records(run, folder)
+        click.echo(f"wrote {write_report(folder, output or f'{name}-report.html')}")
 
 
 def _fetch_records(run: str, folder: Path) -> None:

@@ -273,6 +273,13 @@ TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "m
                     "databricks-uc", "uc")
 
 
+def _plugin_tracking_store(scheme: str) -> bool:
+    """An MLflow plugin package registers a tracking store for ``scheme`` (azureml://, ...)."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == scheme for ep in entry_points(group="mlflow.tracking_store"))
+
+
 def _check_tracking(cfg: DictConfig) -> None:
     t = cfg.tracking
     if t.backend == "none":
@@ -284,7 +291,7 @@ def _check_tracking(cfg: DictConfig) -> None:
         raise ConfigError(f"tracking.uri: must be a URI such as http://host:5000 or "
                           f"sqlite:////abs/path/mlflow.db (got {t.uri!r})")
     scheme = str(t.uri).split("://", 1)[0].split("+", 1)[0].lower() if "://" in str(t.uri) else ""
-    if scheme and scheme not in TRACKING_SCHEMES:
+    if scheme and scheme not in TRACKING_SCHEMES and not _plugin_tracking_store(scheme):
         raise ConfigError(f"tracking.uri: MLflow has no tracking store for {scheme + '://'!r}; use one of "
                           f"{', '.join(s + '://' for s in TRACKING_SCHEMES)} (got {t.uri!r})")
     if not t.uri and "://" in cfg.storage_path:

@@ -50,14 +50,15 @@ _THREAD = "trainyard-tracking"
 
 #: MLflow settings trainyard sets unless the environment already does: no usage data sent
 #: to MLflow's telemetry service, a down server fails in seconds (2 quick retries, not 7
-#: with growing waits), and so does one that takes the connection and never answers (10 s
-#: a request, not MLflow's 120 s: 3 tries of 120 s held a 30 s run for 6 minutes), no
+#: with growing waits), and so does one that takes the connection and never answers (20 s
+#: a request, not MLflow's 120 s: 3 tries of 120 s held a 30 s run for 6 minutes; enough
+#: for a proxy to store a large checkpoint before it answers its upload), no
 #: progress bars or run links printed over trainyard's own view.
 MLFLOW_ENV_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }

@@ -231,6 +231,15 @@ def _is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
 
+def _number_name(text: str) -> str:
+    """A class name written as a whole number (``"1.0"``) as :func:`label_name` names it."""
+    try:
+        number = float(text)
+    except (TypeError, ValueError):
+        return text
+    return label_name(number) if number == number and abs(number) != float("inf") else text
+
+
 def label_name(value) -> str:
     """A class label as a class name: ``1``, ``1.0`` and ``np.float64(1.0)`` are all ``"1"``
     (a label column of whole numbers read as floats, as pandas makes of an int column
@@ -282,6 +291,8 @@ class ToRows:
     def __init__(self, params: FilesParams, features: list[str], classes: list[str], uri: str):
         self.p, self.features, self.uri = params, features, uri
         self.index = {c: i for i, c in enumerate(classes)}
+        for i, c in enumerate(classes):  # classes given as "1.0" name the labels 1 and 1.0 too
+            self.index.setdefault(_number_name(c), i)
 
     def _targets(self, values) -> np.ndarray:
         values = np.asarray(values)
@@ -410,7 +421,9 @@ def _parquet_rows(fs, files: list[str], used: list[str], uri: str) -> int | None
         for path in files:
             with fs.open_input_file(path) as f:
                 footer = pq.ParquetFile(f)
-                missing = [c for c in used if c not in footer.schema_arrow.names]
+                # Hive partitions (folder=value/) are columns Ray Data adds from the path.
+                parts = {seg.split("=", 1)[0] for seg in Path(path).parent.parts if "=" in seg}
+                missing = [c for c in used if c not in footer.schema_arrow.names and c not in parts]
                 if missing:
                     raise KeyError(path, missing[0])
                 total += footer.metadata.num_rows

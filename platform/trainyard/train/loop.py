@@ -208,9 +208,13 @@ def run_loop(loop_config: dict, session: Session) -> None:
     plugin = registry.owner("model", cfg.model.name)
     progress = loop_config.get("progress")
 
-    def emit(event: dict) -> None:
+    def emit(event: dict, wait: bool = False) -> None:
         if progress is not None and session.rank == 0:
-            progress.push.remote(event)
+            pushed = progress.push.remote(event)
+            if wait:  # the driver must see it before the run ends
+                import ray
+
+                ray.get(pushed)
 
     if progress is not None:  # every rank says where it runs (workers.json in the run folder)
         progress.push.remote(_where(session.rank, t.device))
@@ -233,7 +237,7 @@ def _work_in(folder: str | None) -> None:
         os.chdir(folder)
 
 
-def _epochs(t: Trainee, job: ResolvedJob, session: Session, emit: Callable[[dict], None], plugin: str,
+def _epochs(t: Trainee, job: ResolvedJob, session: Session, emit: Callable[..., None], plugin: str,
             fail_on_nonfinite: bool = False) -> None:
     cfg = job.config
     for epoch in range(t.start_epoch, cfg.train.epochs):
@@ -252,7 +256,7 @@ def _epochs(t: Trainee, job: ResolvedJob, session: Session, emit: Callable[[dict
             # Ends here, before its checkpoint (the latest stays the last epoch with a finite
             # loss), for the driver to fail the run: an error raised here would have Ray
             # Train restart the workers (checkpoint.max_failures) into the same loss.
-            emit({"type": "diverged", "epoch": epoch, "train_loss": metrics["train_loss"]})
+            emit({"type": "diverged", "epoch": epoch, "train_loss": metrics["train_loss"]}, wait=True)
             return
         if t.warmup_epochs:
             metrics[WARMUP_EPOCHS] = t.warmup_epochs

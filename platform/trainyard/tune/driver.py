@@ -306,7 +306,7 @@ def _search(cfg: DictConfig | None, resume: str | None) -> tuple[DictConfig, Pat
                 f"tune.time_budget_s: the time budget ({spent.get('budget_s', '?')} s) already ended the search "
                 f"in {run_dir}, and it counts over resumes; its winners were exported then. To search on, "
                 "start a new search (another name=) with its own budget")
-        if _ran_to_its_end(run_dir):
+        if _ran_to_its_end(run_dir, _planned(cfg)):
             raise ConfigError(f"--resume: the search in {run_dir} already ran to its end, and its winners were "
                               "exported then; nothing is left to run. To search on, start a new search "
                               "(another name=)")
@@ -328,13 +328,18 @@ def _search(cfg: DictConfig | None, resume: str | None) -> tuple[DictConfig, Pat
     return cfg, run_dir, f"val_{metric_name}", mode
 
 
-def _ran_to_its_end(run_dir: Path) -> bool:
-    """The search's records say it ran to its end (not cut by Ctrl-C or the time budget)."""
+def _ran_to_its_end(run_dir: Path, planned: int) -> bool:
+    """The search's records say it ran to its end: not cut by Ctrl-C or the time budget, and
+    every planned trial made (a search an older trainyard saw interrupted recorded no cause,
+    but left trials unmade, or running ones unfinished)."""
     try:
         data = json.loads((run_dir / "trainyard_trials.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and "stopped_by" in data and data["stopped_by"] is None
+    if not isinstance(data, dict) or "stopped_by" not in data or data["stopped_by"] is not None:
+        return False
+    trials = data.get("trials") or []
+    return len(trials) >= planned and all(t.get("state") != "PENDING" for t in trials)
 
 
 def _searched_before(run_dir: Path) -> bool:

@@ -85,7 +85,9 @@ class RecordingPBT(PopulationBasedTraining):
         self.space_keys = list(space_keys or [])
 
     def _exploit(self, tune_controller, trial, trial_to_clone):
-        keys = [*self._hyperparam_mutations, *(k for k in self.space_keys if k not in self._hyperparam_mutations)]
+        # getattr: a search started before space_keys existed resumes with its pickled scheduler.
+        space_keys = getattr(self, "space_keys", [])
+        keys = [*self._hyperparam_mutations, *(k for k in space_keys if k not in self._hyperparam_mutations)]
         old = {k: trial.config.get(k) for k in keys}
         donor = {k: trial_to_clone.config.get(k) for k in keys}
         # PBT saves the result that brought a trial to its perturbation step before it
