@@ -273,7 +273,7 @@ def _check_rows(batch: dict, info: DataInfo, job: Any) -> None:
     """The stream's rows (the processor's sample) as its DataInfo describes them: an
     ``input`` and a ``target`` column, inputs of its shape, features without missing values.
     A plugin's mistake is named here, before the workers start, not met inside them."""
-    from trainyard.conformance.datasets import split_problem
+    from trainyard.splits import split_problem
 
     name = job.dataset.name
     absent = [c for c in ("input", "target") if c not in batch]
