@@ -471,7 +471,8 @@ def test_a_search_too_wide_for_its_streams_names_its_concurrent_trials(ray_clust
     with pytest.raises(ConfigError, match=r"cannot hold 64 trial\(s\) at once \(tune.max_concurrent_trials\) of 1 "
                                           r"worker\(s\) of 1 CPU plus one CPU for Ray Data's read .* lower "
                                           r"tune.max_concurrent_trials, scaling.cpus_per_worker"):
-        check_data_cpus(cfg, 64, trials=64)
+        check_data_cpus(cfg, trials=64)
     with pytest.raises(ConfigError, match=r"cannot hold 64 worker\(s\) of 1 CPU plus .* lower "
                                           r"scaling.cpus_per_worker \(e.g. 0.5\) or scaling.num_workers"):
-        check_data_cpus(cfg, 64)
+        check_data_cpus(load_config(CONFIGS / "tune_mlp.yaml", ["scaling.cpus_per_worker=1", "scaling.num_workers=64",
+                                                            "train.batch_size=64"]))

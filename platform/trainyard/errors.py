@@ -1,5 +1,7 @@
 """User-facing errors. The CLI prints their message, never a traceback."""
 
+import re
+
 
 class TrainyardError(Exception):
     """An error whose message is meant for the person running trainyard."""
@@ -26,7 +28,7 @@ class TrainingError(TrainyardError):
 _RAY_NOISE = ("ray::", "\x1b[36mray::", "To change retry attempts", "Failed to apply UDF", "Failed to read stream",
               "UDF failed to process", "The above exception was the direct cause", "Traceback (most recent")
 #: An error line in a traceback's text: ``ValueError: d/x.parquet: no column 'a'``.
-_ERROR_LINE = None
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Invalid)): (.+)$")
 #: Errors whose message says it all; others keep their type's name (``KeyError: 'target'``).
 _SELF_EXPLAINED = ("ValueError", "OSError", "FileNotFoundError", "ConfigError", "TrainingError", "PluginError",
                    "TrainyardError", "RuntimeError", "ArrowInvalid", "ArrowIOError")
@@ -37,11 +39,6 @@ def reason_line(exc: BaseException) -> str:
     (``RayTaskError``) wraps its cause, and Ray Data's wraps a failing function's error in a
     ``UserCodeException`` whose own text is only Ray's retry advice; the cause is then
     the last error line of the traceback Ray put in the outer error's text."""
-    import re
-
-    global _ERROR_LINE
-    if _ERROR_LINE is None:
-        _ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Invalid)): (.+)$")
     chain, seen = [exc], {id(exc)}
     while True:
         inner = getattr(chain[-1], "cause", None) or chain[-1].__cause__

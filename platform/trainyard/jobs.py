@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainyard.errors import ConfigError, TrainyardError
+from trainyard.errors import ConfigError, TrainyardError, reason_line
 from trainyard.plugins import SWITCHES
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -167,7 +167,7 @@ class JobsClient:
                 raise JobsError(f"a job with id {taken.group(1)} already exists on the cluster at "
                                 f"{self.address}; give another --job-id (`trainyard jobs list` shows the "
                                 "jobs)") from None
-            raise JobsError(f"the Jobs API at {self.address} answered: {_last_error_line(text)}") from None
+            raise JobsError(f"the Jobs API at {self.address} answered: {reason_line(exc)}") from None
 
     # The operations the CLI uses -------------------------------------------------------
 
@@ -448,13 +448,3 @@ def stage(cfg: Any, mode: str = "auto", deploy: bool = False, serve_port: int = 
     metadata = {"trainyard_mode": mode, "trainyard_job": str(cfg.name),
                 "trainyard_plugins": ",".join(f"{s.distribution}=={s.version}" for s in shipped)}
     return StagedJob(mode, command, runtime_env, metadata, shipped, folder)
-
-
-def _last_error_line(text: str) -> str:
-    """The Jobs API's answer in one line: a server-side traceback gives its last error line."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(lines) > 1 and any(line.startswith("Traceback") for line in lines):
-        errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception): ", line)]
-        head = lines[0].split(": Traceback")[0]
-        return f"{head}: {errors[-1]}" if errors else head
-    return lines[0] if lines else text

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from trainyard import DataInfo, DatasetSpec, StreamingData, hookimpl
+from trainyard.errors import reason_line
 
 FORMATS = ("parquet", "csv", "jsonl", "images")
 EXTENSIONS = {
@@ -92,14 +93,7 @@ def _filesystem(uri: str):
     try:
         return pyarrow.fs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as exc:
-        raise ValueError(f"{uri}: cannot open ({_line(exc)})") from None
-
-
-def _line(exc: BaseException) -> str:
-    """The reason ``exc`` gives, in one line, through Ray's wrapping of it."""
-    from trainyard.errors import reason_line
-
-    return reason_line(exc)
+        raise ValueError(f"{uri}: cannot open ({reason_line(exc)})") from None
 
 
 def find_files(uri: str, fmt: str):
@@ -133,7 +127,7 @@ def find_files(uri: str, fmt: str):
             return fs, [inner]
         listing = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True))
     except OSError as exc:
-        raise ValueError(f"{uri}: cannot read ({_line(exc)})") from None
+        raise ValueError(f"{uri}: cannot read ({reason_line(exc)})") from None
     files = sorted(i.path for i in listing if i.type == pyarrow.fs.FileType.File
                    and not i.base_name.startswith((".", "_")))
     if glob:
@@ -166,7 +160,7 @@ def _read(params: FilesParams, uri: str, columns: list[str] | None = None, found
     try:
         return _reader(params, fs, files, columns)
     except Exception as exc:  # pyarrow's and Ray Data's errors: name the URI
-        raise ValueError(f"{uri}: cannot read ({_line(exc)})") from None
+        raise ValueError(f"{uri}: cannot read ({reason_line(exc)})") from None
 
 
 def _reader(params: FilesParams, fs, files: list[str], columns: list[str] | None):
@@ -265,7 +259,7 @@ def _label_values(ds, label: str, uri: str) -> list[str]:
             if len(found) > MAX_CLASSES:
                 break
     except Exception as exc:
-        raise ValueError(f"{uri}: cannot read column {label!r} ({_line(exc)})") from None
+        raise ValueError(f"{uri}: cannot read column {label!r} ({reason_line(exc)})") from None
     if missing:
         raise ValueError(f"{uri}: column {label!r} has {missing:,} row(s) without a label (empty, null "
                          "or NaN); drop or fill them")
@@ -279,7 +273,7 @@ def _schema_names(ds, uri: str) -> list[str]:
     try:
         schema = ds.schema()
     except Exception as exc:
-        raise ValueError(f"{uri}: cannot read ({_line(exc)})") from None
+        raise ValueError(f"{uri}: cannot read ({reason_line(exc)})") from None
     if schema is None:
         raise ValueError(f"{uri}: the files hold no rows")
     return list(schema.names), schema
@@ -298,12 +292,9 @@ class ToRows:
         values = np.asarray(values)
         if self.p.task == "regression":
             return values.astype(np.float32)
-        if values.dtype.kind == "f" and np.isnan(values).any():
+        if values.dtype.kind == "f" and np.isnan(values).any():  # nulls: see __call__
             raise ValueError(f"{self.uri}: column {self.p.label!r} has row(s) without a label (empty, "
                              "null or NaN); drop or fill them")
-        if values.dtype == object and any(_is_missing(v) for v in values):
-            raise ValueError(f"{self.uri}: column {self.p.label!r} has row(s) without a label (empty "
-                             "or null); drop or fill them")
         uniques, inverse = np.unique(values if values.dtype != object else values.astype(str),
                                      return_inverse=True)  # one lookup per distinct label
         names = [label_name(v) for v in uniques]
@@ -321,7 +312,11 @@ class ToRows:
             labels = [Path(p).parent.name for p in batch["path"]]
             return {"input": np.ascontiguousarray(images), "target": self._targets(labels)}
         # a pyarrow table: columns straight to numpy, no pandas frame in between
-        labels = batch.column(self.p.label).to_numpy(zero_copy_only=False)
+        column = batch.column(self.p.label)
+        if column.null_count:
+            raise ValueError(f"{self.uri}: column {self.p.label!r} has row(s) without a label (empty, "
+                             "null or NaN); drop or fill them")
+        labels = column.to_numpy(zero_copy_only=False)
         if self.p.text:
             texts = batch.column(self.p.text).to_numpy(zero_copy_only=False)
             return {"input": np.array([str(t) for t in texts], dtype=object), "target": self._targets(labels)}

@@ -16,7 +16,7 @@ import ray
 
 from trainyard import tracking
 from trainyard.config import resolve
-from trainyard.errors import ConfigError, TrainingError
+from trainyard.errors import ConfigError, TrainingError, reason_line
 from trainyard.runtime.cluster import init_ray
 from trainyard.runtime.resources import check_workers_fit, worker_resources
 from trainyard.checkpoint import checkpoint_uri, local_run_dir, upload_records
@@ -75,21 +75,11 @@ def make_trainer(cfg: Any, loop_config: dict, name: str, storage: str, callbacks
 
 
 def _root_cause(exc: BaseException) -> str:
-    """The first worker's own error, not Ray's wrapping of it."""
+    """The first worker's own error, not Ray's wrapping of it (see ``reason_line``)."""
     failures = getattr(exc, "worker_failures", None)
     if failures:
-        first = next(iter(failures.values()))
-        return _root_cause(first)
-    if "To change retry attempts" in str(exc):  # a Ray Data task's error: its cause is in its text
-        from trainyard.errors import reason_line
-
-        return reason_line(exc)
-    cause = getattr(exc, "cause", None) or exc.__cause__
-    if cause is not None and cause is not exc:
-        return _root_cause(cause)
-    text = str(exc).strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+        return _root_cause(next(iter(failures.values())))
+    return reason_line(exc)
 
 
 class _MetricsLog:
@@ -150,7 +140,7 @@ def run_training(
     if job.dataset.streaming:  # read lazily by Ray Data; the driver holds a sample only
         from trainyard.train.stream import check_data_cpus, prepare_stream
 
-        check_data_cpus(cfg, cfg.scaling.num_workers)
+        check_data_cpus(cfg)
         stream = prepare_stream(job)
         loop_config["stream"], datasets = stream.meta, {"train": stream.train, "val": stream.val}
 

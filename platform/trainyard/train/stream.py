@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from trainyard.errors import ConfigError, TrainingError
+from trainyard.errors import ConfigError, TrainingError, reason_line
 from trainyard.hookspecs import DataInfo, Split, StreamingData
 
 #: The hash split's resolution: data.val_fraction is rounded to 1 / VAL_BUCKETS.
@@ -182,13 +182,7 @@ def _count(ds: Any, what: str, job: Any) -> int:
     try:
         return int(ds.count())
     except Exception as exc:  # a read error surfaces on the first pass
-        raise ConfigError(f"data ({job.dataset.name}): cannot read the {what}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    from trainyard.errors import reason_line
-
-    return reason_line(exc)
+        raise ConfigError(f"data ({job.dataset.name}): cannot read the {what}: {reason_line(exc)}") from None
 
 
 def prepare_stream(job: Any, search: bool = False) -> Stream:
@@ -252,7 +246,7 @@ def _prepare_stream(job: Any, search: bool = False) -> Stream:
     except ValueError as exc:
         raise ConfigError(f"data ({job.dataset.name}): no training rows to fit the processor on ({exc})") from None
     except Exception as exc:
-        raise ConfigError(f"data ({job.dataset.name}): cannot read the training rows: {_first_line(exc)}") from None
+        raise ConfigError(f"data ({job.dataset.name}): cannot read the training rows: {reason_line(exc)}") from None
     _check_rows(batch, info, job)
     processor.fit(raw_inputs(batch["input"], info))
     probe = processor.encode(raw_inputs(batch["input"][:2], info))
@@ -306,12 +300,13 @@ def _row_bytes(probe: Any, targets: Any) -> int:
     return max(1, int(math.ceil(total / max(1, len(targets)))))
 
 
-def check_data_cpus(cfg: Any, holders: float, trials: int | None = None) -> None:
+def check_data_cpus(cfg: Any, trials: int | None = None) -> None:
     """Ray Data's read and encode tasks need a CPU that the workers (or trials) do not
-    hold, or the stream never starts: fail at once, saying so. ``holders``: how many
-    workers hold ``scaling.cpus_per_worker`` each; ``trials``: a search's trials at once."""
+    hold, or the stream never starts: fail at once, saying so. ``trials``: a search's
+    trials at once, each of ``scaling.num_workers`` workers (None: one training run)."""
     from trainyard.runtime.cluster import check_capacity
 
+    holders = (trials or 1) * cfg.scaling.num_workers
     need = holders * float(cfg.scaling.cpus_per_worker) + 1
     held = f"{holders:g} worker(s) of {cfg.scaling.cpus_per_worker:g} CPU"
     advice = "lower scaling.cpus_per_worker (e.g. 0.5) or scaling.num_workers"

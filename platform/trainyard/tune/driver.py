@@ -196,8 +196,9 @@ def run_tuning(
                      [callback, recorder, *tracked, *(callbacks or []), *retention, BackgroundTBXLogger()])
     tuner = tuners.restored() if resume and tuners.can_restore() else tuners.new()
     reaper = PlacementGroupReaper() if cfg.scaling.num_workers > 1 else contextlib.nullcontext()
-    with live, reaper, _interruptions() as interrupted:
+    with live, reaper, _interruptions() as events:
         grid = tuner.fit()
+        interrupted = any(event.is_set() for event in events)
         if not interrupted and resume and any(_lost_checkpoint(r.error) for r in grid):
             # A driver killed mid-search can leave Tune's last snapshot naming a trial
             # checkpoint that num_to_keep has since deleted; Tune then fails that trial on
@@ -240,7 +241,7 @@ class SearchInterrupted(TrainyardError):
 
 @contextlib.contextmanager
 def _interruptions():
-    """Yields a list that holds True after the block if Ctrl-C interrupted Tune's run. Tune
+    """Yields the events Tune's runs in the block set when Ctrl-C interrupts them. Tune
     catches SIGINT itself, saves the search's state and returns its results as if the search
     had ended; the only trace is the event its signal handler sets, taken here from the
     function that makes it (``ray.tune.tune._setup_signal_catching``, called by each run)."""
@@ -249,7 +250,7 @@ def _interruptions():
     events: list = []
     original = getattr(tune_module, "_setup_signal_catching", None)
     if original is None:  # another Ray: no way to tell, as before
-        yield _Interrupted(events)
+        yield events
         return
 
     def setup(*args, **kwargs):
@@ -259,19 +260,9 @@ def _interruptions():
 
     tune_module._setup_signal_catching = setup
     try:
-        yield _Interrupted(events)
+        yield events
     finally:
         tune_module._setup_signal_catching = original
-
-
-class _Interrupted:
-    """True once any of Tune's runs in the block was interrupted."""
-
-    def __init__(self, events: list):
-        self.events = events
-
-    def __bool__(self) -> bool:
-        return any(event.is_set() for event in self.events)
 
 
 def _kept(cfg: DictConfig) -> int | None:

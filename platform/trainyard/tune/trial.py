@@ -97,7 +97,7 @@ def search_stream(cfg: DictConfig, concurrent: int | None) -> Any:
     if any(str(key).startswith("data.") for key in cfg.tune.space):
         raise ConfigError(f"tune.space: dataset {job.dataset.name!r} is streamed, read once for the "
                           "whole search, so its data.* keys cannot vary between trials")
-    check_data_cpus(cfg, (concurrent or 1) * cfg.scaling.num_workers, trials=concurrent or 1)
+    check_data_cpus(cfg, trials=concurrent or 1)
     return prepare_stream(job, search=True)
 
 

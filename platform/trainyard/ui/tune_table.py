@@ -334,7 +334,5 @@ def summary_json(outcome: Any) -> dict:
     return _finite({"run_dir": str(outcome.run_dir), "metric": outcome.metric, "mode": outcome.mode,
                     "registry_dir": str(getattr(outcome, "registry_dir", "") or ""),
                     "trials": trials, "winners": winners,
-                    "stopped_by": getattr(outcome, "stopped_by", None),
-                    "stop_message": getattr(outcome, "stop_message", "") or "",
-                    "exploits": list(getattr(outcome, "exploits", None) or []),
-                    "registered": list(getattr(outcome, "registered", None) or [])})
+                    "stopped_by": outcome.stopped_by, "stop_message": outcome.stop_message,
+                    "exploits": list(outcome.exploits), "registered": list(outcome.registered)})
