@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args
@@ -295,7 +296,8 @@ def _check_tracking(cfg: DictConfig) -> None:
         raise ConfigError(f"tracking.uri: MLflow has no tracking store for {scheme + '://'!r}; use one of "
                           f"{', '.join(s + '://' for s in TRACKING_SCHEMES)} (got {t.uri!r})")
     if not t.uri and "://" in cfg.storage_path:
-        raise ConfigError("tracking.uri: needed when storage_path is a URI (with no URI the "
+        raise ConfigError("tracking.uri: needed when storage_path is a URI (with no URI nor "
+                          "$MLFLOW_TRACKING_URI the "
                           "tracking store lives in the run folder, which must be local)")
 # --- end of tracking ---------------------------------------------------------------------
 
@@ -485,8 +487,25 @@ def load_config(
 ) -> DictConfig:
     """Schema + YAML file (or ``base``) + overrides, type-checked. Raises ConfigError."""
     cfg = merge_config(JobConfig, path, overrides, base)
-    _check_values(cfg)
+    from_env = _tracking_uri_from_env(cfg)
+    try:
+        _check_values(cfg)
+    except ConfigError as exc:
+        if from_env and str(exc).startswith("tracking.uri:"):
+            raise ConfigError("tracking.uri (from $MLFLOW_TRACKING_URI):" + str(exc)[len("tracking.uri:"):]) from None
+        raise
     return cfg
+
+
+def _tracking_uri_from_env(cfg: DictConfig) -> bool:
+    """With MLflow tracking on and no ``tracking.uri``, ``$MLFLOW_TRACKING_URI`` names the store,
+    as it does for MLflow itself; it is written into the config, so the run folder says where
+    the run was tracked. True when it was taken from there."""
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env and cfg.tracking.backend == "mlflow" and not cfg.tracking.uri:
+        cfg.tracking.uri = env
+        return True
+    return False
 
 
 def with_values(cfg: DictConfig, tree: dict) -> DictConfig:
