@@ -210,6 +210,19 @@ def test_a_run_name_in_the_manifest_never_leads_the_default_output_out_of_the_fo
     assert not (tmp_path / "escaped-torchscript").exists() and list(work.iterdir()) == []
 
 
+def test_the_default_output_of_a_winner_past_the_first_names_its_rank(runs, tmp_path):
+    import shutil
+
+    from trainyard.export import default_output
+
+    run_dir, _ = runs["mlp"]
+    for rank in ("rank_1", "rank_2"):
+        shutil.copytree(run_dir / "checkpoint_000000", tmp_path / "v1" / rank)
+    first, second = (default_output(tmp_path / "v1" / r, "onnx") for r in ("rank_1", "rank_2"))
+    assert first.name.endswith("-onnx") and "rank" not in first.name
+    assert second.name == first.name[:-len("-onnx")] + "-rank_2-onnx"
+
+
 def test_a_missing_export_extra_is_named(runs, tmp_path, monkeypatch):
     import importlib.util
 

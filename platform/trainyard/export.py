@@ -87,12 +87,18 @@ class ExportResult:
 
 def default_output(checkpoint: Path, fmt: str) -> Path:
     """``<run>-<format>`` in the working folder (the run's name read from the checkpoint's
-    manifest, checked like any name that becomes a folder)."""
+    manifest, checked like any name that becomes a folder); ``<run>-rank_N-<format>`` for a
+    winner other than the first (``winners/<run>/vK/rank_N``), which shares its run name."""
+    import re
+
     from trainyard.names import check_name
     from trainyard.winners import model_name_for
 
     name = check_name(model_name_for(checkpoint), f"{checkpoint}: the run name in its manifest (give -o)",
                       error=TrainyardError)
+    rank = re.fullmatch(r"rank_(\d+)", Path(checkpoint).name)
+    if rank and int(rank.group(1)) != 1:
+        name = f"{name}-rank_{int(rank.group(1))}"
     return Path(f"{name}-{fmt}")
 
 
