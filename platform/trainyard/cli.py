@@ -792,7 +792,8 @@ def plugins_check(name, params):
               help="onnx: model.onnx; torchscript: model.pt; each with preprocessing.json. "
                    "mlflow: an MLflow pyfunc model with the plugin's pre- and post-processing.")
 @click.option("-o", "--output", default=None, type=click.Path(file_okay=False),
-              help="Folder to write (must not exist, or be empty). Default: <run>-<format> (<run>-rank_N-<format> for a winner past the first).")
+              help="Folder to write (must not exist, or be empty). Default: <run>-<format> "
+                   "(<run>-rank_N-<format> for a winner past the first).")
 @click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(0),
               help="Largest absolute difference allowed between the exported model's outputs "
                    "and the checkpoint's.")
