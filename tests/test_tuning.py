@@ -265,6 +265,29 @@ def test_ctrl_c_ends_a_search_as_interrupted_exporting_nothing_and_saying_how_to
     assert not (tmp_path / "winners" / "cut").exists() or not any((tmp_path / "winners" / "cut").iterdir())
 
 
+def test_the_interrupting_signal_is_named_sigusr1_apart_from_ctrl_c():
+    """Tune's handler takes SIGUSR1 as it takes SIGINT; the message names which one came."""
+    import ray.tune.tune as tune_module
+
+    from trainyard.tune.driver import _interruptions
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)}
+    tunes_own = tune_module._setup_signal_catching
+    try:
+        with _interruptions() as caught:
+            event = tune_module._setup_signal_catching()
+            assert not event.is_set() and caught.by() == "Ctrl-C"
+            os.kill(os.getpid(), signal.SIGUSR1)
+            deadline = time.monotonic() + 10
+            while not event.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert event.is_set() and caught.events == [event] and caught.by() == "SIGUSR1"
+        assert tune_module._setup_signal_catching is tunes_own  # put back after the block
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 _AHEAD: list[bool] = []
 
 

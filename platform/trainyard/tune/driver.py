@@ -196,9 +196,9 @@ def run_tuning(
                      [callback, recorder, *tracked, *(callbacks or []), *retention, BackgroundTBXLogger()])
     tuner = tuners.restored() if resume and tuners.can_restore() else tuners.new()
     reaper = PlacementGroupReaper() if cfg.scaling.num_workers > 1 else contextlib.nullcontext()
-    with live, reaper, _interruptions() as events:
+    with live, reaper, _interruptions() as caught:
         grid = tuner.fit()
-        interrupted = any(event.is_set() for event in events)
+        interrupted = any(event.is_set() for event in caught.events)
         if not interrupted and resume and any(_lost_checkpoint(r.error) for r in grid):
             # A driver killed mid-search can leave Tune's last snapshot naming a trial
             # checkpoint that num_to_keep has since deleted; Tune then fails that trial on
@@ -213,7 +213,7 @@ def run_tuning(
         winners: list = []
         stopped_by = "interrupted"
         done = sum(t["state"] == "TERMINATED" for t in trials)
-        message = (f"search interrupted (Ctrl-C): {done} of {_planned(cfg)} trials ran all their epochs; "
+        message = (f"search interrupted ({caught.by()}): {done} of {_planned(cfg)} trials ran all their epochs; "
                    f"no winner was exported. Resume it: trainyard tune --resume {state if bucket else run_dir}")
     else:
         winners = export_winners(trials, cfg, metric, mode)
@@ -234,35 +234,69 @@ def run_tuning(
 
 
 class SearchInterrupted(TrainyardError):
-    """Ctrl-C (SIGINT) ended a search: Tune saved its state; nothing was exported."""
+    """Ctrl-C (SIGINT), or SIGUSR1, ended a search: Tune saved its state; nothing was exported."""
 
     exit_code = 130
 
 
+@dataclass
+class _Caught:
+    events: list = field(default_factory=list)  # Tune's, one per run: set when a signal ended it
+    signals: list = field(default_factory=list)  # the signals its handler took, in order
+
+    def by(self) -> str:
+        import signal
+
+        sig = self.signals[0] if self.signals else signal.SIGINT
+        return "Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name
+
+
 @contextlib.contextmanager
 def _interruptions():
-    """Yields the events Tune's runs in the block set when Ctrl-C interrupts them. Tune
-    catches SIGINT itself, saves the search's state and returns its results as if the search
-    had ended; the only trace is the event its signal handler sets, taken here from the
-    function that makes it (``ray.tune.tune._setup_signal_catching``, called by each run)."""
+    """Yields what ended Tune's runs in the block early: Tune catches SIGINT (and SIGUSR1)
+    itself, saves the search's state and returns its results as if the search had ended; the
+    only trace is the event its signal handler sets, taken here from the function that makes
+    it (``ray.tune.tune._setup_signal_catching``, called by each run), and which signal it
+    was, from its handler wrapped on the way."""
+    import signal
+    import threading
+
     import ray.tune.tune as tune_module
 
-    events: list = []
+    caught = _Caught()
     original = getattr(tune_module, "_setup_signal_catching", None)
     if original is None:  # another Ray: no way to tell, as before
-        yield events
+        yield caught
         return
 
+    def noting(handler):
+        def handle(sig, frame):
+            caught.signals.append(sig)
+            return handler(sig, frame)
+        return handle
+
     def setup(*args, **kwargs):
+        before = {sig: signal.getsignal(sig) for sig in _tune_signals()} \
+            if threading.current_thread() is threading.main_thread() else {}
         event = original(*args, **kwargs)
-        events.append(event)
+        caught.events.append(event)
+        for sig, was in before.items():
+            now = signal.getsignal(sig)
+            if callable(now) and now is not was:  # the handler Tune just installed
+                signal.signal(sig, noting(now))
         return event
 
     tune_module._setup_signal_catching = setup
     try:
-        yield events
+        yield caught
     finally:
         tune_module._setup_signal_catching = original
+
+
+def _tune_signals() -> list:
+    import signal
+
+    return [signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
 
 
 def _kept(cfg: DictConfig) -> int | None:
