@@ -190,7 +190,7 @@ def _image_folder(root: Path, classes=("zero", "one"), count: int = 4) -> Path:
 @pytest.mark.parametrize("case", ["missing_column", "empty_glob", "no_such_folder", "wrong_extension", "not_parquet",
                                   "one_class", "label_not_classes", "malformed_csv", "empty_csv",
                                   "classes_miss_a_label", "missing_labels", "missing_features", "image_beside_classes",
-                                  "corrupt_image", "columns_differ"])
+                                  "corrupt_image", "columns_differ", "malformed_jsonl"])
 def test_bad_data_is_one_line_naming_the_uri_or_column(ray_cluster, tmp_path, case, capfd):
     frame = _breast_cancer_frame()
     folder = _write_parquet(frame, tmp_path / "table", parts=2)
@@ -212,6 +212,9 @@ def test_bad_data_is_one_line_naming_the_uri_or_column(ray_cluster, tmp_path, ca
     (tmp_path / "fake.parquet").write_text("a,b\n1,2\n")
     (tmp_path / "quote.csv").write_text('a,b,target\n1,2,0\n3,"4,1\n5,6,0\n')  # a quote left open
     (tmp_path / "empty.csv").write_text("")
+    lines = [f'{{"x": {i}, "label": {i % 2}}}' for i in range(6)]
+    lines[4] = '{"x": 4, label: 0}'  # a key without quotes, on the file's fifth line
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
     many = pd.DataFrame({"x": np.arange(10_050, dtype=np.float32), "label": np.arange(10_050) * 0.5})
     _write_parquet(many, tmp_path / "measurements", parts=2)
     params = {"uri": str(folder), "format": "parquet"}
@@ -243,6 +246,8 @@ def test_bad_data_is_one_line_naming_the_uri_or_column(ray_cluster, tmp_path, ca
         "columns_differ": (dict(params, uri=str(tmp_path / "mixed")),
                            r"mixed: .*b.parquet has no column 'mean_radius', which the job uses \(the files' "
                            r"columns differ\)"),
+        "malformed_jsonl": ({"uri": str(tmp_path / "rows.jsonl"), "format": "jsonl"},
+                            r"rows.jsonl line 5 \(column 10\): not valid JSON \(Expecting property name"),
     }[case]
     cfg = _files_cfg(tmp_path, "cnn" if "image" in case else "mlp", expected[0])
     capfd.readouterr()

@@ -16,6 +16,7 @@ workers start, and the rows stream to each worker's shard.
 from __future__ import annotations
 
 import fnmatch
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,7 +246,7 @@ def label_name(value) -> str:
     return str(value)
 
 
-def _label_values(ds, label: str, uri: str) -> list[str]:
+def _label_values(ds, label: str, uri: str, json_files: tuple | None = None) -> list[str]:
     """The label column's distinct values, sorted: one streaming pass over that column
     (each read task keeps its block's distinct values; Ray Data's ``unique`` runs a hash
     aggregation with actors, seconds slower per call)."""
@@ -259,7 +260,8 @@ def _label_values(ds, label: str, uri: str) -> list[str]:
             if len(found) > MAX_CLASSES:
                 break
     except Exception as exc:
-        raise ValueError(f"{uri}: cannot read column {label!r} ({reason_line(exc)})") from None
+        raise ValueError(_bad_json_line(json_files) or f"{uri}: cannot read column {label!r} "
+                         f"({reason_line(exc)})") from None
     if missing:
         raise ValueError(f"{uri}: column {label!r} has {missing:,} row(s) without a label (empty, null "
                          "or NaN); drop or fill them")
@@ -269,11 +271,39 @@ def _label_values(ds, label: str, uri: str) -> list[str]:
     return sorted(found)
 
 
-def _schema_names(ds, uri: str) -> list[str]:
+def _schema_names(ds, uri: str, json_files: tuple | None = None) -> list[str]:
     try:
         schema = ds.schema()
     except Exception as exc:
-        raise ValueError(f"{uri}: cannot read ({reason_line(exc)})") from None
+        raise ValueError(_bad_json_line(json_files) or f"{uri}: cannot read ({reason_line(exc)})") from None
+
+
+def _bad_json_line(json_files: tuple | None) -> str | None:
+    """``FILE line N: REASON`` for the first line of JSON Lines ``(fs, files)`` that is not a
+    JSON object, read as text line by line (only once a read failed: the readers' own
+    messages give a position in a block, not the file's line)."""
+    import json
+
+    if json_files is None:
+        return None
+    fs, files = json_files
+    for path in files:
+        try:
+            with fs.open_input_stream(path, compression="detect") as raw:
+                for number, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8"), start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError as exc:
+                        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                        column = f" (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+                        return f"{path} line {number}{column}: not valid JSON ({reason})"
+                    if not isinstance(row, dict):
+                        return f"{path} line {number}: a JSON {type(row).__name__}, not an object of columns"
+        except (OSError, UnicodeDecodeError) as exc:
+            return f"{path}: cannot read ({reason_line(exc)})"
+    return None
     if schema is None:
         raise ValueError(f"{uri}: the files hold no rows")
     return list(schema.names), schema
@@ -339,7 +369,8 @@ def load_files(params: FilesParams, seed):
         first = train.take_batch(1, batch_format="numpy")["image"][0]
         shape = [1, *first.shape] if first.ndim == 2 else [first.shape[2], first.shape[0], first.shape[1]]
     else:
-        names, schema = _schema_names(train, params.uri)
+        json_files = (fs, files) if params.format == "jsonl" else None
+        names, schema = _schema_names(train, params.uri, json_files)
         if label not in names:
             raise ValueError(f"{params.uri}: no column {label!r} (label); columns: {', '.join(names)}")
         if kind == "text":
@@ -367,7 +398,7 @@ def load_files(params: FilesParams, seed):
             if params.classes:
                 classes = list(params.classes)
             else:
-                classes = _label_values(train, label, params.uri)
+                classes = _label_values(train, label, params.uri, json_files)
             if len(classes) < 2:
                 raise ValueError(f"{params.uri}: column {label!r} holds fewer than two classes ({classes})")
         shape = [len(features)] if kind == "features" else []
@@ -379,9 +410,10 @@ def load_files(params: FilesParams, seed):
     rows = ToRows(params, features, info.classes, params.uri)
     val = None
     if params.val_uri:
-        val_ds, _, _ = _read(params, params.val_uri)
+        val_ds, val_fs, val_files = _read(params, params.val_uri)
         if params.format != "images":
-            names, _schema = _schema_names(val_ds, params.val_uri)
+            names, _schema = _schema_names(val_ds, params.val_uri,
+                                           (val_fs, val_files) if params.format == "jsonl" else None)
             needed = [params.text] if kind == "text" else features
             missing = [c for c in [*needed, label] if c not in names]
             if missing:
