@@ -170,6 +170,10 @@ def test_files_params_are_checked_before_ray_starts(tmp_path):
     # Text files need a text model: the kind of input follows the params.
     with pytest.raises(ConfigError, match="takes features inputs, but dataset 'files' gives text inputs"):
         resolve(_files_cfg(tmp_path, "mlp", {"uri": str(tmp_path), "format": "jsonl", "text": "text"}))
+    # ... and a BERT on JSON Lines without data.params.text is told which params there are.
+    with pytest.raises(ConfigError, match=r"takes text inputs, but dataset 'files' gives features inputs with "
+                                          r"these data.params.*\(its params: uri, format, .*, text, "):
+        resolve(_files_cfg(tmp_path, "bert", {"uri": str(tmp_path), "format": "jsonl"}))
 
 
 # --------------------------------------------------------------------------------------

@@ -661,6 +661,13 @@ def params_to_json(params: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
+def _param_names(params: Any) -> list[str]:
+    """The names of a plugin's params: a dataclass's fields or a dict's keys."""
+    if dataclasses.is_dataclass(params):
+        return [f.name for f in dataclasses.fields(params)]
+    return [str(k) for k in params] if isinstance(params, dict) else []
+
+
 def resolve(cfg: DictConfig, registry: Any = None) -> ResolvedJob:
     """Look up the plugins a config names and check they fit together."""
     if registry is None:
@@ -684,6 +691,8 @@ def resolve(cfg: DictConfig, registry: Any = None) -> ResolvedJob:
         raise ConfigError(
             f"model.name: model {model.name!r} takes {'/'.join(model.inputs)} inputs, but "
             f"dataset {dataset.name!r} gives {inputs} inputs"
+            + (f" with these data.params, which decide its kind of inputs (its params: "
+               f"{', '.join(_param_names(dataset.params))})" if callable(dataset.inputs) else "")
         )
     if not cfg.train.metrics:  # the metric plugins say which are reported by default
         cfg.train.metrics = [m.name for m in registry.metrics.values()
