@@ -260,6 +260,10 @@ def test_bad_object_storage_is_one_line_naming_the_uri_before_anything_starts(s3
     serve_cfg = load_serve_config(base={"models": [{"winner": f"{missing}/w", "name": "m"}]})
     with pytest.raises(ConfigError, match=f"^WINNER: '{missing}/w': the bucket .* does not exist"):
         application_specs(serve_cfg)
+    from trainyard.export import export_checkpoint
+
+    with pytest.raises(ConfigError, match=f"^CHECKPOINT: '{missing}/w': the bucket .* does not exist"):
+        export_checkpoint(f"{missing}/w", "onnx", tmp_path / "exported")
     with pytest.raises(ConfigError, match=f"^--resume: no tuning run found at '{s3_bucket}/runs/none' "
                                           r"\(it holds no trainyard_tune.yaml\)$"):
         run_tuning(None, resume=f"{s3_bucket}/runs/none")

@@ -117,7 +117,7 @@ def export_checkpoint(
     if fmt not in FORMATS:
         raise TrainyardError(f"unknown export format {fmt!r} (formats: {', '.join(FORMATS)})")
     _require(fmt)
-    checkpoint = resolve_checkpoint(target)
+    checkpoint = resolve_checkpoint(target, "CHECKPOINT")
     out = Path(output) if output is not None else default_output(checkpoint, fmt)
     out = out.expanduser().absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

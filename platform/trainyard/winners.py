@@ -268,7 +268,7 @@ def _export_to_uri(chosen: list[dict], cfg: DictConfig, metric: str, mode: str, 
     return entries
 
 
-def resolve_checkpoint(target: str | Path) -> Path | str:
+def resolve_checkpoint(target: str | Path, what: str = "WINNER") -> Path | str:
     """A winners folder, a rank folder, a tuning run, a training run, a checkpoint or a
     model registered in MLflow (``models:/<name>/<version>``, ``models:/<name>@<alias>``),
     to the (complete) checkpoint folder it stands for. A winners folder gives its current
@@ -276,13 +276,14 @@ def resolve_checkpoint(target: str | Path) -> Path | str:
     model its checkpoint_uri tag's folder, or its artifacts downloaded (see
     ``trainyard.tracking.registered_checkpoint``). In object storage (``s3://...``) the
     same, read through pyarrow: the checkpoint's URI (a str) is returned, for each replica
-    to fetch (``trainyard.checkpoint.load_predictor`` takes it)."""
+    to fetch (``trainyard.checkpoint.load_predictor`` takes it). ``what``: the argument's
+    name in a message about the storage."""
     if isinstance(target, str) and target.startswith("models:/"):
         from trainyard.tracking import registered_checkpoint
 
         return _complete(registered_checkpoint(target))
     if is_uri(target):
-        return _resolve_uri(str(target).rstrip("/"))
+        return _resolve_uri(str(target).rstrip("/"), what)
     path = Path(target).expanduser()
     if (path / MANIFEST).is_file():
         return _complete(path)
@@ -315,10 +316,10 @@ def resolve_checkpoint(target: str | Path) -> Path | str:
     )
 
 
-def _resolve_uri(uri: str) -> str:
+def _resolve_uri(uri: str, what: str = "WINNER") -> str:
     """:func:`resolve_checkpoint` for a winners folder, rank folder, training run or
     checkpoint in object storage."""
-    check_uri(uri, "WINNER")  # a missing bucket, credentials or endpoint: one line, now
+    check_uri(uri, what)  # a missing bucket, credentials or endpoint: one line, now
     if read_text(join(uri, MANIFEST)) is not None:
         return _complete_uri(uri)
     index = read_index(uri)
@@ -333,7 +334,7 @@ def _resolve_uri(uri: str) -> str:
     if trials is not None:
         winners = json.loads(trials).get("winners") or []
         if winners:
-            return resolve_checkpoint(str(winners[0]["path"]))
+            return resolve_checkpoint(str(winners[0]["path"]), what)
         raise TrainyardError(f"{uri}: the tuning run exported no winner")
     found = [join(uri, name) for name in list_names(uri) if name.startswith("checkpoint_")]
     complete = [c for c in found if incomplete_reason(c) is None]
