@@ -211,6 +211,13 @@ def test_a_search_in_a_bucket_whose_driver_is_killed_resumes_on_another_machine(
     assert summary["winners"][0]["path"] == f"{s3_bucket}/winners/s3killed/v1/rank_1"
     assert summary["run_dir"].startswith(str(tmp_path / "machine-b"))
     assert "trainyard_trials.json" in s3_server.keys(run)
+    # From a third machine, the finished search is refused as on the one that finished it.
+    env["TRAINYARD_CACHE_DIR"] = str(tmp_path / "machine-c")
+    again = subprocess.run([*trainyard, "tune", "--resume", run], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode != 0 and again.stderr.strip().splitlines()[-1].startswith(
+        "error: --resume: the search in "), again.stderr[-2000:]
+    assert "already ran to its end" in again.stderr
 
 
 def test_submit_accepts_bucket_storage_and_deploys_from_a_bucket_registry(tmp_path):

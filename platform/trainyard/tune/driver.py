@@ -515,6 +515,13 @@ def _bucket_run(uri: str) -> Path:
     if not (run_dir / "trainyard_tune.yaml").is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "trainyard_tune.yaml", text)
+    # The records its last driver left (uploaded when it ended, Ctrl-C included): how the
+    # search ended, so that one the budget or its end finished is refused on any machine as
+    # on the one that ran it, and the epochs' history and exploits, which a resumed search
+    # appends to (its upload replaces the bucket's copies).
+    for record in ("trainyard_trials.json", BUDGET_MARK, HISTORY, EXPLOITS):
+        if not (run_dir / record).is_file() and (kept := read_text(join(uri, record))) is not None:
+            atomic_write_text(run_dir / record, kept)
     return run_dir
 
 
