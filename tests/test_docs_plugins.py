@@ -129,6 +129,22 @@ def test_the_documented_entry_point_is_the_example_plugin_s_own():
     assert plugins.ENTRY_POINT_GROUP == "trainyard"
 
 
+def test_the_streaming_example_s_rows_are_as_declared_and_its_label_can_be_learned():
+    import numpy as np
+
+    source, = blocks(section("Streaming datasets"), "python")
+    namespace: dict = {}
+    exec(compile(source, "docs/plugins.md", "exec"), namespace)  # noqa: S102 - our doc
+    rows = namespace["rows"]({"id": np.arange(2_000)})
+    assert rows["input"].shape == (2_000, 2) and rows["input"].dtype == np.float32
+    # Both classes occur, and a model can learn the label from the input.
+    from sklearn.linear_model import LogisticRegression
+
+    assert set(rows["target"].tolist()) == {0, 1}
+    fitted = LogisticRegression().fit(rows["input"][::2], rows["target"][::2])
+    assert fitted.score(rows["input"][1::2], rows["target"][1::2]) > 0.9
+
+
 def test_the_complete_plugin_in_the_doc_registers_conforms_and_runs_its_job():
     source, = blocks(section("A complete plugin"), "python")
     module = types.ModuleType(unique("doc_plugin"))
