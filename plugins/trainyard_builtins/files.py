@@ -276,6 +276,9 @@ def _schema_names(ds, uri: str, json_files: tuple | None = None) -> list[str]:
         schema = ds.schema()
     except Exception as exc:
         raise ValueError(_bad_json_line(json_files) or f"{uri}: cannot read ({reason_line(exc)})") from None
+    if schema is None:
+        raise ValueError(f"{uri}: the files hold no rows")
+    return list(schema.names), schema
 
 
 def _bad_json_line(json_files: tuple | None) -> str | None:
@@ -304,9 +307,6 @@ def _bad_json_line(json_files: tuple | None) -> str | None:
         except (OSError, UnicodeDecodeError) as exc:
             return f"{path}: cannot read ({reason_line(exc)})"
     return None
-    if schema is None:
-        raise ValueError(f"{uri}: the files hold no rows")
-    return list(schema.names), schema
 
 
 class ToRows:
