@@ -201,6 +201,18 @@ def test_model_param_value_the_plugin_refuses_is_rejected():
     assert "relu" in message
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("model.params.num_heads=0", "model.params.num_heads: must be at least 1"),
+    ("model.params.num_layers=0", "model.params.num_layers: must be at least 1"),
+    ("model.params.vocab_size=0", "model.params.vocab_size: must be above 5"),
+    ("model.params.dropout=2", "model.params.dropout: must be in [0, 1)"),
+    ("model.params.hidden_size=63", "model.params.hidden_size: must be a multiple of num_heads"),
+])
+def test_bert_params_are_checked_before_ray_starts(override, expected):
+    bert = ROOT / "configs" / "bert_sentiment.yaml"
+    assert config_error(override, path=bert).startswith(expected)
+
+
 def test_params_for_a_dataset_that_takes_none_are_rejected():
     message = config_error("data.params.path=/tmp/x.csv")
     assert message.startswith("data.params: this plugin takes no params")

@@ -44,6 +44,13 @@ class BertParams:
     def __post_init__(self):
         if self.max_length < 4:
             raise ValueError("max_length must be at least 4")
+        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1")
+        if self.vocab_size <= len(SPECIAL_TOKENS):
+            raise ValueError(f"vocab_size must be above {len(SPECIAL_TOKENS)} (the special tokens)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError("dropout must be in [0, 1)")
         if self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be a multiple of num_heads")
 
