@@ -109,6 +109,9 @@ def load_table(params: TableParams, seed):
     classes: list[str] = []
     if params.task == "classification":
         classes = sorted({str(v) for f in frames for v in f[params.label]})
+        if len(classes) < 2:
+            raise ValueError(f"{params.path}: column {params.label!r} holds fewer than two classes ({classes}); "
+                             "a classifier needs at least two (or is data.params.task regression?)")
     index = {c: i for i, c in enumerate(classes)}
 
     def split(f) -> Split:
