@@ -7,7 +7,9 @@ import time
 START = time.perf_counter()  # the start-up figure counts from here
 
 import os  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -77,17 +79,38 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _PYTHON_SHOW_WARNING = warnings.showwarning
 
 
+def _stop_on_sigterm_as_on_ctrl_c(terminated: list[str]):
+    """SIGTERM (what systemd, Kubernetes, a CI runner or ``timeout`` sends) stops a command
+    as Ctrl-C does: a search saves its state and says how to resume it, a training run
+    keeps its checkpoints, and the last line says so; not a native stack dump and an abort
+    (Ray's crash handler, see ``init_ray``). Appends "SIGTERM" to ``terminated`` when it
+    comes. Returns the handler it replaced (None off the main thread: nothing installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        terminated.append("SIGTERM")
+        on_ctrl_c = signal.getsignal(signal.SIGINT)
+        if callable(on_ctrl_c):  # Tune's while it runs (which notes the signal), or Python's
+            return on_ctrl_c(signum, frame)
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 class TrainyardGroup(click.Group):
     """Turns trainyard's own errors into one readable line instead of a traceback."""
 
     def invoke(self, ctx):
         warnings.showwarning = _show_warning
+        terminated: list[str] = []
+        previous = _stop_on_sigterm_as_on_ctrl_c(terminated)
         try:
             return super().invoke(ctx)
-        except TrainyardError as exc:
-            _fail(str(exc), exc.exit_code)
+        except TrainyardError as exc:  # an interrupted search's 130 is 143 after SIGTERM
+            _fail(str(exc), 143 if terminated and exc.exit_code == 130 else exc.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            _fail("interrupted (SIGTERM)" if terminated else "interrupted", 143 if terminated else 130)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as exc:
@@ -99,6 +122,9 @@ class TrainyardGroup(click.Group):
                 _fail(str(_describe(exc)), ConfigError.exit_code)
             _fail(f"unexpected {type(exc).__name__}: {exc} (run again with TRAINYARD_DEBUG=1 "
                   "for the traceback, and please report it)")
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=TrainyardGroup, context_settings={"help_option_names": ["-h", "--help"]})

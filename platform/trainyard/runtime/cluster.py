@@ -66,6 +66,13 @@ def init_ray(address: str | None = None, ingress: str | None = None) -> None:
     serve_env = {k: v for k, v in wanted.items() if k not in os.environ or k in HAPROXY_FORCED}
     saved = {k: os.environ[k] for k in serve_env if k in os.environ}
     os.environ.update(serve_env)
+    import signal
+    import threading
+
+    # ray.init installs a crash handler for SIGTERM that prints a native stack dump and
+    # aborts; a handler this process set (trainyard's CLI: stop as for Ctrl-C) is put back.
+    own_sigterm = signal.getsignal(signal.SIGTERM) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
         ray.init(address=address or None, **kwargs)
     except ConnectionError as exc:
@@ -74,6 +81,8 @@ def init_ray(address: str | None = None, ingress: str | None = None) -> None:
         for key in serve_env:
             os.environ.pop(key, None)
         os.environ.update(saved)
+        if callable(own_sigterm):
+            signal.signal(signal.SIGTERM, own_sigterm)
     SERVE_ENV.clear()
     SERVE_ENV.update({k: serve_env.get(k, os.environ.get(k, v)) for k, v in wanted.items()})
 
