@@ -265,6 +265,50 @@ def test_config_out_writes_a_serve_config_that_serve_accepts(served, tmp_path):
             AutoscalingConfig.model_validate(deployment["autoscaling_config"])
 
 
+def test_options_typed_beside_config_replace_its_values(served, tmp_path):
+    """--port, --replicas, ... beside --config were dropped without a word."""
+    import yaml
+    from click.testing import CliRunner
+
+    from trainyard.cli import main
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"port": 8000, "api_key": "k" * 16, "models": [
+        {"winner": str(served["root"] / "mlp"), "name": "a", "num_replicas": 1},
+        {"winner": str(served["root"] / "mlp"), "name": "b", "num_replicas": 1, "max_batch_size": 8}]}))
+    out = tmp_path / "out.yaml"
+    result = CliRunner().invoke(main, ["deploy", "--config", str(config), "--port", "18777", "--replicas", "2",
+                                       "--config-out", str(out)])
+    assert result.exit_code == 0, result.output
+    document = yaml.safe_load(out.read_text())
+    assert document["http_options"]["port"] == 18777
+    deployments = [app["args"]["deployment"] for app in document["applications"][:2]]
+    assert [d["num_replicas"] for d in deployments] == [2, 2]
+    batches = [app["args"]["options"]["max_batch_size"] for app in document["applications"][:2]]
+    assert batches == [32, 8]  # options not typed keep the file's values
+    bad = CliRunner().invoke(main, ["deploy", "--config", str(config), "--version", "a/b", "--config-out",
+                                    str(tmp_path / "bad.yaml")])
+    assert bad.exit_code != 0 and "models[0].version" in bad.output
+
+
+def test_detach_without_a_cluster_and_haproxy_off_loopback_are_refused(served):
+    from click.testing import CliRunner
+
+    from trainyard.cli import main
+    from trainyard.errors import TrainyardError
+    from trainyard.serve.deploy import ingress_for_host, url_host
+
+    result = CliRunner().invoke(main, ["deploy", str(served["root"] / "mlp"), "--detach"])
+    assert result.exit_code == 2 and "--detach needs --address" in result.output
+    # HAProxy reaches the replicas at 127.0.0.1: another host gets Serve's own proxy.
+    assert ingress_for_host("127.0.0.1", "auto") is None and ingress_for_host("0.0.0.0", "haproxy") == "haproxy"
+    assert ingress_for_host("::1", "auto") == "proxy" and ingress_for_host("127.0.0.2", "proxy") == "proxy"
+    with pytest.raises(TrainyardError, match=r"--host 10.0.0.5: the haproxy ingress serves on 127.0.0.1 or "
+                                             r"0.0.0.0 only"):
+        ingress_for_host("10.0.0.5", "haproxy")
+    assert url_host("::1") == "[::1]" and url_host("10.0.0.5") == "10.0.0.5"
+
+
 def test_config_out_refuses_what_serve_would_refuse_naming_the_field(served, tmp_path, monkeypatch):
     import yaml
     from ray.serve.schema import ServeDeploySchema

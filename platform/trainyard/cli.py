@@ -508,10 +508,44 @@ def jobs_stop(job_id, address):
     click.echo(f"stopping job {job_id}")
 
 
+#: deploy's options that a --config file's values give way to when typed: option -> key
+#: (top level) or (key, ...) of every model.
+_SERVE_OPTIONS = {"host": "host", "port": "port", "max_body_bytes": "max_body_bytes",
+                  "version": ("version",), "replicas": ("num_replicas", "min_replicas"),
+                  "max_replicas": ("max_replicas",), "num_cpus": ("num_cpus",), "num_gpus": ("num_gpus",),
+                  "max_batch_size": ("max_batch_size",), "batch_wait_ms": ("batch_wait_ms",),
+                  "max_ongoing": ("max_ongoing_requests",), "retry_after": ("retry_after_s",)}
+
+
+def _serve_config_with_options(ctx, config_file: str):
+    """The serve config in ``config_file``, with the options typed beside --config in place of
+    its values (a model option: every model's), checked again."""
+    from click.core import ParameterSource
+    from omegaconf import OmegaConf
+
+    from trainyard.serve.config import load_serve_config
+
+    cfg = load_serve_config(config_file)
+    typed = {o: k for o, k in _SERVE_OPTIONS.items()
+             if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE}
+    if not typed:
+        return cfg
+    raw = OmegaConf.to_container(cfg)
+    for option, keys in typed.items():
+        value = ctx.params[option]
+        if isinstance(keys, str):
+            raw[keys] = value
+        else:
+            for model in raw["models"]:
+                model.update({key: value for key in keys})
+    return load_serve_config(base=raw)
+
+
 @main.command()
 @click.argument("winners", nargs=-1)
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
-              help="Serve config YAML (server options and a models list; see configs/serve.yaml).")
+              help="Serve config YAML (server options and a models list; see configs/serve.yaml). "
+                   "Options typed beside it replace its values (a model option: every model's).")
 @click.option("--name", "names", multiple=True, help="Name to serve each WINNER under (default: its run name).")
 @click.option("--version", default="1", show_default=True, help="Version to serve the models as.")
 @click.option("--address", default=None, metavar="ADDR", help="Ray cluster; default: embedded local Ray.")
@@ -566,7 +600,7 @@ def deploy(ctx, winners, config_file, names, version, address, host, port, repli
       TRAINYARD_API_KEY=... trainyard deploy winners/tune_mlp --host 0.0.0.0
       trainyard deploy winners/tune_mlp --config-out serve_config.yaml   # then: serve deploy
     """
-    from trainyard.serve.deploy import deploy as deploy_models
+    from trainyard.serve.deploy import deploy as deploy_models, url_host
     from trainyard.serve.config import load_serve_config, write_serve_config
 
     if config_file and winners:
@@ -575,8 +609,11 @@ def deploy(ctx, winners, config_file, names, version, address, host, port, repli
         raise click.UsageError("give at least one WINNER, or --config FILE")
     if names and len(names) != len(winners):
         raise click.UsageError("give one --name per WINNER, or none")
+    if detach and not address and not config_out:
+        raise click.UsageError("--detach needs --address: a cluster keeps serving after this command "
+                               "exits; the embedded Ray stops with it")
     if config_file:
-        cfg = load_serve_config(config_file)
+        cfg = _serve_config_with_options(ctx, config_file)
     else:
         models = [{"winner": w, "name": names[i] if names else "", "version": version,
                    "num_replicas": replicas, "min_replicas": replicas, "max_replicas": max_replicas,
@@ -611,7 +648,7 @@ def deploy(ctx, winners, config_file, names, version, address, host, port, repli
     for name, url in endpoints.items():
         console.print(f"[green]serving[/] {name} at {url}  (OIP: {url}/infer, JSON: {url}/predict)")
     first = next(iter(endpoints.values()))
-    console.print(f"health: http://{cfg.host}:{cfg.port}/v2/health/ready   docs: {first}/docs")
+    console.print(f"health: http://{url_host(cfg.host)}:{cfg.port}/v2/health/ready   docs: {first}/docs")
     if not detach:
         _serve_until_interrupted(console, embedded=not address)
 

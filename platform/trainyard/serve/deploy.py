@@ -136,7 +136,7 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
     if address is None and not ray.is_initialized():  # nothing of this process holds it yet
         check_port_free(cfg.host, int(cfg.port))
     auth = replica_auth(cfg, address)
-    init_ray(address, ingress=None if cfg.ingress == "auto" else cfg.ingress)
+    init_ray(address, ingress=ingress_for_host(cfg.host, cfg.ingress))
     check_serve_fits(cfg)
     _start_serve({"host": cfg.host, "port": int(cfg.port)})
     existing = [a for a in serve.status().applications if a != ROOT_APP]
@@ -149,7 +149,7 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
         else:
             _shed_in_haproxy(spec)
             app = model_app(args)
-            endpoints[spec["name"]] = f"http://{cfg.host}:{cfg.port}{spec['route_prefix']}"
+            endpoints[spec["name"]] = f"http://{url_host(cfg.host)}:{cfg.port}{spec['route_prefix']}"
         try:
             serve.run(app, name=spec["name"], route_prefix=spec["route_prefix"], blocking=False)
         except RuntimeError as exc:
@@ -161,6 +161,30 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
                     pass
             raise TrainyardError(f"model {spec['name']!r} did not start: {reason}") from None
     return endpoints
+
+
+#: The hosts Serve's HAProxy ingress serves on: it reaches its replicas at 127.0.0.1, while
+#: they listen on the host given (seen with Ray 2.60: on ::1 or 127.0.0.2 every request went
+#: to whatever listened on those ports of 127.0.0.1).
+HAPROXY_HOSTS = ("127.0.0.1", "0.0.0.0")
+
+
+def ingress_for_host(host: str, ingress: str) -> str | None:
+    """The ingress an embedded Ray serving on ``host`` starts with (None: ``auto``'s
+    choice): Serve's own proxy on a host HAProxy cannot serve (``HAPROXY_HOSTS``), where
+    ``auto`` would pick HAProxy; an explicit ``haproxy`` there is refused."""
+    if host in HAPROXY_HOSTS or ingress == "proxy":
+        return None if ingress == "auto" else ingress
+    if ingress == "haproxy":
+        raise TrainyardError(f"--host {host}: the haproxy ingress serves on 127.0.0.1 or 0.0.0.0 only (Ray "
+                             "Serve's HAProxy reaches its replicas at 127.0.0.1); give --host 0.0.0.0 (every "
+                             "interface) or --ingress proxy")
+    return "proxy"
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def check_port_free(host: str, port: int) -> None:
