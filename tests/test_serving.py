@@ -289,6 +289,10 @@ def test_options_typed_beside_config_replace_its_values(served, tmp_path):
     bad = CliRunner().invoke(main, ["deploy", "--config", str(config), "--version", "a/b", "--config-out",
                                     str(tmp_path / "bad.yaml")])
     assert bad.exit_code != 0 and "models[0].version" in bad.output
+    nowhere = CliRunner().invoke(main, ["deploy", "--config", str(config), "--config-out",
+                                        str(tmp_path / "missing" / "out.yaml")])
+    assert nowhere.exit_code == 1 and "the folder" in nowhere.output and "does not exist" in nowhere.output
+    assert "unexpected" not in nowhere.output
 
 
 def test_detach_without_a_cluster_and_haproxy_off_loopback_are_refused(served):
@@ -349,6 +353,9 @@ def test_serve_config_errors_name_the_key(tmp_path):
         load_serve_config(base={"models": [{"winner": "x", "replicas": 2}]})
     with pytest.raises(ConfigError, match="models: give at least one"):
         load_serve_config(base={"port": 8000})
+    for key in ("max_body_bytes", "max_items"):  # 0 answered every request 413
+        with pytest.raises(ConfigError, match=f"^{key}: must be at least 1"):
+            load_serve_config(base={key: 0, "models": [{"winner": "x"}]})
 
 
 def test_main_job_command_tunes_deploys_and_answers_its_first_request(tmp_path):
@@ -360,11 +367,14 @@ def test_main_job_command_tunes_deploys_and_answers_its_first_request(tmp_path):
         [sys.executable, "-m", "trainyard.cli", "up", str(CONFIGS / "tune_mlp.yaml"),
          "tune.num_samples=2", "train.epochs=2", f"storage_path={tmp_path / 'runs'}",
          f"tune.registry={tmp_path / 'winners'}", "--port", str(port), "--exit-after-first"],
-        capture_output=True, text=True, timeout=400, env={**__import__("os").environ, "COLUMNS": "200"},
+        capture_output=True, text=True, timeout=400,
+        env={**__import__("os").environ, "COLUMNS": "200", "TRAINYARD_API_KEY": "up-key-" + "7" * 16},
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "sample request answered: " in out.stdout
+    assert "sample request answered: " in out.stdout  # with the key, as any client
     assert f"curl -s http://127.0.0.1:{port}/v2/models/tune_mlp/predict" in out.stdout
+    # The curl line works as printed (a key is in force) and does not show the key.
+    assert '-H "Authorization: Bearer $TRAINYARD_API_KEY"' in out.stdout and "7" * 16 not in out.stdout
     assert "time to first answered request" in out.stdout
     assert (tmp_path / "winners" / "tune_mlp" / "rank_1" / "manifest.json").exists()
 

@@ -693,7 +693,8 @@ def up(config, overrides, port, exit_after_first, ingress, tracking_uri):
                   f"{_json.dumps(answer.get('scores', {}))}")
     console.print(f"time to first answered request (command start): {first:.1f} s")
     body = shlex.quote(request_body(sample))
-    console.print(f"try: curl -s {endpoint}/predict -H 'Content-Type: application/json' -d {body}",
+    key = " -H \"Authorization: Bearer $TRAINYARD_API_KEY\"" if os.environ.get("TRAINYARD_API_KEY") else ""
+    console.print(f"try: curl -s {endpoint}/predict -H 'Content-Type: application/json'{key} -d {body}",
                   soft_wrap=True, markup=False)
     if not exit_after_first:
         _serve_until_interrupted(console)

@@ -160,6 +160,8 @@ def load_serve_config(path: str | Path | None = None, overrides: list[str] | Non
     if not cfg.models:
         raise ConfigError("models: give at least one model to serve")
     rules = [(0 < cfg.port < 65536, "port", "must be 1-65535"),
+             (cfg.max_body_bytes >= 1, "max_body_bytes", "must be at least 1"),
+             (cfg.max_items >= 1, "max_items", "must be at least 1"),
              (bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.api_key_env)), "api_key_env",
               "must be an environment variable's name")]
     for i, m in enumerate(cfg.models):
@@ -258,6 +260,8 @@ def write_serve_config(cfg: Any, path: str | Path) -> Path:
     }
     check_serve_schema(document)
     path = Path(path)
+    if not path.parent.is_dir():
+        raise TrainyardError(f"--config-out {path}: the folder {str(path.parent)!r} does not exist")
     header = ("# Ray Serve config written by `trainyard deploy --config-out`.\n"
               "# Run on a cluster: serve deploy " + path.name + "\n"
               "# Checkpoint paths must be reachable from every node (shared storage).\n")
