@@ -69,6 +69,14 @@ def test_tune_resume_refuses_overrides_it_would_ignore(tmp_path):
     assert "storage_path" not in result.output.split("would change nothing")[0]
 
 
+def test_tune_resume_takes_storage_path_without_a_config(tmp_path):
+    """`trainyard tune --resume NAME storage_path=DIR`: DIR was taken for a config file."""
+    result = CliRunner().invoke(main, ["tune", "--resume", "mysearch", f"storage_path={tmp_path / 'elsewhere'}"])
+    assert result.exit_code == 2, result.output
+    assert f"no tuning run found at '{tmp_path / 'elsewhere' / 'mysearch'}'" in result.output
+    assert "config file" not in result.output
+
+
 def test_tune_resume_of_a_missing_run_names_the_path_once(tmp_path):
     missing = tmp_path / "nowhere"
     result = CliRunner().invoke(main, ["tune", "--resume", str(missing)])

@@ -232,6 +232,8 @@ def tune(config, overrides, address, resume, as_json, tracking_uri):
         raise click.UsageError("give a CONFIG, or --resume RUN")
     from trainyard import tracking
 
+    if resume and config and "=" in config and not Path(config).exists():
+        overrides, config = (config, *overrides), None  # `tune --resume RUN storage_path=...`
     if tracking_uri and config is None:
         raise click.UsageError("--tracking-uri: a resumed search keeps its own config's tracking")
     ignored = [o for o in overrides if o.partition("=")[0].strip() != "storage_path"] if resume else []
@@ -240,6 +242,11 @@ def tune(config, overrides, address, resume, as_json, tracking_uri):
                                f"(RUN/trainyard_tune.yaml), so {' '.join(ignored)} would change nothing; "
                                "start a new search (another name=) to change it")
     cfg = load_config(config, [*overrides, *tracking.cli_overrides(tracking_uri)]) if config else None
+    storage = [o.partition("=")[2].strip() for o in overrides if resume and not config]
+    if storage and "/" not in resume:  # RUN named under the storage path given
+        from trainyard.runtime.storage import join
+
+        resume = join(Path(storage[-1]).expanduser() if "://" not in storage[-1] else storage[-1], resume)
     _warn_plugin_problems(console)
     from rich.markup import escape
 
