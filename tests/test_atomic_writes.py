@@ -432,6 +432,26 @@ def test_a_truncated_last_metrics_line_is_skipped_and_the_run_goes_on(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
+def test_epochs_a_killed_driver_never_logged_come_back_from_the_latest_checkpoint(tmp_path):
+    """Killed at epoch 10's line while the workers checkpointed 12-14: the resumed run's
+    metrics.jsonl still has one line per epoch (the checkpoint keeps the epochs before it)."""
+    from trainyard.train.driver import _MetricsLog
+
+    rows = [{"epoch": e, "val_loss": 1.0 / (e + 1)} for e in range(15)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:11]))
+    for epoch in (12, 13, 14):
+        folder = tmp_path / f"checkpoint_{epoch:06d}"
+        folder.mkdir()
+        state = json.dumps({"epoch": epoch, "metrics": rows[epoch], "earlier": rows[:epoch]})
+        (folder / "trainer_state.json").write_text(state)
+        files = {"trainer_state.json": len(state)}
+        (folder / "manifest.json").write_text(json.dumps({"files": files if epoch < 14 else {"gone.bin": 1}}))
+    log = _MetricsLog(tmp_path / "metrics.jsonl")
+    log.fill_from_checkpoints()  # 14's folder is incomplete: 13 is the latest checkpoint
+    assert log.history == rows[:14]
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows[:14]
+
+
 METRICS_CHILD = r"""
 import sys
 from pathlib import Path

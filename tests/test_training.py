@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,7 +122,12 @@ def test_worker_killed_from_outside_resumes_from_latest_checkpoint_not_epoch_zer
 def test_run_started_again_with_the_same_name_resumes_unless_its_model_or_data_changed(job_config):
     from trainyard.errors import ConfigError
 
-    run_training(job_config("mlp_breast_cancer", "name=same", "train.epochs=2", "scaling.num_workers=1"))
+    first = run_training(job_config("mlp_breast_cancer", "name=same", "train.epochs=2", "scaling.num_workers=1"))
+    # A driver killed before it logged epoch 1, which its worker had checkpointed: the
+    # checkpoint brings the line back when the run resumes.
+    metrics = Path(first.run_dir) / "metrics.jsonl"
+    logged = metrics.read_text().splitlines()
+    metrics.write_text(logged[0] + "\n")
     # Another split of the data is another run: refused before anything trains.
     with pytest.raises(ConfigError, match="data: run 'same' already exists"):
         run_training(job_config("mlp_breast_cancer", "name=same", "data.val_fraction=0.3"))
@@ -132,6 +138,7 @@ def test_run_started_again_with_the_same_name_resumes_unless_its_model_or_data_c
     )
     assert [e["epoch"] for e in events if e["type"] == "epoch_start"] == [2]
     assert [r["epoch"] for r in result.history] == [0, 1, 2]
+    assert metrics.read_text().splitlines()[:2] == logged
 
 
 def test_error_inside_a_worker_reaches_the_user_as_its_root_cause(job_config, tmp_path):

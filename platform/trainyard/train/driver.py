@@ -108,7 +108,33 @@ class _MetricsLog:
 
     def add(self, row: dict) -> None:
         self.rows[row["epoch"]] = row
+        self._write()
+
+    def _write(self) -> None:
         atomic_write_text(self.path, "".join(json.dumps(self.rows[e]) + "\n" for e in sorted(self.rows)))
+
+    def fill_from_checkpoints(self) -> None:
+        """Add the epochs the run's latest complete checkpoint holds (its own and the ones
+        before it) that this file lacks: a driver killed while its workers trained on never
+        logged the epochs they checkpointed after it died, and the run resumes past them."""
+        from trainyard.checkpoint import is_complete, read_trainer_state
+        from trainyard.train.loop import epochs_in
+
+        latest = None
+        for folder in self.path.parent.glob("checkpoint_*"):
+            if not is_complete(folder):
+                continue
+            try:
+                state = read_trainer_state(folder)
+            except (OSError, ValueError):
+                continue
+            if isinstance(state, dict) and isinstance(state.get("epoch"), int) and \
+                    (latest is None or state["epoch"] > latest["epoch"]):
+                latest = state
+        missing = [r for r in (epochs_in(latest) if latest else []) if r["epoch"] not in self.rows]
+        if missing:
+            self.rows.update({int(r["epoch"]): r for r in missing})
+            self._write()
 
     @property
     def history(self) -> list[dict]:
@@ -152,6 +178,8 @@ def run_training(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     log = _MetricsLog(run_dir / "metrics.jsonl")
+    if remote is None:  # the checkpoints are in the run folder
+        log.fill_from_checkpoints()
     # Tracking (tracking.backend) logs from here, the driver: rank 0's events, one run.
     tracker = tracking.train_run(cfg, run_dir, storage)
     if tracker is not None:

@@ -17,7 +17,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -185,6 +185,9 @@ class Trainee:
     stopping: EarlyStopping | None = None
     #: The length of the schedule's warmup in epochs (0: no warmup).
     warmup_epochs: float = 0
+    #: The metrics of the epochs before ``start_epoch``, kept in every checkpoint: a driver
+    #: killed before it logged the epochs its workers checkpointed gets them back on resume.
+    earlier: list = field(default_factory=list)
 
 
 #: Reported with each epoch of a schedule that warms its learning rate up: the warmup's
@@ -336,7 +339,7 @@ def setup(job: ResolvedJob, session: Session, streamed: Streamed | None = None) 
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker, for any W
     model = job.model.build(job.model_params, data.info, data.processor)
     device = session.device()
-    start_epoch, saved = 0, {}
+    start_epoch, saved, earlier = 0, {}, []
     checkpoint = session.get_checkpoint()
     if checkpoint is not None:
         from trainyard.checkpoint import read_trainer_state
@@ -349,6 +352,7 @@ def setup(job: ResolvedJob, session: Session, streamed: Streamed | None = None) 
             state = read_trainer_state(ckpt)
             start_epoch = state["epoch"] + 1
             saved["stopping"] = state.get("early_stopping")
+            earlier = epochs_in(state)
     model = session.prepare_model(model, device)
     optimizer = make_optimizer(cfg, model)
     if "optimizer" in saved:
@@ -371,7 +375,7 @@ def setup(job: ResolvedJob, session: Session, streamed: Streamed | None = None) 
     amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     return Trainee(job, data, model, optimizer, device, amp_dtype, scaler, start_epoch, scheduler, stopping,
-                   warmup_epochs(cfg, epoch_steps))
+                   warmup_epochs(cfg, epoch_steps), earlier)
 
 
 def train_epoch(t: Trainee, session: Session, epoch: int, emit: Callable[[dict], None]) -> dict:
@@ -643,6 +647,13 @@ def _keep_val(data: Streamed, batches: list | None, size: float, limit: float, w
         data.val_kept = batches
 
 
+def epochs_in(state: dict) -> list[dict]:
+    """The metrics of every epoch up to a checkpoint's, from its trainer_state.json (one
+    written before trainyard kept ``earlier`` has its own epoch's only)."""
+    rows = [r for r in state.get("earlier") or [] if isinstance(r, dict) and "epoch" in r]
+    return [*rows, state["metrics"]] if isinstance(state.get("metrics"), dict) else rows
+
+
 def save_and_report(t: Trainee, session: Session, epoch: int, metrics: dict, plugin: str) -> None:
     """Rank 0 writes the epoch's checkpoint; every rank reports the epoch's metrics."""
     if session.rank != 0:
@@ -657,5 +668,7 @@ def save_and_report(t: Trainee, session: Session, epoch: int, metrics: dict, plu
         write_checkpoint(tmp, job=t.job, model=unwrap(t.model), processor=t.data.processor,
                          info=t.data.info, epoch=epoch, metrics=metrics, optimizer=t.optimizer,
                          plugin=plugin, scheduler=t.scheduler,
-                         state={"early_stopping": t.stopping.state()} if t.stopping else None, durable=False)
+                         state={**({"early_stopping": t.stopping.state()} if t.stopping else {}),
+                                "earlier": t.earlier}, durable=False)
         session.report(metrics, tmp)
+    t.earlier.append(metrics)
