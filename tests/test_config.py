@@ -337,6 +337,25 @@ def test_cli_dry_run_prints_the_resolved_config():
     assert load_config(base=printed) == printed  # what it prints is itself a valid config
 
 
+def test_cli_dry_run_loads_in_memory_data_and_names_what_is_wrong(tmp_path):
+    """Before, every data error came only after Ray and the workers had started."""
+    from click.testing import CliRunner
+
+    from trainyard.cli import main
+
+    (tmp_path / "one.csv").write_text("a,b,species\n1,2,cat\n3,4,cat\n")
+    (tmp_path / "ok.csv").write_text("a,b,species\n1,2,cat\n3,4,dog\n5,6,cat\n7,8,dog\n")
+    runner = CliRunner()
+    for name, expected in (("nope.csv", "nope.csv' does not exist"), ("one.csv", "holds fewer than two classes")):
+        result = runner.invoke(main, ["train", str(MLP), "--dry-run", "data.name=table",
+                                      f"data.params.path={tmp_path / name}", "data.params.label=species"])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: data (table): ") and expected in result.output
+    result = runner.invoke(main, ["train", str(MLP), "--dry-run", "data.name=table",
+                                  f"data.params.path={tmp_path / 'ok.csv'}", "data.params.label=species"])
+    assert result.exit_code == 0 and OmegaConf.create(result.output).data.params.label == "species"
+
+
 def test_cli_plugins_lists_each_plugin_with_its_version_and_what_it_provides():
     result = trainyard("plugins")
     assert result.returncode == 0, result.stderr

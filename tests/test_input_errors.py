@@ -198,7 +198,8 @@ def test_the_table_dataset_names_the_file_and_what_is_wrong_with_it(tmp_path):
     files = {"empty.csv": "", "header.csv": "a,b,target\n", "quote.csv": 'a,b,target\n1,2,0\n3,"4,1\n5,6,0\n',
              "ok.csv": "a,b,target\n1,2,0\n3,4,1\n", "val.csv": "a,target\n1,0\n2,1\n",
              "gap.csv": "a,b,target\n1,2,0\n3,,1\n5,6,0\n", "unlabelled.csv": "a,b,target\n1,2,0\n3,4,\n5,6,1\n",
-             "inf.csv": "a,b,target\n1,2,0\n3,4,1\n5,inf,1\n", "cats.csv": "a,b,target\n1,2,cat\n3,4,cat\n"}
+             "inf.csv": "a,b,target\n1,2,0\n3,4,1\n5,inf,1\n", "cats.csv": "a,b,target\n1,2,cat\n3,4,cat\n",
+             "semi.csv": "a;b;target\n1;2;0\n3;4;1\n"}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     cases = [("empty.csv", None, r"empty\.csv': cannot read it \(No columns to parse from file\)"),
@@ -211,7 +212,9 @@ def test_the_table_dataset_names_the_file_and_what_is_wrong_with_it(tmp_path):
              ("ok.csv", "gap.csv", r"gap\.csv: column 'b' has 1 missing"),
              ("unlabelled.csv", None, r"unlabelled\.csv: column 'target' has 1 row\(s\) without a label"),
              # trained to a perfect score on one class, exit 0
-             ("cats.csv", None, r"cats\.csv: column 'target' holds fewer than two classes \(\['cat'\]\)")]
+             ("cats.csv", None, r"cats\.csv: column 'target' holds fewer than two classes \(\['cat'\]\)"),
+             ("semi.csv", None, r"semi\.csv: no label column 'target' \(columns: a;b;target\); the file looks "
+                                r"';'-separated, and CSV files are read comma-separated")]
     for path, val, message in cases:
         with pytest.raises(ValueError, match=message):
             load_table(TableParams(path=str(tmp_path / path), label="target",

@@ -137,6 +137,19 @@ def main() -> None:
     """
 
 
+def _check_data_loads(job) -> None:
+    """``--dry-run``: load an in-memory dataset here, as each worker would, so that a missing
+    file or a bad column is one line now, not after Ray and the workers start."""
+    try:
+        data = job.dataset.load(job.data_params, job.config.seed)
+    except (ValueError, OSError, KeyError) as exc:
+        from trainyard.errors import reason_line
+
+        raise ConfigError(f"data ({job.dataset.name}): {reason_line(exc)}") from None
+    if data.info.task != job.task:
+        raise ConfigError(f"data ({job.dataset.name}): declared task {job.task} but loaded {data.info.task}")
+
+
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
@@ -146,7 +159,8 @@ def main() -> None:
 @click.option("--tracking-uri", default=None, metavar="URI",
               help="Log to MLflow at URI (e.g. http://127.0.0.1:5000); same as "
                    "tracking.backend=mlflow tracking.uri=URI.")
-@click.option("--dry-run", is_flag=True, help="Validate the config and print it resolved; run nothing.")
+@click.option("--dry-run", is_flag=True, help="Validate the config (and load an in-memory dataset, to check "
+              "it) and print the config resolved; run nothing.")
 def train(config, overrides, address, dry_run, tracking_uri):
     """Train the job in CONFIG, with optional key=value OVERRIDES.
 
@@ -165,8 +179,10 @@ def train(config, overrides, address, dry_run, tracking_uri):
     console = _console()
     cfg = load_config(config, [*overrides, *tracking.cli_overrides(tracking_uri)])
     _warn_plugin_problems(console)
-    resolve(cfg)
+    job = resolve(cfg)
     if dry_run:
+        if not job.dataset.streaming:  # in-memory data is loaded whole anyway: check it here
+            _check_data_loads(job)
         console.print(to_yaml(cfg), end="")
         return
     from trainyard.runtime.storage import storage_root

@@ -89,9 +89,10 @@ def load_table(params: TableParams, seed):
 
     frame = read_table(params.path)
     if params.label not in frame.columns:
-        raise ValueError(
-            f"{params.path}: no label column {params.label!r} (columns: {', '.join(map(str, frame.columns))})"
-        )
+        columns = list(map(str, frame.columns))
+        other = next((sep for sep in (";", "\t", "|") if len(columns) == 1 and sep in columns[0]), None)
+        hint = f"; the file looks {other!r}-separated, and CSV files are read comma-separated" if other else ""
+        raise ValueError(f"{params.path}: no label column {params.label!r} (columns: {', '.join(columns)}){hint}")
     features = params.features or [
         c for c in frame.columns if c != params.label and pd.api.types.is_numeric_dtype(frame[c])
     ]
