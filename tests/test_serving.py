@@ -353,6 +353,14 @@ def test_serve_config_errors_name_the_key(tmp_path):
         load_serve_config(base={"models": [{"winner": "x", "replicas": 2}]})
     with pytest.raises(ConfigError, match="models: give at least one"):
         load_serve_config(base={"port": 8000})
+    # A key inside a model is named with its model (OmegaConf names it alone).
+    with pytest.raises(ConfigError, match=r"^models\[1\]\.num_replicas: wrong type"):
+        load_serve_config(base={"models": [{"winner": "x"}, {"winner": "y", "num_replicas": "lots"}]})
+    with pytest.raises(ConfigError, match=r"^models\[0\]\.max_body_bytes: unknown key .*\(a server option: it "
+                                          r"goes at the top level"):
+        load_serve_config(base={"models": [{"winner": "x", "max_body_bytes": 5}]})
+    with pytest.raises(ConfigError, match=r"^models\[0\]: must be a mapping with a winner .*got 'winners/x'"):
+        load_serve_config(base={"models": ["winners/x"]})
     for key in ("max_body_bytes", "max_items"):  # 0 answered every request 413
         with pytest.raises(ConfigError, match=f"^{key}: must be at least 1"):
             load_serve_config(base={key: 0, "models": [{"winner": "x"}]})

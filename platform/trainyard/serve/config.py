@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -150,13 +150,44 @@ def max_ongoing(m: Any) -> int:
     return int(m.max_ongoing_requests) or max(64, 2 * int(m.max_batch_size))
 
 
+def _in_models(exc: Exception, path: str | Path | None, base: dict | None) -> Exception:
+    """``exc`` (a serve config's error) with the model it is about named: OmegaConf reports
+    a key inside a list's item without the item (``num_replicas``, not ``models[1].num_replicas``).
+    Each item is checked alone to find it; ``exc`` itself when none fails alone."""
+    from omegaconf import OmegaConf
+
+    from trainyard.config import merge_config
+    from trainyard.errors import ConfigError
+
+    models: list = []
+    for layer in (OmegaConf.load(path) if path is not None and Path(path).is_file() else None, base):
+        found = layer.get("models") if hasattr(layer, "get") else None
+        if found is not None and not isinstance(found, (str, bytes)):
+            models = list(found)
+    for i, model in enumerate(models):
+        if not hasattr(model, "keys"):
+            return ConfigError(f"models[{i}]: must be a mapping with a winner (winner: PATH, name: ...), "
+                               f"got {model!r}")
+        try:
+            merge_config(ServedModel, base=model, what="serve config")
+        except ConfigError as inner:
+            text = str(inner)
+            if "unknown key" in text and text.split(":", 1)[0] in {f.name for f in fields(ServeConfig)}:
+                text += " (a server option: it goes at the top level, not in a model)"
+            return ConfigError(f"models[{i}].{text}")
+    return exc
+
+
 def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None,
                       base: dict | None = None) -> Any:
     """A serve config, type-checked like job configs; errors name the key's path."""
     from trainyard.config import check_rules, merge_config
     from trainyard.errors import ConfigError
 
-    cfg = merge_config(ServeConfig, path, overrides, base, what="serve config")
+    try:
+        cfg = merge_config(ServeConfig, path, overrides, base, what="serve config")
+    except ConfigError as exc:
+        raise _in_models(exc, path, base) from None
     if not cfg.models:
         raise ConfigError("models: give at least one model to serve")
     rules = [(0 < cfg.port < 65536, "port", "must be 1-65535"),
