@@ -106,6 +106,10 @@ def test_a_key_given_directly_reaches_replicas_only_as_a_private_file(secured):
     row = np.asarray(secured["samples"]["sec_mlp"][:1]).tolist()
     status, body = call(url, {"inputs": row})
     assert status == 401 and "missing API key" in body["error"]
+    with pytest.raises(urllib.error.HTTPError) as refused:  # a 401 names its scheme (RFC 9110)
+        urllib.request.urlopen(urllib.request.Request(url, data=json.dumps({"inputs": row}).encode(),
+                                                      headers={"Content-Type": "application/json"}), timeout=120)
+    assert refused.value.code == 401 and refused.value.headers["WWW-Authenticate"].startswith("Bearer ")
     status, body = call(url, {"inputs": row}, {"Authorization": "Bearer " + KEY[:-1] + "x"})
     assert status == 403 and KEY not in json.dumps(body)
     assert call(url, {"inputs": row}, AUTH)[0] == 200
@@ -208,6 +212,11 @@ def test_serving_beyond_loopback_without_a_key_is_refused_unless_insecure(secure
     assert result.exit_code == 1 and "refusing to serve on 0.0.0.0" in result.stderr and not out.exists()
     result = runner.invoke(main, ["deploy", winner, "--config-out", str(out), "--insecure"])
     assert result.exit_code == 0 and "No API key" in out.read_text()
+    result = runner.invoke(main, ["deploy", winner, "--config-out", str(out), "--api-key", ""])
+    assert result.exit_code == 2 and "--api-key" in result.stderr and "empty" in result.stderr  # an unset $KEY
+    both = runner.invoke(main, ["deploy", winner, "--config-out", str(out), "--api-key", KEY, "--api-key-file",
+                                str(tmp_path / "key")])
+    assert both.exit_code == 2 and "not both" in both.stderr
     result = runner.invoke(main, ["deploy", winner, "--config-out", str(out), "--api-key", KEY])
     assert result.exit_code == 0, result.output
     assert "warning: --api-key shows the key" in result.stderr  # ps, shell history

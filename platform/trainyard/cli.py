@@ -650,6 +650,13 @@ def deploy(ctx, winners, config_file, names, version, address, host, port, repli
             raise click.BadParameter("must be at least 1, or -1 for no limit", param_hint="--max-queued")
         for m in cfg.models:
             m.max_queued_requests = max_queued
+    from click.core import ParameterSource
+
+    if ctx.get_parameter_source("api_key") == ParameterSource.COMMANDLINE:
+        if not api_key.strip():  # an unset "$KEY": it would serve with no key
+            raise click.BadParameter("empty; give the key, or leave the option out", param_hint="--api-key")
+        if api_key_file:
+            raise click.UsageError("give --api-key or --api-key-file, not both")
     _warn_key_on_command_line(ctx)
     if api_key:
         cfg.api_key = api_key

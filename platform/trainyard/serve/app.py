@@ -196,7 +196,8 @@ def _check_key(request: Request, api_key: bytes | None) -> Response | None:
     given = request.headers.get("authorization", "")
     token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
     if not token:
-        return error(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")
+        return error(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'",
+                     {"WWW-Authenticate": 'Bearer realm="trainyard"'})  # RFC 9110: a 401 names its scheme
     # Header values arrive decoded as Latin-1: encoding them back gives the bytes sent.
     # Compared in constant time, so the answer's timing does not leak the key.
     if not hmac.compare_digest(token.strip().encode("latin-1", "replace"), api_key):
