@@ -79,6 +79,16 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _PYTHON_SHOW_WARNING = warnings.showwarning
 
 
+#: "SIGTERM" once one came (see _stop_on_sigterm_as_on_ctrl_c).
+_TERMINATED: list[str] = []
+
+
+class Interrupted(TrainyardError):
+    """Ctrl-C (or SIGTERM) stopped a command that can be started again to go on."""
+
+    exit_code = 130
+
+
 def _stop_on_sigterm_as_on_ctrl_c(terminated: list[str]):
     """SIGTERM (what systemd, Kubernetes, a CI runner or ``timeout`` sends) stops a command
     as Ctrl-C does: a search saves its state and says how to resume it, a training run
@@ -103,7 +113,8 @@ class TrainyardGroup(click.Group):
 
     def invoke(self, ctx):
         warnings.showwarning = _show_warning
-        terminated: list[str] = []
+        terminated = _TERMINATED
+        terminated.clear()
         previous = _stop_on_sigterm_as_on_ctrl_c(terminated)
         try:
             return super().invoke(ctx)
@@ -201,8 +212,13 @@ def train(config, overrides, address, dry_run, tracking_uri):
     from trainyard.train.driver import run_training
 
     view = TrainingView(console, cfg, START)
-    with view:
-        result = run_training(cfg, address=address, on_event=view.handle)
+    try:
+        with view:
+            result = run_training(cfg, address=address, on_event=view.handle)
+    except KeyboardInterrupt:
+        by = " (SIGTERM)" if _TERMINATED else ""
+        raise Interrupted(f"interrupted{by}: run {cfg.name!r} keeps the checkpoints it wrote; the same command "
+                          "resumes it from the latest") from None
     view.summary(result)
 
 
