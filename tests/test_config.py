@@ -193,6 +193,9 @@ def test_unknown_model_param_is_rejected_with_its_full_path():
 
 def test_wrong_type_of_model_param_is_rejected_with_its_full_path():
     assert config_error("model.params.dropout=lots").startswith("model.params.dropout: wrong type")
+    # One value where a list belongs: not OmegaConf's "AnyNode is not a ListConfig".
+    assert config_error("model.params.hidden=64") == \
+        "model.params.hidden: must be a list, in brackets: [...] (got a single value)"
 
 
 def test_model_param_value_the_plugin_refuses_is_rejected():

@@ -363,6 +363,8 @@ def _describe(exc: OmegaConfBaseException, prefix: str = "") -> ConfigError:
         message = f"must not be empty (a value of type {message.rsplit('type', 1)[1].strip(' .')})"
     elif "Value '" in message and "could not be converted" in message:
         message = "wrong type: " + message
+    elif "is not a ListConfig, TupleConfig, list, or tuple" in message:  # a value for a list
+        message = "must be a list, in brackets: [...] (got a single value)"
     elif message.startswith("Invalid value") and "expected one of" in message:
         allowed = message.split("expected one of", 1)[1].strip().strip("[]").replace("'", "")
         got = message.split("'", 2)[1] if message.count("'") >= 2 else "?"
