@@ -23,6 +23,16 @@ def test_shipped_tune_configs_are_valid():
         assert "train.lr" in samples and "train.batch_size" in samples
 
 
+def test_a_dimension_overridden_on_the_command_line_keeps_its_dotted_name():
+    """tune.space.train.lr=... was split at every dot (tune > space > train > lr)."""
+    cfg = load_config(CONFIGS / "tune_mlp.yaml", ["tune.space.train.lr={type: uniform, low: 0.001, high: 0.1}",
+                                                  "tune.space.train.batch_size.values=[8,16]", "train.epochs=2"])
+    assert (cfg.tune.space["train.lr"].type, cfg.tune.space["train.lr"].high) == ("uniform", 0.1)
+    assert list(cfg.tune.space["train.batch_size"]["values"]) == [8, 16] and cfg.train.epochs == 2
+    assert "train" not in cfg.tune.space
+    validate_space(cfg)
+
+
 def test_space_naming_an_unknown_key_is_rejected_with_the_key():
     message = space_error({"train.lrate": {"type": "loguniform", "low": 1e-4, "high": 1e-2}})
     assert message.startswith("tune.space.train.lrate")

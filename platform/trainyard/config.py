@@ -420,10 +420,30 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or not item.split("=", 1)[0].strip():
             raise ConfigError(f"override {item!r} is not of the form key=value")
+    plain, spaced = [], []
+    for item in overrides:
+        (spaced if item.split("=", 1)[0].strip().startswith("tune.space.") else plain).append(item)
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        cfg = OmegaConf.from_dotlist(plain)
+        for item in spaced:  # a dimension's name is a dotted key itself: tune.space.train.lr
+            key, value = item.split("=", 1)
+            name = key.strip()[len("tune.space."):]
+            dim, _, part = name.rpartition(".")
+            tree = {dim: {part: None}} if dim and part in _DIMENSION_FIELDS else {name: None}
+            parsed = OmegaConf.from_dotlist([f"value={value}"]).value
+            inner = next(iter(tree.values()))
+            if isinstance(inner, dict):
+                inner[part] = parsed
+            else:
+                tree[name] = parsed
+            cfg = OmegaConf.merge(cfg, {"tune": {"space": tree}})
+        return cfg
     except Exception as exc:  # OmegaConf's own errors and YAML scanner errors alike
         raise ConfigError(f"override: {str(exc).splitlines()[0]}") from None
+
+
+#: The fields of a search dimension (tune.space.<key>.<field>=value).
+_DIMENSION_FIELDS = ("type", "low", "high", "values", "mutable")
 
 
 @functools.lru_cache(maxsize=None)
