@@ -241,6 +241,12 @@ def test_a_param_with_one_value_scores_zero_and_the_others_share_the_rest():
     trials = [_trial(f"t{i}", {"a": 0.1 * (i + 1), "act": "relu"}, 0.5 + 0.1 * i) for i in range(4)]
     scores = param_importances(trials, param_axes(trials, {}), "max")
     assert scores["act"] == 0.0 and scores["a"] == pytest.approx(1.0)
+    # Four trials: the panel says how far to trust it; from ten on it does not.
+    from trainyard.ui.report import importance_panel
+
+    assert "fitted to 4 trials is a rough guide only" in importance_panel(trials, param_axes(trials, {}), "max", "l")
+    many = [_trial(f"t{i}", {"a": 0.1 * (i + 1), "act": "relu"}, 0.5 + 0.01 * i) for i in range(10)]
+    assert "rough guide" not in importance_panel(many, param_axes(many, {}), "max", "loss")
 
 
 def test_without_a_saved_space_numbers_are_linear_and_the_rest_categories(tmp_path):

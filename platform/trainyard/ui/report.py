@@ -520,6 +520,10 @@ def param_importances(trials: list[dict], axes: list[Axis], mode: str) -> dict[s
     return {k: float(v) for k, v in result.items()}
 
 
+#: Below this many finished trials the importance panel says its figures are a rough guide.
+FEW_TRIALS = 10
+
+
 def importance_panel(trials: list[dict], axes: list[Axis], mode: str, metric: str) -> str:
     try:
         scores = param_importances(trials, axes, mode)
@@ -542,7 +546,9 @@ def importance_panel(trials: list[dict], axes: list[Axis], mode: str, metric: st
             f'<text x="{label_w + w + 6:.1f}" y="{y + 15}">{score:.0%}</text>'
         )
     return (f'<figure><figcaption>importance of each param to the best {_e(metric)}: Optuna\'s fANOVA '
-            f'on {finished} finished trials (failed ones left out); the shares sum to 100%</figcaption>'
+            f'on {finished} finished trials (failed ones left out); the shares sum to 100%'
+            + (f'. A forest fitted to {finished} trials is a rough guide only' if finished < FEW_TRIALS else "")
+            + '</figcaption>'
             + _svg(label_w + bar_w + 60, height, "".join(bars), "importance") + "</figure>")
 
 
