@@ -27,12 +27,12 @@ def typed(schema: type | None, values: dict, kind: str, name: str, plugin: str) 
 
 
 def params_detail(params: Any) -> str:
-    """Typed params in one short line."""
+    """Typed params in one line, whole (a terminal's table folds or cuts it to fit; a log or a
+    file gets every value)."""
     if params is None:
         return "no params"
     if dataclasses.is_dataclass(params):
-        text = ", ".join(f"{f.name}={getattr(params, f.name)!r}" for f in dataclasses.fields(params))
-        return text if len(text) <= 80 else text[:77] + "..."
+        return ", ".join(f"{f.name}={getattr(params, f.name)!r}" for f in dataclasses.fields(params))
     return repr(params)
 
 
