@@ -684,8 +684,11 @@ def deploy(ctx, winners, config_file, names, version, address, host, port, repli
         cfg.ingress = ingress
     console = _console()
     if config_out:
+        existed = Path(config_out).exists()
         path = write_serve_config(cfg, config_out)
-        console.print(f"wrote {path}; on a cluster: serve deploy {path}")
+        console.print(f"{'replaced' if existed else 'wrote'} {path}; on a cluster: serve deploy {path}")
+        if cfg.host != "0.0.0.0":
+            console.print(f"the file serves on 0.0.0.0 (Serve's proxy on every node), not on {cfg.host}")
         if cfg.api_key and not cfg.api_key_file:
             console.print(f"its replicas read the key from {cfg.api_key_env} on their nodes (the key "
                           "is not in the file): set it there")
