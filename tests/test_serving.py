@@ -361,6 +361,13 @@ def test_serve_config_errors_name_the_key(tmp_path):
         load_serve_config(base={"models": [{"winner": "x", "max_body_bytes": 5}]})
     with pytest.raises(ConfigError, match=r"^models\[0\]: must be a mapping with a winner .*got 'winners/x'"):
         load_serve_config(base={"models": ["winners/x"]})
+    # A file that is not YAML, or not a mapping, says so (finding the model must not hide it).
+    (tmp_path / "broken.yaml").write_text("models: [\n - winner: x\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: not valid YAML: [^\n]*line 2"):
+        load_serve_config(tmp_path / "broken.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n")
+    with pytest.raises(ConfigError, match=r"list.yaml: the top level must be a mapping of keys"):
+        load_serve_config(tmp_path / "list.yaml")
     for key in ("max_body_bytes", "max_items"):  # 0 answered every request 413
         with pytest.raises(ConfigError, match=f"^{key}: must be at least 1"):
             load_serve_config(base={key: 0, "models": [{"winner": "x"}]})

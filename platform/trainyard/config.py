@@ -466,7 +466,7 @@ def merge_config(schema: type, path: str | Path | None = None, overrides: list[s
         try:
             loaded = OmegaConf.load(path)
         except Exception as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
         layers.append(loaded)

@@ -154,14 +154,20 @@ def _in_models(exc: Exception, path: str | Path | None, base: dict | None) -> Ex
     """``exc`` (a serve config's error) with the model it is about named: OmegaConf reports
     a key inside a list's item without the item (``num_replicas``, not ``models[1].num_replicas``).
     Each item is checked alone to find it; ``exc`` itself when none fails alone."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     from trainyard.config import merge_config
     from trainyard.errors import ConfigError
 
     models: list = []
-    for layer in (OmegaConf.load(path) if path is not None and Path(path).is_file() else None, base):
-        found = layer.get("models") if hasattr(layer, "get") else None
+    try:  # the file merge_config read (one it refused as YAML: exc says so already)
+        loaded = OmegaConf.load(path) if path is not None and Path(path).is_file() else None
+    except Exception:  # noqa: BLE001 - OmegaConf's and YAML's errors alike
+        return exc
+    for layer in (loaded, base):
+        if layer is not None and not isinstance(layer, (dict, DictConfig)):
+            continue
+        found = layer.get("models") if layer is not None else None
         if found is not None and not isinstance(found, (str, bytes)):
             models = list(found)
     for i, model in enumerate(models):
