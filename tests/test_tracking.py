@@ -133,15 +133,17 @@ def test_tracking_config_is_checked_before_anything_runs():
 def test_mlflow_tracking_uri_names_the_store_when_tracking_uri_is_empty(monkeypatch):
     base = CONFIGS / "mlp_breast_cancer.yaml"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert load_config(base, ["tracking.backend=mlflow"]).tracking.uri == "http://127.0.0.1:5000"
-    given = load_config(base, ["tracking.backend=mlflow", "tracking.uri=sqlite:////tmp/m.db"])
+    assert load_config(base, ["tracking.backend=mlflow"], new_job=True).tracking.uri == "http://127.0.0.1:5000"
+    given = load_config(base, ["tracking.backend=mlflow", "tracking.uri=sqlite:////tmp/m.db"], new_job=True)
     assert given.tracking.uri == "sqlite:////tmp/m.db"  # the job's own URI wins
-    off = load_config(base)  # the variable alone does not turn tracking on
+    off = load_config(base, new_job=True)  # the variable alone does not turn tracking on
     assert (off.tracking.backend, off.tracking.uri) == ("none", "")
+    # A saved config read back (a resumed search, a checkpoint's job) keeps the store it had.
+    assert load_config(base, ["tracking.backend=mlflow"]).tracking.uri == ""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "htp://127.0.0.1:5000")
     with pytest.raises(ConfigError, match=r"^tracking.uri \(from \$MLFLOW_TRACKING_URI\): MLflow has no "
                                           r"tracking store for 'htp://'"):
-        load_config(base, ["tracking.backend=mlflow"])
+        load_config(base, ["tracking.backend=mlflow"], new_job=True)
 
 
 def test_train_run_on_two_workers_logs_one_run_with_config_metrics_by_epoch_and_artifacts(

@@ -188,7 +188,7 @@ def train(config, overrides, address, dry_run, tracking_uri):
     from trainyard import tracking
 
     console = _console()
-    cfg = load_config(config, [*overrides, *tracking.cli_overrides(tracking_uri)])
+    cfg = load_config(config, [*overrides, *tracking.cli_overrides(tracking_uri)], new_job=True)
     _warn_plugin_problems(console)
     job = resolve(cfg)
     if dry_run:
@@ -273,7 +273,7 @@ def tune(config, overrides, address, resume, as_json, tracking_uri):
         raise click.UsageError(f"--resume: a resumed search runs with the config it was started with "
                                f"(RUN/trainyard_tune.yaml), so {' '.join(ignored)} would change nothing; "
                                "start a new search (another name=) to change it")
-    cfg = load_config(config, [*overrides, *tracking.cli_overrides(tracking_uri)]) if config else None
+    cfg = load_config(config, [*overrides, *tracking.cli_overrides(tracking_uri)], new_job=True) if config else None
     storage = [o.partition("=")[2].strip() for o in overrides if resume and not config]
     if storage and "/" not in resume:  # RUN named under the storage path given
         from trainyard.runtime.storage import join
@@ -730,7 +730,7 @@ def up(config, overrides, port, exit_after_first, ingress, tracking_uri):
     from trainyard import tracking
 
     console = _console()
-    cfg = load_config(config, [*overrides, *tracking.cli_overrides(tracking_uri)])
+    cfg = load_config(config, [*overrides, *tracking.cli_overrides(tracking_uri)], new_job=True)
     _warn_plugin_problems(console)
     up = tune_and_serve(cfg, port=port, ingress=ingress, console=console,
                         on_tuned=lambda outcome: console.print(summary_table(outcome)))

@@ -506,10 +506,13 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     base: dict | DictConfig | None = None,
+    new_job: bool = False,
 ) -> DictConfig:
-    """Schema + YAML file (or ``base``) + overrides, type-checked. Raises ConfigError."""
+    """Schema + YAML file (or ``base``) + overrides, type-checked. Raises ConfigError.
+    ``new_job``: a job the user starts now (not a saved config read back: a resumed search,
+    a checkpoint's job), which takes an empty ``tracking.uri`` from ``$MLFLOW_TRACKING_URI``."""
     cfg = merge_config(JobConfig, path, overrides, base)
-    from_env = _tracking_uri_from_env(cfg)
+    from_env = new_job and _tracking_uri_from_env(cfg)
     try:
         _check_values(cfg)
     except ConfigError as exc:

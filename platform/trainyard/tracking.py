@@ -8,7 +8,7 @@ Model Registry under the search's name, one model version per winner, tagged wit
 trial, the metric and the checkpoint's URI; ``trainyard deploy models:/<name>/<version>``
 serves one (:func:`registered_checkpoint`).
 
-With no ``tracking.uri`` (nor ``$MLFLOW_TRACKING_URI``, which config loading puts there) the store is local, inside the run folder (``<run>/mlflow.db``,
+With no ``tracking.uri`` (nor ``$MLFLOW_TRACKING_URI``, which loading a new job's config puts there) the store is local, inside the run folder (``<run>/mlflow.db``,
 artifacts in ``<run>/mlartifacts/``): no server needed. A URI sends to a tracking server.
 
 Tracking never costs a run: every MLflow call runs in order on one background thread, so a
