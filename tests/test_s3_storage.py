@@ -220,6 +220,34 @@ def test_a_search_in_a_bucket_whose_driver_is_killed_resumes_on_another_machine(
     assert "already ran to its end" in again.stderr
 
 
+def test_a_bucket_search_another_machine_finished_is_refused_where_a_stale_record_says_interrupted(
+        s3_bucket, s3_server, tmp_path, monkeypatch):
+    """Machine A was interrupted; B resumed and finished the search. A's own records still say
+    "interrupted": the bucket's, which every driver uploads as it ends, win. A's longer
+    history (append-only) stays. No Ray: refused before it starts."""
+    from omegaconf import OmegaConf
+
+    from trainyard.runtime.storage import write_text
+    from trainyard.tune.driver import _bucket_run, _search
+    from trainyard.tune.records import HISTORY
+
+    monkeypatch.setenv("TRAINYARD_CACHE_DIR", str(tmp_path / "machine-a"))
+    cfg = load_config(CONFIGS / "tune_mlp.yaml", ["name=twice", f"storage_path={s3_bucket}/runs"])
+    uri = f"{s3_bucket}/runs/twice"
+    write_text(f"{uri}/trainyard_tune.yaml", OmegaConf.to_yaml(cfg))
+    finished = {"trials": [{"trial_id": f"t{i}", "state": "TERMINATED"} for i in range(cfg.tune.num_samples)],
+                "stopped_by": None, "winners": []}
+    write_text(f"{uri}/trainyard_trials.json", json.dumps(finished))
+    write_text(f"{uri}/{HISTORY}", '{"trial_id": "t0"}\n')
+    run_dir = _bucket_run(uri)  # A's folder: make A's stale records in it
+    (run_dir / "trainyard_trials.json").write_text(json.dumps({**finished, "stopped_by": "interrupted"}))
+    (run_dir / HISTORY).write_text('{"trial_id": "t0"}\n{"trial_id": "t1"}\n')
+    with pytest.raises(ConfigError, match="already ran to its end"):
+        _search(None, uri)
+    assert json.loads((run_dir / "trainyard_trials.json").read_text())["stopped_by"] is None
+    assert len((run_dir / HISTORY).read_text().splitlines()) == 2
+
+
 def test_submit_accepts_bucket_storage_and_deploys_from_a_bucket_registry(tmp_path):
     from trainyard.jobs import stage
 

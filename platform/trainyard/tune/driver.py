@@ -515,13 +515,20 @@ def _bucket_run(uri: str) -> Path:
     if not (run_dir / "trainyard_tune.yaml").is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "trainyard_tune.yaml", text)
-    # The records its last driver left (uploaded when it ended, Ctrl-C included): how the
+    # The records its last driver left (uploaded whenever one ends, Ctrl-C included): how the
     # search ended, so that one the budget or its end finished is refused on any machine as
-    # on the one that ran it, and the epochs' history and exploits, which a resumed search
-    # appends to (its upload replaces the bucket's copies).
+    # on the one that ran it (the bucket's copy wins: another machine may have ended it since
+    # this one last did), and the epochs' history and exploits, which a resumed search
+    # appends to and uploads over the bucket's (append-only: the longer copy holds the other).
     for record in ("trainyard_trials.json", BUDGET_MARK, HISTORY, EXPLOITS):
-        if not (run_dir / record).is_file() and (kept := read_text(join(uri, record))) is not None:
-            atomic_write_text(run_dir / record, kept)
+        kept = read_text(join(uri, record))
+        if kept is None:
+            continue
+        local = run_dir / record
+        if record in (HISTORY, EXPLOITS) and local.is_file() and \
+                len(local.read_text(errors="replace").splitlines()) >= len(kept.splitlines()):
+            continue
+        atomic_write_text(local, kept)
     return run_dir
 
 
