@@ -307,7 +307,7 @@ def test_detach_without_a_cluster_and_haproxy_off_loopback_are_refused(served):
     # HAProxy reaches the replicas at 127.0.0.1: another host gets Serve's own proxy.
     assert ingress_for_host("127.0.0.1", "auto") is None and ingress_for_host("0.0.0.0", "haproxy") == "haproxy"
     assert ingress_for_host("::1", "auto") == "proxy" and ingress_for_host("127.0.0.2", "proxy") == "proxy"
-    with pytest.raises(TrainyardError, match=r"--host 10.0.0.5: the haproxy ingress serves on 127.0.0.1 or "
+    with pytest.raises(TrainyardError, match=r"host 10.0.0.5: the haproxy ingress serves on 127.0.0.1 or "
                                              r"0.0.0.0 only"):
         ingress_for_host("10.0.0.5", "haproxy")
     assert url_host("::1") == "[::1]" and url_host("10.0.0.5") == "10.0.0.5"

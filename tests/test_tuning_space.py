@@ -31,6 +31,9 @@ def test_a_dimension_overridden_on_the_command_line_keeps_its_dotted_name():
     assert list(cfg.tune.space["train.batch_size"]["values"]) == [8, 16] and cfg.train.epochs == 2
     assert "train" not in cfg.tune.space
     validate_space(cfg)
+    # A mapping is a whole dimension, though its key ends in a field's name (a param "type").
+    typed = load_config(CONFIGS / "tune_mlp.yaml", ["tune.space.model.params.type={type: choice, values: [a, b]}"])
+    assert list(typed.tune.space["model.params.type"]["values"]) == ["a", "b"]
 
 
 def test_space_naming_an_unknown_key_is_rejected_with_the_key():

@@ -429,13 +429,11 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
             key, value = item.split("=", 1)
             name = key.strip()[len("tune.space."):]
             dim, _, part = name.rpartition(".")
-            tree = {dim: {part: None}} if dim and part in _DIMENSION_FIELDS else {name: None}
             parsed = OmegaConf.from_dotlist([f"value={value}"]).value
-            inner = next(iter(tree.values()))
-            if isinstance(inner, dict):
-                inner[part] = parsed
-            else:
-                tree[name] = parsed
+            # A mapping is a whole dimension (a plugin param may be named "type"); a plain
+            # value after a field's name sets that field.
+            one_field = dim and part in _DIMENSION_FIELDS and not isinstance(parsed, DictConfig)
+            tree = {dim: {part: parsed}} if one_field else {name: parsed}
             cfg = OmegaConf.merge(cfg, {"tune": {"space": tree}})
         return cfg
     except Exception as exc:  # OmegaConf's own errors and YAML scanner errors alike

@@ -136,7 +136,7 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
     if address is None and not ray.is_initialized():  # nothing of this process holds it yet
         check_port_free(cfg.host, int(cfg.port))
     auth = replica_auth(cfg, address)
-    init_ray(address, ingress=ingress_for_host(cfg.host, cfg.ingress))
+    init_ray(address, ingress=ingress_for_host(cfg.host, cfg.ingress) if address is None else None)
     check_serve_fits(cfg)
     _start_serve({"host": cfg.host, "port": int(cfg.port)})
     existing = [a for a in serve.status().applications if a != ROOT_APP]
@@ -176,9 +176,9 @@ def ingress_for_host(host: str, ingress: str) -> str | None:
     if host in HAPROXY_HOSTS or ingress == "proxy":
         return None if ingress == "auto" else ingress
     if ingress == "haproxy":
-        raise TrainyardError(f"--host {host}: the haproxy ingress serves on 127.0.0.1 or 0.0.0.0 only (Ray "
-                             "Serve's HAProxy reaches its replicas at 127.0.0.1); give --host 0.0.0.0 (every "
-                             "interface) or --ingress proxy")
+        raise TrainyardError(f"host {host}: the haproxy ingress serves on 127.0.0.1 or 0.0.0.0 only (Ray "
+                             "Serve's HAProxy reaches its replicas at 127.0.0.1); serve on 0.0.0.0 (every "
+                             "interface) or with the proxy ingress (--ingress proxy)")
     return "proxy"
 
 
