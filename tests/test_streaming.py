@@ -293,6 +293,25 @@ def test_a_hive_partition_column_is_a_column_though_no_file_holds_it(ray_cluster
     assert stream.meta.info.classes == ["0", "1"] and stream.meta.train_rows > 300
 
 
+def test_a_block_the_split_leaves_no_row_of_encodes_to_no_rows_not_an_error():
+    """A tokenizer fails on an empty list: a tiny file's block with no validation row made
+    the run fail with IndexError."""
+    from trainyard.hookspecs import DataInfo
+    from trainyard.train.stream import Encode, HashSplit
+
+    class Strict:
+        def encode(self, inputs):
+            assert len(inputs) > 0, "encode called with no rows"
+            return np.asarray(inputs, dtype=np.float32) * 2
+
+    info = DataInfo(task="classification", inputs="features", classes=["a", "b"], input_shape=[2])
+    batch = {"input": np.ones((3, 2), np.float32), "target": np.array([0, 1, 0])}
+    none_held = Encode(Strict(), info, "classification", HashSplit(0, 0.0, val=True))(batch)
+    assert none_held["x"].shape == (0, 2) and none_held["x"].dtype == np.float32 and none_held["y"].shape == (0,)
+    all_kept = Encode(Strict(), info, "classification", HashSplit(0, 0.0, val=False))(batch)
+    assert all_kept["x"].shape == (3, 2) and float(all_kept["x"][0, 0]) == 2.0
+
+
 def test_a_streams_rows_are_checked_against_its_data_info_before_workers_start():
     """A third-party stream's rows: the two columns, the declared shape (no Ray needed)."""
     from types import SimpleNamespace

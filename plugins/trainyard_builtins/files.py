@@ -260,7 +260,7 @@ def _label_values(ds, label: str, uri: str, json_files: tuple | None = None) -> 
             if len(found) > MAX_CLASSES:
                 break
     except Exception as exc:
-        raise ValueError(_bad_json_line(json_files) or f"{uri}: cannot read column {label!r} "
+        raise ValueError(_bad_json_line(json_files, exc) or f"{uri}: cannot read column {label!r} "
                          f"({reason_line(exc)})") from None
     if missing:
         raise ValueError(f"{uri}: column {label!r} has {missing:,} row(s) without a label (empty, null "
@@ -275,25 +275,32 @@ def _schema_names(ds, uri: str, json_files: tuple | None = None) -> list[str]:
     try:
         schema = ds.schema()
     except Exception as exc:
-        raise ValueError(_bad_json_line(json_files) or f"{uri}: cannot read ({reason_line(exc)})") from None
+        raise ValueError(_bad_json_line(json_files, exc) or f"{uri}: cannot read ({reason_line(exc)})") from None
     if schema is None:
         raise ValueError(f"{uri}: the files hold no rows")
     return list(schema.names), schema
 
 
-def _bad_json_line(json_files: tuple | None) -> str | None:
+#: What the JSON readers' errors say when a file does not parse (pyarrow's, then Python's).
+_JSON_PARSE_ERRORS = ("JSON parse error", "Expecting", "Extra data", "Unterminated", "Invalid control",
+                      "Invalid \\escape", "JSONDecodeError")
+
+
+def _bad_json_line(json_files: tuple | None, exc: BaseException | None = None) -> str | None:
     """``FILE line N: REASON`` for the first line of JSON Lines ``(fs, files)`` that is not a
-    JSON object, read as text line by line (only once a read failed: the readers' own
-    messages give a position in a block, not the file's line)."""
+    JSON object, read as text line by line; only when the read failed to parse (``exc``
+    says so): the readers' own messages give a position in a block, not the file's line."""
     import json
 
-    if json_files is None:
+    if json_files is None or (exc is not None and not any(m in str(exc) for m in _JSON_PARSE_ERRORS)):
         return None
     fs, files = json_files
+    scheme = {"s3": "s3://", "gcs": "gs://"}.get(getattr(fs, "type_name", ""), "")
     for path in files:
+        path = scheme + path
         try:
-            with fs.open_input_stream(path, compression="detect") as raw:
-                for number, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8"), start=1):
+            with fs.open_input_stream(path[len(scheme):], compression="detect") as raw:
+                for number, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8-sig"), start=1):
                     if not line.strip():
                         continue
                     try:

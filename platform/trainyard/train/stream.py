@@ -141,15 +141,21 @@ class Encode:
         self.processor, self.info, self.task, self.split = processor, info, task, split
 
     def __call__(self, batch: dict) -> dict:
+        rows = batch
         if self.split is not None:
-            batch = self.split(batch)
-        encoded = self.processor.encode(raw_inputs(batch["input"], self.info))
+            rows = self.split(batch)
+        # A block the split leaves no row of still gives the stream's columns, with no row:
+        # a processor need not encode nothing (a tokenizer fails on an empty list).
+        empty = len(rows["target"]) == 0 and len(batch["target"]) > 0
+        if empty:
+            rows = {k: v[:1] for k, v in batch.items()}
+        encoded = self.processor.encode(raw_inputs(rows["input"], self.info))
         if isinstance(encoded, dict):
             out = {f"x.{k}": _numpy(v) for k, v in encoded.items()}
         else:
             out = {"x": _numpy(encoded)}
-        out["y"] = targets_array(batch["target"], self.task)
-        return out
+        out["y"] = targets_array(rows["target"], self.task)
+        return {k: v[:0] for k, v in out.items()} if empty else out
 
 
 def _numpy(value: Any) -> np.ndarray:
