@@ -94,9 +94,9 @@ def _stop_on_sigterm_as_on_ctrl_c(terminated: list[str]):
     as Ctrl-C does: a search saves its state and says how to resume it, a training run
     keeps its checkpoints, and the last line says so; not a native stack dump and an abort
     (Ray's crash handler, see ``init_ray``). Appends "SIGTERM" to ``terminated`` when it
-    comes. Returns the handler it replaced (None off the main thread: nothing installed)."""
+    comes. Returns the handler it replaced (False off the main thread: nothing installed)."""
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return False
 
     def handler(signum, frame):
         terminated.append("SIGTERM")
@@ -134,8 +134,8 @@ class TrainyardGroup(click.Group):
             _fail(f"unexpected {type(exc).__name__}: {exc} (run again with TRAINYARD_DEBUG=1 "
                   "for the traceback, and please report it)")
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            if previous is not False:  # None: a handler not set from Python, i.e. the default
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 @click.group(cls=TrainyardGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -616,7 +616,8 @@ def _serve_config_with_options(ctx, config_file: str):
                    "(every route open).")
 @click.option("--config-out", default=None, type=click.Path(dir_okay=False),
               help="Write a Ray Serve config file for `serve deploy` instead of deploying.")
-@click.option("--detach", is_flag=True, help="Return once deployed instead of serving until Ctrl-C.")
+@click.option("--detach", is_flag=True, help="Return once deployed instead of serving until Ctrl-C (with "
+              "--address: the cluster keeps serving; an embedded Ray would stop with the command).")
 @click.option("--ingress", type=click.Choice(INGRESS_MODES), default=None,
               help=_INGRESS_HELP)
 @click.pass_context
@@ -648,7 +649,7 @@ def deploy(ctx, winners, config_file, names, version, address, host, port, repli
         raise click.UsageError("give at least one WINNER, or --config FILE")
     if names and len(names) != len(winners):
         raise click.UsageError("give one --name per WINNER, or none")
-    if detach and not address and not config_out:
+    if detach and not (address or os.environ.get("RAY_ADDRESS")) and not config_out:
         raise click.UsageError("--detach needs --address: a cluster keeps serving after this command "
                                "exits; the embedded Ray stops with it")
     if config_file:
