@@ -4,6 +4,7 @@ wrong, before anything runs (and nothing is written where it should not be)."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -276,40 +277,39 @@ def test_tune_resume_of_a_training_run_says_what_it_is(tmp_path):
     assert f"--resume: {run} is a training run, not a search" in result.output
 
 
-def test_a_training_run_whose_loss_diverges_fails_in_one_line_without_saving_it(tmp_path):
+def test_a_training_run_whose_loss_diverges_fails_in_one_line_without_saving_it(ray_cluster, job_config, tmp_path):
     """A NaN or infinite train_loss ends the run at once (no retry of the same loss), before
-    that epoch's checkpoint, naming the likely causes."""
-    import subprocess
-    import sys
+    that epoch's checkpoint, naming the likely causes. (The CLI prints any trainyard error,
+    a TrainingError too, as its one line.)"""
+    from trainyard.errors import TrainingError
+    from trainyard.train.driver import run_training
 
-    out = subprocess.run([sys.executable, "-m", "trainyard.cli", "train", MLP, f"storage_path={tmp_path}",
-                          "name=diverges", "train.lr=1e12", "train.epochs=3", "scaling.num_workers=1"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 1, out.stdout + out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert re.match(r"error: training failed: train_loss is (nan|-?inf) at epoch 1: the data may hold missing "
-                    r"\(NaN\) or infinite values, or train.lr \(1e\+12\) is too high$", lines[-1]), out.stderr
-    assert "Traceback" not in out.stdout + out.stderr
-    assert not list((tmp_path / "diverges").glob("checkpoint_*"))
+    with pytest.raises(TrainingError) as failed:
+        run_training(job_config("mlp_breast_cancer", "name=diverges", "train.lr=1e12", "train.epochs=3",
+                                "scaling.num_workers=1"))
+    assert re.match(r"training failed: train_loss is (nan|-?inf) at epoch 1: the data may hold missing "
+                    r"\(NaN\) or infinite values, or train.lr \(1e\+12\) is too high$", str(failed.value))
+    assert not list((tmp_path / "runs" / "diverges").glob("checkpoint_*"))
 
 
-def test_a_relative_data_path_is_the_callers_as_in_the_readme(tmp_path):
+def test_a_relative_data_path_is_the_callers_as_in_the_readme(ray_cluster, tmp_path, monkeypatch):
     """`data.params.path=data.csv` (the README's example) is read from where trainyard ran,
-    though Ray starts its workers in folders of their own."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
+    though Ray starts its workers in folders of their own (this session's Ray started them
+    in the folder pytest runs in, not tmp_path)."""
     import pandas as pd
     from sklearn.datasets import load_breast_cancer
+
+    from trainyard.train.driver import run_training
 
     frame = load_breast_cancer(as_frame=True).frame
     frame.columns = [c.replace(" ", "_") for c in frame.columns]
     frame.to_csv(tmp_path / "data.csv", index=False)
     assert pd.read_csv(tmp_path / "data.csv").shape == frame.shape
-    out = subprocess.run([sys.executable, "-m", "trainyard.cli", "train", str(Path(MLP).resolve()),
-                          "storage_path=runs", "name=relative", "data.name=table", "data.params.path=data.csv",
-                          "data.params.label=target", "train.epochs=1", "scaling.num_workers=1"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert not (Path.cwd() / "data.csv").exists()
+    mlp = str(Path(MLP).resolve())
+    monkeypatch.chdir(tmp_path)
+    result = run_training(load_config(mlp, ["storage_path=runs", "name=relative", "data.name=table",
+                                            "data.params.path=data.csv", "data.params.label=target",
+                                            "train.epochs=1", "scaling.num_workers=1"]))
+    assert len(result.history) == 1
     assert list((tmp_path / "runs" / "relative").glob("checkpoint_*"))
