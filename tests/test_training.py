@@ -139,6 +139,13 @@ def test_run_started_again_with_the_same_name_resumes_unless_its_model_or_data_c
     assert [e["epoch"] for e in events if e["type"] == "epoch_start"] == [2]
     assert [r["epoch"] for r in result.history] == [0, 1, 2]
     assert metrics.read_text().splitlines()[:2] == logged
+    # Started again for fewer epochs than it ran: its result, with nothing started or rewritten.
+    events.clear()
+    again = run_training(job_config("mlp_breast_cancer", "name=same", "train.epochs=2", "scaling.num_workers=1"),
+                         on_event=events.append)
+    assert events == [{"type": "done_before", "epoch": 2}]
+    assert again.history == result.history and again.checkpoint == Path(result.checkpoint).resolve()
+    assert "epochs: 3" in (Path(first.run_dir) / "config.yaml").read_text()
 
 
 def test_error_inside_a_worker_reaches_the_user_as_its_root_cause(job_config, tmp_path):

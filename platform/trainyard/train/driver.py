@@ -82,6 +82,43 @@ def _root_cause(exc: BaseException) -> str:
     return reason_line(exc)
 
 
+def latest_checkpoint_state(run_dir: Path) -> tuple[Path, dict] | None:
+    """The latest complete checkpoint in a local run folder and its trainer_state.json."""
+    from trainyard.checkpoint import is_complete, read_trainer_state
+
+    latest = None
+    for folder in Path(run_dir).glob("checkpoint_*"):
+        if not is_complete(folder):
+            continue
+        try:
+            state = read_trainer_state(folder)
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and isinstance(state.get("epoch"), int) and \
+                (latest is None or state["epoch"] > latest[1]["epoch"]):
+            latest = (folder, state)
+    return latest
+
+
+def _finished_before(cfg: Any, job: Any, run_dir: Path, on_event: Callable[[dict], None] | None
+                     ) -> "TrainResult | None":
+    """A local run started again that already trained ``train.epochs``: its result, read from
+    the run folder, with no Ray started and nothing rewritten (its config.yaml keeps the
+    epochs it ran). None when there is something to train."""
+    found = latest_checkpoint_state(run_dir) if (run_dir / "config.yaml").is_file() else None
+    if found is None or found[1]["epoch"] + 1 < cfg.train.epochs:
+        return None
+    _check_resumable((run_dir / "config.yaml").read_text(), str(run_dir), cfg)  # same model and data
+    log = _MetricsLog(run_dir / "metrics.jsonl")
+    log.fill_from_checkpoints()
+    if on_event is not None:
+        on_event({"type": "done_before", "epoch": found[1]["epoch"]})
+    monitor = f"val_{job.monitor}"
+    rows = [r for r in log.history if monitor in r]
+    best = (max if job.monitor_mode == "max" else min)(rows, key=lambda r: r[monitor]) if rows else None
+    return TrainResult(run_dir, log.history, found[0].resolve(), best, monitor)
+
+
 class _MetricsLog:
     """metrics.jsonl in the run folder, one line per epoch (a resumed epoch replaces its line).
 
@@ -117,20 +154,10 @@ class _MetricsLog:
         """Add the epochs the run's latest complete checkpoint holds (its own and the ones
         before it) that this file lacks: a driver killed while its workers trained on never
         logged the epochs they checkpointed after it died, and the run resumes past them."""
-        from trainyard.checkpoint import is_complete, read_trainer_state
         from trainyard.train.loop import epochs_in
 
-        latest = None
-        for folder in self.path.parent.glob("checkpoint_*"):
-            if not is_complete(folder):
-                continue
-            try:
-                state = read_trainer_state(folder)
-            except (OSError, ValueError):
-                continue
-            if isinstance(state, dict) and isinstance(state.get("epoch"), int) and \
-                    (latest is None or state["epoch"] > latest["epoch"]):
-                latest = state
+        found = latest_checkpoint_state(self.path.parent)
+        latest = found[1] if found else None
         missing = [r for r in (epochs_in(latest) if latest else []) if r["epoch"] not in self.rows]
         if missing:
             self.rows.update({int(r["epoch"]): r for r in missing})
@@ -159,6 +186,8 @@ def run_training(
     # The run's own records (config, metrics, workers): the run folder, or for object
     # storage a local folder uploaded next to Ray's checkpoints when the run ends.
     run_dir = local_run_dir(storage, cfg.name)
+    if remote is None and (done := _finished_before(cfg, job, run_dir, on_event)) is not None:
+        return done
     init_ray(address)
     check_workers_fit(cfg)
     datasets = None
