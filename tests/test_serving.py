@@ -296,14 +296,16 @@ def test_options_typed_beside_config_replace_its_values(served, tmp_path):
 
 
 def test_detach_without_a_cluster_and_haproxy_off_loopback_are_refused(served):
-    from click.testing import CliRunner
-
-    from trainyard.cli import main
     from trainyard.errors import TrainyardError
     from trainyard.serve.deploy import ingress_for_host, url_host
 
-    result = CliRunner().invoke(main, ["deploy", str(served["root"] / "mlp"), "--detach"])
-    assert result.exit_code == 2 and "--detach needs --address" in result.output
+    import subprocess
+    import sys
+
+    # A process of its own: this one holds the session's Ray, which would outlive the command.
+    result = subprocess.run([sys.executable, "-m", "trainyard.cli", "deploy", str(served["root"] / "mlp"),
+                             "--detach"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--detach needs --address" in result.stderr, result.stderr
     # HAProxy reaches the replicas at 127.0.0.1: another host gets Serve's own proxy.
     assert ingress_for_host("127.0.0.1", "auto") is None and ingress_for_host("0.0.0.0", "haproxy") == "haproxy"
     assert ingress_for_host("::1", "auto") == "proxy" and ingress_for_host("127.0.0.2", "proxy") == "proxy"

@@ -649,7 +649,9 @@ def deploy(ctx, winners, config_file, names, version, address, host, port, repli
         raise click.UsageError("give at least one WINNER, or --config FILE")
     if names and len(names) != len(winners):
         raise click.UsageError("give one --name per WINNER, or none")
-    if detach and not (address or os.environ.get("RAY_ADDRESS")) and not config_out:
+    ray_module = sys.modules.get("ray")  # a Ray this process holds already outlives the command
+    held = ray_module is not None and ray_module.is_initialized()
+    if detach and not (address or os.environ.get("RAY_ADDRESS") or held) and not config_out:
         raise click.UsageError("--detach needs --address: a cluster keeps serving after this command "
                                "exits; the embedded Ray stops with it")
     if config_file:
