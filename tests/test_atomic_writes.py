@@ -435,7 +435,7 @@ def test_a_truncated_last_metrics_line_is_skipped_and_the_run_goes_on(tmp_path):
 def test_epochs_a_killed_driver_never_logged_come_back_from_the_latest_checkpoint(tmp_path):
     """Killed at epoch 10's line while the workers checkpointed 12-14: the resumed run's
     metrics.jsonl still has one line per epoch (the checkpoint keeps the epochs before it)."""
-    from trainyard.train.driver import _MetricsLog
+    from trainyard.train.driver import _MetricsLog, latest_checkpoint_state
 
     rows = [{"epoch": e, "val_loss": 1.0 / (e + 1)} for e in range(15)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:11]))
@@ -447,7 +447,7 @@ def test_epochs_a_killed_driver_never_logged_come_back_from_the_latest_checkpoin
         files = {"trainer_state.json": len(state)}
         (folder / "manifest.json").write_text(json.dumps({"files": files if epoch < 14 else {"gone.bin": 1}}))
     log = _MetricsLog(tmp_path / "metrics.jsonl")
-    log.fill_from_checkpoints()  # 14's folder is incomplete: 13 is the latest checkpoint
+    log.fill_from(latest_checkpoint_state(tmp_path))  # 14's folder is incomplete: 13 is the latest
     assert log.history == rows[:14]
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows[:14]
 

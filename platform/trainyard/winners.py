@@ -298,10 +298,10 @@ def resolve_checkpoint(target: str | Path, what: str = "WINNER") -> Path | str:
         if winners:
             return _complete(Path(winners[0]["path"]))
         raise TrainyardError(f"{path}: the tuning run exported no winner")
+    latest = latest_complete_checkpoint(path)
+    if latest is not None:  # a training run: its latest complete checkpoint
+        return latest.resolve()
     found = [p for p in path.glob("checkpoint_*") if p.is_dir()]
-    complete = [p for p in found if is_complete(p)]
-    if complete:  # a training run: its latest complete checkpoint
-        return max(complete, key=lambda p: (_epoch(p), p.name)).resolve()
     if found:
         raise TrainyardError(
             f"{path}: none of its {len(found)} checkpoint folders is complete (each was "
@@ -380,6 +380,13 @@ def _complete(folder: Path) -> Path:
             f"{folder}: incomplete checkpoint ({reason}): its writing or copying was interrupted"
         )
     return folder.resolve()
+
+
+def latest_complete_checkpoint(run_dir: Path) -> Path | None:
+    """A local training run's latest complete checkpoint folder (by the epoch it holds);
+    None when it has none."""
+    complete = [p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir() and is_complete(p)]
+    return max(complete, key=lambda p: (_epoch(p), p.name)) if complete else None
 
 
 def _epoch(checkpoint: Path) -> int:

@@ -83,40 +83,31 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def latest_checkpoint_state(run_dir: Path) -> tuple[Path, dict] | None:
-    """The latest complete checkpoint in a local run folder and its trainer_state.json."""
-    from trainyard.checkpoint import is_complete, read_trainer_state
+    """A local run's latest complete checkpoint and its trainer_state.json; None if none."""
+    from trainyard.checkpoint import read_trainer_state
+    from trainyard.winners import latest_complete_checkpoint
 
-    latest = None
-    for folder in Path(run_dir).glob("checkpoint_*"):
-        if not is_complete(folder):
-            continue
-        try:
-            state = read_trainer_state(folder)
-        except (OSError, ValueError):
-            continue
-        if isinstance(state, dict) and isinstance(state.get("epoch"), int) and \
-                (latest is None or state["epoch"] > latest[1]["epoch"]):
-            latest = (folder, state)
-    return latest
-
-
-def _finished_before(cfg: Any, job: Any, run_dir: Path, on_event: Callable[[dict], None] | None
-                     ) -> "TrainResult | None":
-    """A local run started again that already trained ``train.epochs``: its result, read from
-    the run folder, with no Ray started and nothing rewritten (its config.yaml keeps the
-    epochs it ran). None when there is something to train."""
-    found = latest_checkpoint_state(run_dir) if (run_dir / "config.yaml").is_file() else None
-    if found is None or found[1]["epoch"] + 1 < cfg.train.epochs:
+    folder = latest_complete_checkpoint(run_dir)
+    try:
+        return (folder, read_trainer_state(folder)) if folder is not None else None
+    except (OSError, ValueError):
         return None
-    _check_resumable((run_dir / "config.yaml").read_text(), str(run_dir), cfg)  # same model and data
+
+
+def _finished_before(cfg: Any, job: Any, run_dir: Path, latest: tuple[Path, dict],
+                     on_event: Callable[[dict], None] | None) -> "TrainResult":
+    """The result of a local run started again that already trained ``train.epochs``
+    (``latest``: its latest checkpoint), read from the run folder, with no Ray started and
+    nothing rewritten (its config.yaml keeps the epochs it ran)."""
+    _check_resumable(read_text(str(run_dir / "config.yaml")), str(run_dir), cfg)  # same model and data
     log = _MetricsLog(run_dir / "metrics.jsonl")
-    log.fill_from_checkpoints()
+    log.fill_from(latest)
     if on_event is not None:
-        on_event({"type": "done_before", "epoch": found[1]["epoch"]})
+        on_event({"type": "done_before", "epoch": latest[1]["epoch"]})
     monitor = f"val_{job.monitor}"
     rows = [r for r in log.history if monitor in r]
     best = (max if job.monitor_mode == "max" else min)(rows, key=lambda r: r[monitor]) if rows else None
-    return TrainResult(run_dir, log.history, found[0].resolve(), best, monitor)
+    return TrainResult(run_dir, log.history, latest[0].resolve(), best, monitor)
 
 
 class _MetricsLog:
@@ -150,15 +141,14 @@ class _MetricsLog:
     def _write(self) -> None:
         atomic_write_text(self.path, "".join(json.dumps(self.rows[e]) + "\n" for e in sorted(self.rows)))
 
-    def fill_from_checkpoints(self) -> None:
-        """Add the epochs the run's latest complete checkpoint holds (its own and the ones
-        before it) that this file lacks: a driver killed while its workers trained on never
-        logged the epochs they checkpointed after it died, and the run resumes past them."""
+    def fill_from(self, latest: tuple[Path, dict] | None) -> None:
+        """Add the epochs the run's latest checkpoint holds (``latest``: see
+        :func:`latest_checkpoint_state`; its own epoch and the ones before it) that this
+        file lacks: a driver killed while its workers trained on never logged the epochs
+        they checkpointed after it died, and the run resumes past them."""
         from trainyard.train.loop import epochs_in
 
-        found = latest_checkpoint_state(self.path.parent)
-        latest = found[1] if found else None
-        missing = [r for r in (epochs_in(latest) if latest else []) if r["epoch"] not in self.rows]
+        missing = [r for r in (epochs_in(latest[1]) if latest else []) if r["epoch"] not in self.rows]
         if missing:
             self.rows.update({int(r["epoch"]): r for r in missing})
             self._write()
@@ -186,8 +176,9 @@ def run_training(
     # The run's own records (config, metrics, workers): the run folder, or for object
     # storage a local folder uploaded next to Ray's checkpoints when the run ends.
     run_dir = local_run_dir(storage, cfg.name)
-    if remote is None and (done := _finished_before(cfg, job, run_dir, on_event)) is not None:
-        return done
+    latest = latest_checkpoint_state(run_dir) if remote is None else None  # bucket: Ray's own
+    if latest is not None and latest[1]["epoch"] + 1 >= cfg.train.epochs:
+        return _finished_before(cfg, job, run_dir, latest, on_event)
     init_ray(address)
     check_workers_fit(cfg)
     datasets = None
@@ -207,8 +198,7 @@ def run_training(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     log = _MetricsLog(run_dir / "metrics.jsonl")
-    if remote is None:  # the checkpoints are in the run folder
-        log.fill_from_checkpoints()
+    log.fill_from(latest)
     # Tracking (tracking.backend) logs from here, the driver: rank 0's events, one run.
     tracker = tracking.train_run(cfg, run_dir, storage)
     if tracker is not None:
