@@ -151,14 +151,13 @@ def main() -> None:
 def _check_data_loads(job) -> None:
     """``--dry-run``: load an in-memory dataset here, as each worker would, so that a missing
     file or a bad column is one line now, not after Ray and the workers start."""
-    try:
-        data = job.dataset.load(job.data_params, job.config.seed)
-    except (ValueError, OSError, KeyError) as exc:
-        from trainyard.errors import reason_line
+    from trainyard.errors import reason_line
+    from trainyard.train.data import load_dataset
 
+    try:
+        load_dataset(job)
+    except (ValueError, OSError, KeyError) as exc:
         raise ConfigError(f"data ({job.dataset.name}): {reason_line(exc)}") from None
-    if data.info.task != job.task:
-        raise ConfigError(f"data ({job.dataset.name}): declared task {job.task} but loaded {data.info.task}")
 
 
 @main.command()

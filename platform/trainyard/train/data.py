@@ -68,15 +68,22 @@ def _targets_tensor(targets: Any, task: str) -> Any:
     return torch.as_tensor(array.reshape(len(array), -1))
 
 
-def prepare_data(job: ResolvedJob, load: Callable[[ResolvedJob], Any] | None = None) -> Prepared:
-    """Load the dataset, split off validation, fit the processor and encode both splits.
-    ``load``: what loads the dataset for ``job`` (default: the plugin's ``load``)."""
-    cfg = job.config
-    data = load(job) if load is not None else job.dataset.load(job.data_params, cfg.seed)
+def load_dataset(job: ResolvedJob, load: Callable[[ResolvedJob], Any] | None = None) -> Any:
+    """The dataset plugin's in-memory data for ``job``, of the task it declared. ``load``:
+    what loads it (default: the plugin's ``load``)."""
+    data = load(job) if load is not None else job.dataset.load(job.data_params, job.config.seed)
     if data.info.task != job.task:
         raise TrainingError(
             f"dataset {job.dataset.name!r} declared task {job.task} but loaded {data.info.task}"
         )
+    return data
+
+
+def prepare_data(job: ResolvedJob, load: Callable[[ResolvedJob], Any] | None = None) -> Prepared:
+    """Load the dataset, split off validation, fit the processor and encode both splits.
+    ``load``: what loads the dataset for ``job`` (default: the plugin's ``load``)."""
+    cfg = job.config
+    data = load_dataset(job, load)
     train, val = (data.train, data.val) if data.val is not None else split_validation(
         data, cfg.data.val_fraction, cfg.seed
     )
