@@ -89,17 +89,17 @@ class Interrupted(TrainyardError):
     exit_code = 130
 
 
-def _stop_on_sigterm_as_on_ctrl_c(terminated: list[str]):
+def _stop_on_sigterm_as_on_ctrl_c():
     """SIGTERM (what systemd, Kubernetes, a CI runner or ``timeout`` sends) stops a command
     as Ctrl-C does: a search saves its state and says how to resume it, a training run
     keeps its checkpoints, and the last line says so; not a native stack dump and an abort
-    (Ray's crash handler, see ``init_ray``). Appends "SIGTERM" to ``terminated`` when it
+    (Ray's crash handler, see ``init_ray``). Appends "SIGTERM" to ``_TERMINATED`` when it
     comes. Returns the handler it replaced (False off the main thread: nothing installed)."""
     if threading.current_thread() is not threading.main_thread():
         return False
 
     def handler(signum, frame):
-        terminated.append("SIGTERM")
+        _TERMINATED.append("SIGTERM")
         on_ctrl_c = signal.getsignal(signal.SIGINT)
         if callable(on_ctrl_c):  # Tune's while it runs (which notes the signal), or Python's
             return on_ctrl_c(signum, frame)
@@ -113,15 +113,14 @@ class TrainyardGroup(click.Group):
 
     def invoke(self, ctx):
         warnings.showwarning = _show_warning
-        terminated = _TERMINATED
-        terminated.clear()
-        previous = _stop_on_sigterm_as_on_ctrl_c(terminated)
+        _TERMINATED.clear()
+        previous = _stop_on_sigterm_as_on_ctrl_c()
         try:
             return super().invoke(ctx)
         except TrainyardError as exc:  # an interrupted search's 130 is 143 after SIGTERM
-            _fail(str(exc), 143 if terminated and exc.exit_code == 130 else exc.exit_code)
+            _fail(str(exc), 143 if _TERMINATED and exc.exit_code == 130 else exc.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted (SIGTERM)" if terminated else "interrupted", 143 if terminated else 130)
+            _fail("interrupted (SIGTERM)" if _TERMINATED else "interrupted", 143 if _TERMINATED else 130)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as exc:
@@ -277,7 +276,7 @@ def tune(config, overrides, address, resume, as_json, tracking_uri):
     if storage and "/" not in resume:  # RUN named under the storage path given
         from trainyard.runtime.storage import join
 
-        resume = join(Path(storage[-1]).expanduser() if "://" not in storage[-1] else storage[-1], resume)
+        resume = join(storage[-1], resume)  # a local one is expanded where RUN is looked up
     _warn_plugin_problems(console)
     from rich.markup import escape
 
@@ -555,27 +554,36 @@ _SERVE_OPTIONS = {"host": "host", "port": "port", "max_body_bytes": "max_body_by
                   "max_ongoing": ("max_ongoing_requests",), "retry_after": ("retry_after_s",)}
 
 
+def _serve_values(ctx, typed_only: bool) -> tuple[dict, dict]:
+    """deploy's options as serve config values: (top-level keys, every model's keys); with
+    ``typed_only``, only the options typed on the command line."""
+    from click.core import ParameterSource
+
+    top, model = {}, {}
+    for option, keys in _SERVE_OPTIONS.items():
+        if typed_only and ctx.get_parameter_source(option) != ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[option]
+        if isinstance(keys, str):
+            top[keys] = value
+        else:
+            model.update({key: value for key in keys})
+    return top, model
+
+
 def _serve_config_with_options(ctx, config_file: str):
     """The serve config in ``config_file``, with the options typed beside --config in place of
     its values (a model option: every model's), checked again."""
-    from click.core import ParameterSource
     from omegaconf import OmegaConf
 
     from trainyard.serve.config import load_serve_config
 
     cfg = load_serve_config(config_file)
-    typed = {o: k for o, k in _SERVE_OPTIONS.items()
-             if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE}
-    if not typed:
+    top, model = _serve_values(ctx, typed_only=True)
+    if not top and not model:
         return cfg
-    raw = OmegaConf.to_container(cfg)
-    for option, keys in typed.items():
-        value = ctx.params[option]
-        if isinstance(keys, str):
-            raw[keys] = value
-        else:
-            for model in raw["models"]:
-                model.update({key: value for key in keys})
+    raw = {**OmegaConf.to_container(cfg), **top}
+    raw["models"] = [{**m, **model} for m in raw["models"]]
     return load_serve_config(base=raw)
 
 
@@ -656,13 +664,9 @@ def deploy(ctx, winners, config_file, names, version, address, host, port, repli
     if config_file:
         cfg = _serve_config_with_options(ctx, config_file)
     else:
-        models = [{"winner": w, "name": names[i] if names else "", "version": version,
-                   "num_replicas": replicas, "min_replicas": replicas, "max_replicas": max_replicas,
-                   "num_cpus": num_cpus, "num_gpus": num_gpus, "max_batch_size": max_batch_size,
-                   "batch_wait_ms": batch_wait_ms, "max_ongoing_requests": max_ongoing,
-                   "retry_after_s": retry_after} for i, w in enumerate(winners)]
-        cfg = load_serve_config(base={"host": host, "port": port,
-                                      "max_body_bytes": max_body_bytes, "models": models})
+        top, model = _serve_values(ctx, typed_only=False)
+        models = [{"winner": w, "name": names[i] if names else "", **model} for i, w in enumerate(winners)]
+        cfg = load_serve_config(base={**top, "models": models})
     if max_queued is not None:
         if max_queued == 0:
             raise click.BadParameter("must be at least 1, or -1 for no limit", param_hint="--max-queued")
