@@ -409,20 +409,17 @@ def _misplaced(cfg: DictConfig, layer: Any) -> str | None:
 
 
 def _allowed_keys(exc: OmegaConfBaseException) -> str:
-    obj = getattr(exc, "object_type", None)
-    if obj is not None and dataclasses.is_dataclass(obj):
-        return ", ".join(f.name for f in dataclasses.fields(obj))
-    return "see the schema"
+    return ", ".join(_param_names(getattr(exc, "object_type", None))) or "see the schema"
 
 
 def parse_overrides(overrides: list[str]) -> DictConfig:
     """``["train.lr=0.01", ...]`` to a config; a malformed override is a ConfigError."""
-    for item in overrides:
-        if "=" not in item or not item.split("=", 1)[0].strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value")
     plain, spaced = [], []
     for item in overrides:
-        (spaced if item.split("=", 1)[0].strip().startswith("tune.space.") else plain).append(item)
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        (spaced if key.startswith("tune.space.") else plain).append(item)
     try:
         cfg = OmegaConf.from_dotlist(plain)
         for item in spaced:  # a dimension's name is a dotted key itself: tune.space.train.lr
@@ -685,8 +682,8 @@ def params_to_json(params: Any) -> Any:
 
 
 def _param_names(params: Any) -> list[str]:
-    """The names of a plugin's params: a dataclass's fields or a dict's keys."""
-    if dataclasses.is_dataclass(params):
+    """The keys a schema takes: a dataclass's fields or a dict's keys ([] for anything else)."""
+    if params is not None and dataclasses.is_dataclass(params):
         return [f.name for f in dataclasses.fields(params)]
     return [str(k) for k in params] if isinstance(params, dict) else []
 

@@ -296,10 +296,10 @@ def _bad_json_line(json_files: tuple | None, exc: BaseException | None = None) -
         return None
     fs, files = json_files
     scheme = {"s3": "s3://", "gcs": "gs://"}.get(getattr(fs, "type_name", ""), "")
-    for path in files:
-        path = scheme + path
+    for inner in files:
+        path = scheme + inner  # as the user names it
         try:
-            with fs.open_input_stream(path[len(scheme):], compression="detect") as raw:
+            with fs.open_input_stream(inner, compression="detect") as raw:
                 for number, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8-sig"), start=1):
                     if not line.strip():
                         continue
