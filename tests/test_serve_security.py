@@ -155,20 +155,24 @@ def test_a_replica_without_its_key_refuses_to_start_and_deploy_says_why(secured,
     assert "\n" not in message and "not-on-the-node" not in message
     assert "keyless" not in serve.status().applications  # nothing half-deployed is left
 
-    # The command: one line naming the key file the replica could not read.
+    # The command: one line naming the key file, found missing on this machine (whose replicas
+    # would read it) before anything is deployed.
     key_file = tmp_path / "missing_key"
     result = CliRunner().invoke(main, ["deploy", winner, "--name", "keyless2", "--num-cpus", "0.1",
                                        "--port", str(secured["port"]), "--api-key-file", str(key_file),
                                        "--detach"])
     assert result.exit_code == 1, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == [f"error: model 'keyless2' did not start: trainyard API key: cannot read the key "
-                     f"file {key_file} on this replica's node (No such file or directory); it must "
-                     "exist on every node that runs a replica"], result.stderr
+    assert lines == [f"error: the API key file {key_file} cannot be read (No such file or directory); "
+                     "nothing was deployed"], result.stderr
     assert "keyless2" not in serve.status().applications
     # An empty key (file or variable) is no key: the same refusal, from the replica's own check.
     empty = tmp_path / "empty_key"
     empty.write_text(" \n")
+    result = CliRunner().invoke(main, ["deploy", winner, "--name", "keyless3", "--port", str(secured["port"]),
+                                       "--api-key-file", str(empty), "--detach"])
+    assert result.exit_code == 1 and result.stderr.strip() == (
+        f"error: the API key file {empty} is empty; nothing was deployed"), result.stderr
     with pytest.raises(ApiKeyMissing, match=f"the key file {empty} is empty"):
         load_api_key({"api_key_file": str(empty)})
     monkeypatch.setenv("TRAINYARD_TEST_EMPTY_KEY", "")

@@ -71,6 +71,19 @@ def replica_auth(cfg: Any, address: str | None) -> dict[str, str]:
         "deploy without --api-key, or give --api-key-file FILE (a file on every node)")
 
 
+def check_key_file(path: str) -> None:
+    """The key file the replicas on this machine will read: readable and not empty (the
+    replicas' own check, which fails closed, would otherwise say so only once they start)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.read().strip()
+    except (OSError, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise TrainyardError(f"the API key file {path} cannot be read ({reason}); nothing was deployed") from None
+    if not key:
+        raise TrainyardError(f"the API key file {path} is empty; nothing was deployed")
+
+
 def _deployment_messages(app: str) -> str:
     """What Serve says about each deployment of ``app`` (a replica's error is there)."""
     from ray import serve
@@ -136,6 +149,8 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
     if address is None and not ray.is_initialized():  # nothing of this process holds it yet
         check_port_free(cfg.host, int(cfg.port))
     auth = replica_auth(cfg, address)
+    if address is None and not os.environ.get("RAY_ADDRESS") and "api_key_file" in auth:
+        check_key_file(auth["api_key_file"])  # this machine's replicas read it: say so before Ray starts
     init_ray(address, ingress=ingress_for_host(cfg.host, cfg.ingress) if address is None else None)
     check_serve_fits(cfg)
     _start_serve({"host": cfg.host, "port": int(cfg.port)})
