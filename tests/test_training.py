@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +118,9 @@ def test_worker_killed_from_outside_resumes_from_latest_checkpoint_not_epoch_zer
     assert [r["epoch"] for r in result.history] == list(range(epochs))
     workers = json.loads((result.run_dir / "workers.json").read_text())
     assert workers[0]["pid"] == pids[0][1]
+    # What the failure left is not kept past checkpoint.num_to_keep (a checkpoint written as
+    # the worker died is one Ray Train never registered, and never deletes).
+    assert len([p for p in result.run_dir.glob("checkpoint_*") if p.is_dir()]) == cfg.checkpoint.num_to_keep
 
 
 def test_run_started_again_with_the_same_name_resumes_unless_its_model_or_data_changed(job_config):
@@ -128,6 +132,10 @@ def test_run_started_again_with_the_same_name_resumes_unless_its_model_or_data_c
     metrics = Path(first.run_dir) / "metrics.jsonl"
     logged = metrics.read_text().splitlines()
     metrics.write_text(logged[0] + "\n")
+    # ... and a checkpoint folder its worker was writing as it died, which Ray Train never
+    # registered: it does not outlive the resumed run's checkpoint.num_to_keep.
+    orphan = Path(first.run_dir) / "checkpoint_2000-01-01_00-00-00.000000"
+    shutil.copytree(first.checkpoint, orphan)
     # Another split of the data is another run: refused before anything trains.
     with pytest.raises(ConfigError, match="data: run 'same' already exists"):
         run_training(job_config("mlp_breast_cancer", "name=same", "data.val_fraction=0.3"))
@@ -138,6 +146,9 @@ def test_run_started_again_with_the_same_name_resumes_unless_its_model_or_data_c
     )
     assert [e["epoch"] for e in events if e["type"] == "epoch_start"] == [2]
     assert [r["epoch"] for r in result.history] == [0, 1, 2]
+    assert not orphan.exists()
+    kept = sorted(p for p in Path(result.run_dir).glob("checkpoint_*") if p.is_dir())
+    assert len(kept) == 2 and result.checkpoint in kept  # mlp_breast_cancer.yaml: num_to_keep 2
     assert metrics.read_text().splitlines()[:2] == logged
     # Started again for fewer epochs than it ran: its result, with nothing started or rewritten.
     events.clear()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -295,6 +296,8 @@ def _fit(cfg: Any, job: Any, loop_config: dict, storage: str, sink: Any, run_dir
     if result.checkpoint is not None:
         where = checkpoint_uri(result.checkpoint)
         checkpoint = where if is_uri(where) else Path(where)
+        if run_dir is not None and isinstance(checkpoint, Path):
+            drop_unlisted_checkpoints(run_dir, result)
     best = None
     monitor = f"val_{job.monitor}"
     if history:
@@ -302,6 +305,18 @@ def _fit(cfg: Any, job: Any, loop_config: dict, storage: str, sink: Any, run_dir
         best = pick(history, key=lambda row: row[monitor])
     return TrainResult(run_dir, history, checkpoint, best, monitor, resumed_from,
                        stopped_early_at), result.checkpoint
+
+
+def drop_unlisted_checkpoints(run_dir: Path, result: Any) -> list[Path]:
+    """After a run that ended well, remove the run folder's checkpoints Ray Train does not
+    list as kept: those a worker wrote just before it failed, which Ray's checkpoint manager
+    never registered and so never deletes, past ``checkpoint.num_to_keep``. Returns them."""
+    kept = {Path(c.path).resolve() for c, _ in (result.best_checkpoints or [])}
+    kept.add(Path(result.checkpoint.path).resolve())
+    dropped = [p for p in sorted(Path(run_dir).glob("checkpoint_*")) if p.is_dir() and p.resolve() not in kept]
+    for folder in dropped:
+        shutil.rmtree(folder, ignore_errors=True)
+    return dropped
 
 
 def _check_resumable(previous: str | None, run_dir: str, cfg: Any) -> None:
