@@ -277,6 +277,9 @@ def test_a_secured_models_document_names_its_keys():
     infer = doc["paths"]["/infer"]["post"]
     assert {"401", "403"} <= set(infer["responses"]) and infer["security"]
     assert "security" not in doc["paths"]["/ready"]["get"]  # health stays open, as served
+    # Past its queue a deployment sheds every route, readiness and metadata too: documented.
+    for path, method in (("/ready", "get"), ("/", "get"), ("/infer", "post")):
+        assert "Retry-After" in doc["paths"][path][method]["responses"]["503"]["headers"], path
     value = doc["components"]["schemas"]["InferResponse"]["properties"]["outputs"]["items"]
     assert value["properties"]["name"] == {"const": "value"}
     version = doc["paths"]["/versions/{version}/infer"]["post"]["parameters"][0]

@@ -537,9 +537,17 @@ def model_openapi(routes: list, server: str, sig: ModelSignature, name: str, ver
         return {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}
 
     def failures(*statuses: str) -> dict:
-        return {s: {"description": _ERROR_STATUSES.get(s, "see the error"), "content": body("Error")}
-                for s in statuses}
+        answers = {s: {"description": _ERROR_STATUSES.get(s, "see the error"), "content": body("Error")}
+                   for s in statuses}
+        if "503" in answers:  # shed past the queue (max_queued_requests): when to try again
+            answers["503"]["headers"] = {"Retry-After": {
+                "description": "when overloaded: seconds to wait before trying again",
+                "schema": {"type": "integer", "minimum": 0}}}
+        return answers
 
+    # Every route of the deployment sheds past its queue, metadata and readiness too.
+    overloaded = failures("503")
+    overloaded["503"]["description"] = "the replica is overloaded"
     for path, operations in doc.get("paths", {}).items():
         for method, op in operations.items():
             for param in op.get("parameters", []):
@@ -575,10 +583,10 @@ def model_openapi(routes: list, server: str, sig: ModelSignature, name: str, ver
                     "application/json": {"schema": {"type": "object", "required": ["name", "ready"],
                                                     "properties": {"name": {"const": name},
                                                                    "ready": {"type": "boolean"}}}}}},
-                                   **missing}
+                                   **missing, **overloaded}
             else:
                 op["responses"] = {"200": {"description": "the model's metadata", "content": body("ModelMetadata")},
-                                   **missing}
+                                   **missing, **overloaded}
             if secured and method == "post":
                 op["security"] = [{"bearer": []}, {"apiKey": []}]
                 op["responses"].update({
