@@ -370,3 +370,24 @@ def test_pbt_exploits_show_in_the_live_table_and_as_one_log_line_each():
     screen = Console(file=io.StringIO(), width=120)
     screen.print(live._table())
     assert "PBT exploits (2)" in screen.file.getvalue() and "pbt_00002 copied" in screen.file.getvalue()
+
+
+def test_a_resumed_searchs_live_rows_keep_each_trials_best_so_far():
+    """After ``tune --resume`` the live view starts empty, while Tune's trials carry their
+    results so far: a trial's first result after the resume does not reset its best."""
+    from ray.tune.experiment import Trial
+
+    from trainyard.ui.tune_table import make_callback
+
+    trial = Trial("stub", config={"train.lr": 0.01}, trial_id="t0", stub=True)
+    for epoch, value in enumerate([0.5, 0.9, 0.7], 1):  # before the driver was stopped
+        trial.update_last_result({"training_iteration": epoch, "val_accuracy": value})
+    callback = make_callback("val_accuracy", "max", ["train.lr"], lambda: None)  # the resumed driver's
+    result = {"training_iteration": 4, "val_accuracy": 0.6}
+    trial.update_last_result(result)  # as Tune does before its callbacks
+    callback.on_trial_result(0, [trial], trial, result)
+    row = callback.rows["t0"]
+    assert (row.iteration, row.metric, row.best) == (4, 0.6, 0.9)
+    fresh = Trial("stub", config={"train.lr": 0.02}, trial_id="t1", stub=True)
+    callback.on_trial_start(0, [trial, fresh], fresh)  # a trial with no result yet: no best
+    assert (callback.rows["t1"].best, callback.rows["t1"].iteration) == (None, 0)

@@ -44,7 +44,11 @@ def make_callback(metric: str, mode: str, keys: list[str], on_change: Callable[[
         def _row(self, trial) -> TrialRow:
             if trial.trial_id not in self.rows:
                 params = {k: trial.config.get(k) for k in keys}
-                self.rows[trial.trial_id] = TrialRow(trial.trial_id, params)
+                row = self.rows[trial.trial_id] = TrialRow(trial.trial_id, params)
+                # A resumed search's trial brings its results so far (Tune keeps them).
+                seen = (getattr(trial, "metric_analysis", None) or {}).get(metric) or {}
+                row.best, row.metric = seen.get(mode), seen.get("last")
+                row.iteration = (getattr(trial, "last_result", None) or {}).get("training_iteration", 0)
             return self.rows[trial.trial_id]
 
         def on_trial_start(self, iteration, trials, trial, **info):
