@@ -360,3 +360,18 @@ def test_plugins_check_command_on_an_installed_broken_plugin_exits_1_naming_what
             "forward returned shape [8, 3]") in out.stdout
     assert f'plugin "{plugin}" FAILS the plugin contract: 3 passed, 1 failed, 0 skipped' in out.stdout
     assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_plugins_check_of_a_streaming_dataset_shows_its_table_not_ray_datas_logs(tmp_path):
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 2))
+    pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "label": (x[:, 0] > 0).astype(int)}).to_parquet(tmp_path / "t.parquet")
+    out = _cli("files", f"dataset.files.uri={tmp_path / 't.parquet'}", "dataset.files.label=label")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert 'plugin "files" conforms to the plugin contract: 4 passed, 0 failed, 0 skipped' in out.stdout
+    both = out.stdout + out.stderr
+    # Ray Data's progress bars, execution plans and notices stay in the session's log.
+    for noise in (" INFO ", "Parquet dataset sampling", "Progress bars disabled", "Running Dataset"):
+        assert noise not in both, both

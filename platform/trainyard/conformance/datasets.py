@@ -49,6 +49,8 @@ def check_params(plugin: Plugin, run: DatasetRun) -> str:
 
 def check_load(run: DatasetRun) -> str:
     """``load`` gives a LoadedData (a StreamingData for a streaming dataset)."""
+    if run.spec.streaming:  # its load may read with Ray Data: trainyard's quiet Ray, as train's
+        _quiet_ray()
     data = run.spec.load(run.params, 0)
     expected = hookspecs.StreamingData if run.spec.streaming else hookspecs.LoadedData
     if not isinstance(data, expected):
@@ -67,12 +69,9 @@ def check_contents(run: DatasetRun) -> str:
     _check_info(run.spec, run.task, info, run.params)
     splits = (("train", data.train), ("val", data.val))
     if isinstance(data, hookspecs.StreamingData):  # a few rows of each stream, as a Split
-        from trainyard.runtime.cluster import init_ray
-        from trainyard.train.stream import head_split, quiet_ray_data
+        from trainyard.train.stream import head_split
 
-        init_ray()  # reading a stream needs Ray: the running one, or an embedded one
-        quiet_ray_data()
-
+        _quiet_ray()
         splits = tuple((name, head_split(ds, info, 16) if ds is not None else None) for name, ds in splits)
     for split_name, split in splits:
         if split is None:
@@ -83,6 +82,16 @@ def check_contents(run: DatasetRun) -> str:
     shape = f", input_shape {info.input_shape}" if info.input_shape else ""
     classes = f", {len(info.classes)} classes" if info.classes else ""
     return f"{info.task}, {info.inputs}{shape}{classes}"
+
+
+def _quiet_ray() -> None:
+    """Ray for reading a stream (the running one, or an embedded one), with Ray Data's
+    progress bars and per-execution lines off, as in a training run."""
+    from trainyard.runtime.cluster import init_ray
+    from trainyard.train.stream import quiet_ray_data
+
+    init_ray()
+    quiet_ray_data()
 
 
 def _check_info(spec: hookspecs.DatasetSpec, task: str, info: Any, params: Any = None) -> None:

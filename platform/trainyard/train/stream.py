@@ -337,6 +337,9 @@ def quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")  # its "Progress bars disabled" warning: wanted here
 
 
 def _fits_cache(size: int | None) -> bool:
