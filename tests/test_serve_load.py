@@ -313,9 +313,17 @@ def _exchange(port: int, data: bytes, wait: float = 15.0) -> tuple[bytes, float]
     return answer, time.monotonic() - started
 
 
+def _json_reason(answer: bytes) -> str:
+    """The ``error`` of an HTTP answer whose body is JSON (raises on any other body)."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), head
+    return json.loads(body)["error"]
+
+
 def test_haproxy_answers_an_unfinished_request_408_at_its_deadline_without_a_replica(tmp_path):
     """A client that never finishes its request (headers or body) gets a 408 at the request
-    deadline, and its request never reaches a replica."""
+    deadline, and its request never reaches a replica; with no replica left, HAProxy's own
+    503 is JSON."""
     from trainyard.runtime.haproxy_shed import DEFAULTS_MARK, rewrite
     from trainyard.runtime.ingress import haproxy_binary
 
@@ -341,5 +349,13 @@ def test_haproxy_answers_an_unfinished_request_408_at_its_deadline_without_a_rep
             answer, _ = _exchange(port, head.replace(b"100", b"17").replace(b"HTTP/1.1", b"HTTP/1.0")
                                   + b'{"inputs": [[1]]}')
             assert answer.split(b"\r\n")[0].endswith(b" 200 OK") and posts == [b'{"inputs": [[1]]}'], answer
+            # No replica to take a request (its server gone): HAProxy's own 503, as JSON with a
+            # reason like every other refusal, not its HTML page.
+            backend.shutdown()
+            backend.server_close()
+            answer, _ = _exchange(port, head.replace(b"100", b"17").replace(b"HTTP/1.1", b"HTTP/1.0")
+                                  + b'{"inputs": [[1]]}')
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert _json_reason(answer).startswith("service unavailable"), answer
     finally:
         backend.shutdown()

@@ -18,7 +18,8 @@ Every Serve backend also turns a replica's own load-shedding 503 (plain text, wi
 Retry-After) into the same JSON reason.
 
 And for every request (``defaults``): its headers, and its body up to HAProxy's buffer, must
-arrive within ``REQUEST_TIMEOUT_S``, or HAProxy answers 408 itself. Serve's config waits for
+arrive within ``REQUEST_TIMEOUT_S``, or HAProxy answers 408 itself; and HAProxy's own 5xx
+answers are JSON with a reason (``OWN_ERRORS``), not its HTML pages. Serve's config waits for
 a client for up to an hour (``timeout client 3600s``, no ``timeout http-request``): a few
 thousand connections that never finish their request held every one of HAProxy's
 connections, health checks included, and an unfinished body held a replica's request slot.
@@ -41,10 +42,27 @@ DEFAULTS_MARK = "# trainyard: a deadline for each request (runtime/haproxy_shed.
 REQUEST_TIMEOUT_S = 10
 
 
+#: HAProxy's own answers once it has a request (no replica can take it, a replica's answer
+#: is broken or late), as JSON with a reason like every other refusal; its default is HTML.
+#: (A request HAProxy cannot read at all, or whose headers or body come too slowly, is
+#: answered by its HTTP/1 layer before this applies: that 400 or 408 stays HAProxy's HTML.)
+OWN_ERRORS = {
+    500: "internal error in the HTTP ingress",
+    502: "bad gateway: the model's replica gave no valid answer",
+    503: "service unavailable: no replica of this model can take requests now",
+    504: "gateway timeout: the model's replica did not answer in time",
+}
+
+
 def defaults_rules(request_timeout_s: float = REQUEST_TIMEOUT_S) -> list[str]:
-    """The lines that go after ``defaults``: a deadline for each request's headers and body."""
-    return [f"    {DEFAULTS_MARK}", f"    timeout http-request {max(1, int(request_timeout_s))}s",
-            "    option http-buffer-request"]
+    """The lines that go after ``defaults``: a deadline for each request's headers and body,
+    and HAProxy's own error answers as JSON."""
+    lines = [f"    {DEFAULTS_MARK}", f"    timeout http-request {max(1, int(request_timeout_s))}s",
+             "    option http-buffer-request"]
+    for status, reason in OWN_ERRORS.items():
+        body = json.dumps({"error": reason}).replace("\\", "\\\\").replace('"', '\\"')
+        lines.append(f'    http-error status {status} content-type "application/json" string "{body}"')
+    return lines
 
 
 def backend_rules(limits: dict | None) -> list[str]:
