@@ -527,20 +527,31 @@ def test_registering_a_spec_with_bad_fields_is_reported_naming_the_plugin(hook, 
         )
 
 
-def test_two_plugins_registering_the_same_name_is_an_error_naming_both():
+def test_a_plugin_registering_a_name_another_has_is_dropped_naming_both_and_the_rest_load():
     before = registry_snapshot()
     first = _registering("register_metrics", MetricSpec("shared_metric", _max_error))
-    second = _registering("register_metrics", MetricSpec("shared_metric", _max_error))
+
+    class Second:  # the clash, and a name of its own that must not half-load
+        @hookimpl
+        def register_metrics(self, register):
+            register(MetricSpec("second_own_metric", _max_error))
+            register(MetricSpec("shared_metric", _max_error))
+
     plugins.register_plugin(first, "first_plugin")
     try:
-        plugins.register_plugin(second, "second_plugin")
+        plugins.register_plugin(Second(), "second_plugin")
         try:
-            with pytest.raises(PluginError) as err:
-                plugins.get_registry()
-            message = str(err.value)
-            assert '"first_plugin"' in message and '"second_plugin"' in message
-            assert "'shared_metric'" in message
-            assert "TRAINYARD_DISABLE_PLUGINS=" in message
+            registry = plugins.get_registry()  # every other plugin still loads
+            assert registry.owner("metric", "shared_metric") == "first_plugin"
+            assert "second_own_metric" not in registry.table("metric")
+            assert "second_plugin" not in [p.name for p in registry.plugins]
+            (problem,) = [p for p in registry.problems if p.plugin == "second_plugin"]
+            assert str(problem) == ('plugin "second_plugin": registers a metric named \'shared_metric\', which '
+                                    'plugin "first_plugin" already registers; rename yours, or disable the '
+                                    "other with TRAINYARD_DISABLE_PLUGINS=first_plugin")
+            assert "mlp" in registry.table("model")  # built-ins untouched
+            with pytest.raises(PluginError, match='plugin "second_plugin": registers a metric'):
+                registry.get("metric", "second_own_metric")  # asked for: told why it is missing
         finally:
             plugins.unregister_plugin("second_plugin")
         assert plugins.get_registry().owner("metric", "shared_metric") == "first_plugin"
@@ -549,18 +560,29 @@ def test_two_plugins_registering_the_same_name_is_an_error_naming_both():
     assert registry_snapshot() == before
 
 
-def test_plugin_registering_a_builtin_name_is_an_error_naming_both():
+def test_a_plugin_registering_a_builtin_name_or_one_name_twice_is_dropped_and_builtins_keep_theirs():
     before = registry_snapshot()
     plugins.register_plugin(
         _registering("register_datasets", DatasetSpec("digits", _load_toy, "image")), "my_digits"
     )
+
+    class Twice:
+        @hookimpl
+        def register_metrics(self, register):
+            register(MetricSpec("twice_metric", _max_error))
+            register(MetricSpec("twice_metric", _max_error))
+
+    plugins.register_plugin(Twice(), "twice_plugin")
     try:
-        with pytest.raises(PluginError) as err:
-            plugins.get_registry()
-        assert '"images"' in str(err.value) and '"my_digits"' in str(err.value)
-        assert "'digits'" in str(err.value)
+        registry = plugins.get_registry()
+        assert registry.owner("dataset", "digits") == "images"
+        problems = {p.plugin: p.message for p in registry.problems}
+        assert problems["my_digits"].startswith("registers a dataset named 'digits', which plugin \"images\"")
+        assert problems["twice_plugin"] == "registers the metric 'twice_metric' twice"
+        assert "twice_metric" not in registry.table("metric")
     finally:
         plugins.unregister_plugin("my_digits")
+        plugins.unregister_plugin("twice_plugin")
     assert registry_snapshot() == before
 
 

@@ -318,8 +318,8 @@ def get_registry() -> Registry:
     """Collect the registrations of every loaded plugin (cached until plugins change).
 
     A plugin whose hook raises or registers something of the wrong type is dropped
-    whole and reported in ``problems``; two plugins registering the same name is a
-    PluginError naming both, since neither can be chosen silently.
+    whole and reported in ``problems``; so is one that registers a name a plugin loaded
+    before it (built-ins first, then by name) already has, or one name twice.
     """
     global _registry, _registry_key
     pm = get_plugin_manager()
@@ -339,25 +339,34 @@ def get_registry() -> Registry:
             if problem:
                 registry.problems.append(PluginProblem(plugin_name, problem))
                 continue
+            problem = _name_clash(registry, plugin_name, collected)
+            if problem:  # dropped whole, as any other broken plugin: the rest still load
+                registry.problems.append(PluginProblem(plugin_name, problem))
+                continue
             for kind, spec in collected:
                 table = registry.table(kind)
-                if spec.name in table:
-                    other = registry.owners[(kind, spec.name)]
-                    if other == plugin_name:
-                        raise PluginError(
-                            f'plugin "{plugin_name}" registers the {kind} {spec.name!r} twice'
-                        )
-                    raise PluginError(
-                        f'plugins "{other}" and "{plugin_name}" both register a {kind} '
-                        f"named {spec.name!r}; uninstall one, or disable it with "
-                        f"TRAINYARD_DISABLE_PLUGINS={plugin_name}"
-                    )
                 table[spec.name] = spec
                 registry.owners[(kind, spec.name)] = plugin_name
                 info.provides[kind].append(spec.name)
             registry.plugins.append(info)
         _registry, _registry_key = registry, key
         return registry
+
+
+def _name_clash(registry: Registry, plugin_name: str, collected: list) -> str | None:
+    """Why ``plugin_name`` cannot be loaded beside the plugins already in ``registry``: the
+    first name it registers twice or that another plugin already has; None when none."""
+    seen: set[tuple[str, str]] = set()
+    for kind, spec in collected:
+        if (kind, spec.name) in seen:
+            return f"registers the {kind} {spec.name!r} twice"
+        seen.add((kind, spec.name))
+        other = registry.owners.get((kind, spec.name))
+        if other is not None:
+            return (f"registers a {kind} named {spec.name!r}, which plugin \"{other}\" already "
+                    f"registers; rename yours, or disable the other with "
+                    f"TRAINYARD_DISABLE_PLUGINS={other}")
+    return None
 
 
 def _ordered_plugin_names(pm: pluggy.PluginManager) -> list[str]:
