@@ -340,6 +340,19 @@ def test_plugin_written_for_another_hook_contract_is_refused():
     _assert_not_registered("future_plugin", before)
 
 
+def test_a_hook_contract_given_as_a_string_is_refused_saying_it_must_be_an_int():
+    before = registry_snapshot()
+    try:
+        with pytest.raises(PluginError) as err:
+            plugins.register_plugin(_plugin_module(str(trainyard.HOOK_CONTRACT_VERSION)), "quoted_plugin")
+        assert str(err.value) == (f'plugin "quoted_plugin": TRAINYARD_HOOK_CONTRACT must be an int (this '
+                                  f"trainyard provides {trainyard.HOOK_CONTRACT_VERSION}), got "
+                                  f"'{trainyard.HOOK_CONTRACT_VERSION}'")
+    finally:
+        plugins.unregister_plugin("quoted_plugin")
+    _assert_not_registered("quoted_plugin", before)
+
+
 def test_plugin_declaring_the_current_hook_contract_is_accepted():
     module = _plugin_module(trainyard.HOOK_CONTRACT_VERSION)
     with plugin_registered(module, "current_plugin"):

@@ -127,7 +127,12 @@ def _env_list(name: str) -> set[str] | None:
 
 def _contract_problem(module: Any) -> str | None:
     declared = getattr(module, "TRAINYARD_HOOK_CONTRACT", None)
-    if declared is None or declared == hookspecs.HOOK_CONTRACT_VERSION:
+    if declared is None:
+        return None
+    if not isinstance(declared, int) or isinstance(declared, bool):
+        return (f"TRAINYARD_HOOK_CONTRACT must be an int (this trainyard provides "
+                f"{hookspecs.HOOK_CONTRACT_VERSION}), got {declared!r}")
+    if declared == hookspecs.HOOK_CONTRACT_VERSION:
         return None
     return (
         f"written for hook contract version {declared}, but this trainyard "
