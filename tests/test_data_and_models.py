@@ -619,6 +619,35 @@ def test_compute_metrics_reports_each_configured_metric_as_val_name(classified):
     assert all(isinstance(v, float) for v in values.values())
 
 
+def test_validation_refuses_outputs_of_the_wrong_width_and_a_metric_that_is_not_a_number(classified):
+    """A model plugin's wrong output width trains without an error (cross-entropy takes any
+    width that covers the labels): the first validation says so, naming the model, before
+    anything is saved. A metric returning a string is refused, not turned into a float."""
+    import dataclasses
+
+    from trainyard.errors import TrainingError
+
+    outputs, targets, info = classified
+    job = resolve(load_config(CONFIGS / "mlp_breast_cancer.yaml", ["train.metrics=[accuracy]"]))
+    wide = np.concatenate([outputs, outputs[:, :1]], axis=1)
+    with pytest.raises(TrainingError) as err:
+        compute_metrics(job, info, wide, targets)
+    k = len(info.classes)
+    assert str(err.value) == (f"model 'mlp' returned outputs of shape [{len(wide)}, {k + 1}] for {len(wide)} "
+                              f"validation examples; the data needs [N, {k}] (one logit per class ({k})); "
+                              "`trainyard plugins check` on its plugin shows this too")
+    texty = dataclasses.replace(job.metrics[0], fn=lambda o, t, i: "0.5")
+    with pytest.raises(TrainingError, match="metric 'accuracy' returned str '0.5'; a metric must return one float"):
+        compute_metrics(dataclasses.replace(job, metrics=[texty]), info, outputs, targets)
+    # A single-target regression may give [N] or [N, 1].
+    one = DataInfo("regression", "features", input_shape=[1], target_names=["y"])
+    from trainyard.plugins import get_registry
+
+    reg = dataclasses.replace(job, task="regression", metrics=[get_registry().get("metric", "mse")])
+    for shape in [(5,), (5, 1)]:
+        assert "val_mse" in compute_metrics(reg, one, np.zeros(shape, np.float32), np.zeros((5, 1), np.float32))
+
+
 # --------------------------------------------------------------------------------------
 # Batches, shards and the validation split
 # --------------------------------------------------------------------------------------

@@ -124,7 +124,29 @@ def loss_fn(task: str) -> Callable:
 
 
 def compute_metrics(job: ResolvedJob, info: Any, outputs: np.ndarray, targets: np.ndarray) -> dict:
-    return {f"val_{m.name}": float(m.fn(outputs, targets, info)) for m in job.metrics}
+    """The job's metrics on the validation ``outputs``, checked first to be as wide as the
+    data needs: a model plugin's wrong output width trains without an error (the loss
+    takes any width that covers the labels) and would be saved and served broken."""
+    import numbers
+
+    from trainyard.errors import TrainingError
+
+    width = info.num_outputs
+    shape = list(outputs.shape)
+    if not (len(shape) == 2 and shape[1] == width) and not (len(shape) == 1 and width == 1):
+        why = f"one logit per class ({width})" if job.task == "classification" else f"{width} target(s)"
+        raise TrainingError(
+            f"model {job.model.name!r} returned outputs of shape {shape} for {len(outputs)} validation "
+            f"examples; the data needs [N, {width}] ({why}); `trainyard plugins check` on its plugin "
+            "shows this too")
+    values = {}
+    for m in job.metrics:
+        value = m.fn(outputs, targets, info)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TrainingError(f"metric {m.name!r} returned {type(value).__name__} {value!r:.60}; a metric "
+                                "must return one float")
+        values[f"val_{m.name}"] = float(value)
+    return values
 
 
 def autocast_dtype(cfg: Any, device: Any) -> Any:
