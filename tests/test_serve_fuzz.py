@@ -619,3 +619,31 @@ def test_the_models_keep_serving_the_same_answers_after_the_fuzzing(fuzzed):
         assert np.allclose(after["probabilities"], before["probabilities"], atol=1e-6)
         status, raw = get(url + "/ready")
         assert status == 200 and json.loads(raw)["ready"] is True
+
+
+def test_oip_outputs_take_a_plugins_scores_by_class_name_or_in_order_and_say_what_else_it_gave():
+    """A model plugin's decode gives ``scores`` by class name (the contract); a list of one
+    score per class, in order, is taken too. Anything else is the plugin's fault, said in
+    one line (the route answers it as a JSON 500, not Starlette's plain-text one)."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from trainyard.serve.app import server_error
+    from trainyard.serve.protocol import ModelSignature, outputs_to_oip
+
+    sig = ModelSignature("tabular", [2], "classification", ["no", "yes"])
+    by_name = [{"label": "yes", "scores": {"yes": 0.75, "no": 0.25}}]
+    in_order = [{"label": "yes", "scores": [0.25, 0.75]}]
+    for answers in (by_name, in_order):
+        label, probs = outputs_to_oip(answers, None, sig)
+        assert label["data"] == ["yes"] and probs["data"] == [0.25, 0.75] and probs["shape"] == [1, 2]
+    for scores, said in (([0.1, 0.2, 0.7], "'scores' of type list"), (None, "no 'scores'"),
+                         ({"yes": 1.0}, "'scores' of type dict")):
+        with pytest.raises(ValueError, match=f"the model plugin's decode gave {said}; OIP outputs need a score "
+                                             "for each of the 2 classes"):
+            outputs_to_oip([{"label": "yes", "scores": scores}], None, sig)
+    scope = {"type": "http", "method": "POST", "path": "/infer", "headers": [], "query_string": b""}
+    answer = asyncio.run(server_error(Request(scope), KeyError("x")))
+    assert answer.status_code == 500 and answer.media_type == "application/json"
+    assert json.loads(answer.body) == {"error": "internal error (KeyError); the replica's log has the details"}

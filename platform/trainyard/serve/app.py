@@ -136,6 +136,13 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
     return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
 
+async def server_error(request: Request, exc: Exception) -> Response:
+    """Whatever a route did not foresee: a 500 in the same JSON form (Starlette's own is
+    plain text), logged with its trace."""
+    logger.error("unexpected %s on %s", type(exc).__name__, request.url.path, exc_info=exc)
+    return error(500, f"internal error ({type(exc).__name__}); the replica's log has the details")
+
+
 async def validation_error(request: Request, exc: RequestValidationError) -> Response:
     problems = exc.errors()
     first = problems[0] if problems else {}
@@ -489,6 +496,7 @@ model_api.add_middleware(ExactPrefix)
 model_api.add_middleware(HeadAsGet)
 model_api.add_exception_handler(HTTPException, http_error)
 model_api.add_exception_handler(RequestValidationError, validation_error)
+model_api.add_exception_handler(Exception, server_error)
 
 _ERROR_STATUSES = {
     "400": "a request that is not valid: the error names what is wrong",
@@ -709,7 +717,11 @@ class ModelServer:
         if isinstance(result, RequestError):
             return error(result.status, str(result))
         answers, outputs = result
-        tensors = outputs_to_oip(answers, outputs, self.signature)
+        try:
+            tensors = outputs_to_oip(answers, outputs, self.signature)
+        except (ValueError, TypeError, KeyError) as exc:  # the model plugin's decode, not the request
+            logger.error("model %r: its answers cannot be OIP outputs: %s", self.name, exc)
+            return error(500, f"model {self.name!r}: its answers cannot be given as OIP outputs ({exc})")
         if wanted:
             by_name = {t["name"]: t for t in tensors}
             tensors = [by_name[n] for n in wanted]
@@ -781,6 +793,7 @@ class ModelServer:
 root_api = FastAPI(title="trainyard", description="Health routes and the list of served models.")
 root_api.add_exception_handler(HTTPException, http_error)
 root_api.add_exception_handler(RequestValidationError, validation_error)
+root_api.add_exception_handler(Exception, server_error)
 root_api.add_middleware(HeadAsGet)
 
 

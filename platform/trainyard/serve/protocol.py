@@ -486,12 +486,26 @@ def encode_infer_response(response: dict, binary: set[str] | frozenset[str] = fr
     return text + b"".join(blobs), len(text)
 
 
+def _class_scores(answer: Any, classes: list[str]) -> list:
+    """One answer's score per class, in the classes' order: ``scores`` maps each class name
+    to its score (the contract); a list of one score per class, in order, is taken too. Else
+    a ValueError saying what the model plugin's decode gave."""
+    scores = answer.get("scores") if isinstance(answer, dict) else None
+    if isinstance(scores, dict) and all(c in scores for c in classes):
+        return [scores[c] for c in classes]
+    if isinstance(scores, (list, tuple)) and len(scores) == len(classes):
+        return list(scores)
+    missing = "no 'scores'" if scores is None else f"'scores' of type {type(scores).__name__}"
+    raise ValueError(f"the model plugin's decode gave {missing}; OIP outputs need a score for each of "
+                     f"the {len(classes)} classes (a mapping from class name to score)")
+
+
 def outputs_to_oip(answers: list[dict], outputs: Any, sig: ModelSignature) -> list[dict]:
     import numpy as np
 
     n = len(answers)
     if sig.task == "classification":
-        probs = np.asarray([[a["scores"][c] for c in sig.classes] for a in answers], dtype=np.float32)
+        probs = np.asarray([_class_scores(a, sig.classes) for a in answers], dtype=np.float32)
         return [
             {"name": "label", "datatype": "BYTES", "shape": [n], "data": [a["label"] for a in answers]},
             {"name": "probabilities", "datatype": "FP32", "shape": [n, len(sig.classes)],
