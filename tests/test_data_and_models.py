@@ -724,3 +724,38 @@ def test_validation_split_keeps_text_as_a_list_of_strings():
     assert isinstance(val.inputs, list) and len(val.inputs) == 5
     assert sorted(train.inputs + val.inputs) == sorted(texts)
     assert all(int(t.split()[1]) % 2 == y for t, y in zip(val.inputs, val.targets))
+
+
+def test_a_dataset_plugins_mistakes_are_one_line_naming_the_dataset_before_training():
+    """What the conformance check catches is caught when a run loads the data too (and so by
+    ``train --dry-run``): a load that returns something else, labels outside the classes, a
+    load that raises an error of its own (not labelled a trainyard bug)."""
+    from trainyard.errors import TrainingError
+    from trainyard.train.data import load_dataset
+
+    job = resolve(load_config(CONFIGS / "mlp_breast_cancer.yaml"))
+    info = DataInfo("classification", "features", ["a", "b"], [3])
+    x = np.zeros((6, 3), np.float32)
+
+    def broken(error):
+        def load(job):
+            raise error
+        return load
+
+    cases = [
+        (lambda job: (x, np.zeros(6)), "dataset 'breast_cancer': load returned a tuple, expected a trainyard.LoadedData"),
+        (lambda job: LoadedData(info, Split(x, np.array([0, 1, 4, 0, 1, 0]))),
+         "dataset 'breast_cancer': the train split: targets run from 0 to 4, outside the 2 classes"),
+        (lambda job: LoadedData(info, Split(x, np.zeros(6, np.int64)), Split(x[:2], np.zeros(3, np.int64))),
+         "dataset 'breast_cancer': the val split: 2 inputs but 3 targets"),
+        (broken(RuntimeError("bucket s3://probe/x unreachable")),
+         "dataset 'breast_cancer': its load raised RuntimeError: bucket s3://probe/x unreachable"),
+    ]
+    for load, message in cases:
+        with pytest.raises(TrainingError) as err:
+            load_dataset(job, load)
+        assert str(err.value).startswith(message), str(err.value)
+    with pytest.raises(FileNotFoundError):  # the data's own errors stay as they are (the CLI words them)
+        load_dataset(job, broken(FileNotFoundError("data.csv")))
+    good = LoadedData(info, Split(x, np.array([0, 1, 1, 0, 1, 0])))
+    assert load_dataset(job, lambda job: good) is good

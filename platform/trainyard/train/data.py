@@ -69,13 +69,32 @@ def _targets_tensor(targets: Any, task: str) -> Any:
 
 
 def load_dataset(job: ResolvedJob, load: Callable[[ResolvedJob], Any] | None = None) -> Any:
-    """The dataset plugin's in-memory data for ``job``, of the task it declared. ``load``:
-    what loads it (default: the plugin's ``load``)."""
-    data = load(job) if load is not None else job.dataset.load(job.data_params, job.config.seed)
+    """The dataset plugin's in-memory data for ``job``, of the task it declared, with splits
+    that fit its DataInfo (the conformance check's rules): a plugin's mistake is one line
+    naming the dataset, here (``train --dry-run``) or on the workers, not a crash inside the
+    training loop. ``load``: what loads it (default: the plugin's ``load``)."""
+    from trainyard import hookspecs
+    from trainyard.errors import TrainyardError, reason_line
+    from trainyard.splits import split_problem
+
+    name = job.dataset.name
+    try:
+        data = load(job) if load is not None else job.dataset.load(job.data_params, job.config.seed)
+    except (ValueError, OSError, KeyError, TrainyardError):  # the data's own errors: said as they are
+        raise
+    except Exception as exc:  # noqa: BLE001 - the plugin's code, not trainyard's
+        raise TrainingError(f"dataset {name!r}: its load raised {type(exc).__name__}: {reason_line(exc)}") from exc
+    if not isinstance(data, hookspecs.LoadedData):
+        raise TrainingError(f"dataset {name!r}: load returned a {type(data).__name__}, expected a "
+                            "trainyard.LoadedData (`trainyard plugins check` on its plugin shows this too)")
     if data.info.task != job.task:
         raise TrainingError(
             f"dataset {job.dataset.name!r} declared task {job.task} but loaded {data.info.task}"
         )
+    for split_name, split in (("train", data.train), ("val", data.val)):
+        problem = split_problem(split, data.info) if split is not None or split_name == "train" else None
+        if problem:
+            raise TrainingError(f"dataset {name!r}: the {split_name} split: {problem}")
     return data
 
 
