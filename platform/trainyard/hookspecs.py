@@ -163,7 +163,9 @@ class Processor:
 
         A dict is passed to the model as keyword arguments, a tensor as one argument.
         """
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__}.encode is not written: a model plugin gives its ModelSpec a "
+            "processor (a Processor subclass) whose encode turns raw inputs into the model's tensor")
 
     def decode(self, outputs: Any) -> list[dict]:
         """Model outputs (a float tensor ``[N, num_outputs]``) to one answer per example.
