@@ -313,3 +313,23 @@ def test_a_relative_data_path_is_the_callers_as_in_the_readme(ray_cluster, tmp_p
                                             "train.epochs=1", "scaling.num_workers=1"]))
     assert len(result.history) == 1
     assert list((tmp_path / "runs" / "relative").glob("checkpoint_*"))
+
+
+def test_a_jobs_api_url_given_to_train_is_one_line_saying_which_address_it_takes(monkeypatch, tmp_path):
+    """`--address http://HEAD:8265` (what submit takes) was Ray's ValueError, reported as an
+    unexpected trainyard error; a token without RAY_AUTH_MODE reads as 'cannot reach'."""
+    from trainyard.errors import TrainingError
+    from trainyard.runtime.cluster import _check_reachable, _token_hint
+
+    with pytest.raises(TrainingError) as err:
+        _check_reachable("http://127.0.0.1:8265")
+    assert str(err.value).startswith("--address 'http://127.0.0.1:8265' is a Jobs API (dashboard) URL, which "
+                                     "`trainyard submit` and `trainyard jobs` take; train, tune and deploy take")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token here
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    assert _token_hint() == ""
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t0k3n")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert "RAY_AUTH_MODE is not 'token': export RAY_AUTH_MODE=token" in _token_hint()
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert "check that the token is the head's" in _token_hint()

@@ -76,7 +76,12 @@ def init_ray(address: str | None = None, ingress: str | None = None) -> None:
     try:
         ray.init(address=address or None, **kwargs)
     except ConnectionError as exc:
-        raise TrainingError(f"cannot reach a Ray cluster at {address!r}: {exc}") from None
+        raise TrainingError(f"cannot reach a Ray cluster at {address!r}: {exc}{_token_hint()}") from None
+    except ray.exceptions.AuthenticationError:
+        raise TrainingError(
+            f"the Ray cluster at {address!r} wants an authentication token and none was found: set "
+            "RAY_AUTH_TOKEN (or put the head's token in ~/.ray/auth_token) and RAY_AUTH_MODE=token, "
+            "as docs/cluster.md says") from None
     finally:
         for key in serve_env:
             os.environ.pop(key, None)
@@ -87,6 +92,18 @@ def init_ray(address: str | None = None, ingress: str | None = None) -> None:
     SERVE_ENV.update({k: serve_env.get(k, os.environ.get(k, v)) for k, v in wanted.items()})
 
 
+def _token_hint() -> str:
+    """Why a cluster that listens may still refuse this process: Ray's token authentication
+    (a wrong token, or a token without RAY_AUTH_MODE=token, reads as "cannot connect")."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+        mode = os.environ.get("RAY_AUTH_MODE", "")
+        if mode != "token":
+            return ("; a token is set here but RAY_AUTH_MODE is not 'token': export RAY_AUTH_MODE=token "
+                    "to send it")
+        return "; if the cluster listens there, check that the token is the head's (RAY_AUTH_TOKEN)"
+    return ""
+
+
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail in seconds, not minutes of Ray's retries, when nothing listens at ``address``."""
     import socket
@@ -94,6 +111,11 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
     if address == "auto" or address.startswith("local"):
         return
+    if address.split("://", 1)[0].lower() in ("http", "https"):
+        raise TrainingError(
+            f"--address {address!r} is a Jobs API (dashboard) URL, which `trainyard submit` and "
+            "`trainyard jobs` take; train, tune and deploy take the cluster's own address: "
+            "HEAD:6379 (on a node of the cluster), ray://HEAD:10001 (from outside), or auto")
     parsed = urlparse(address if "://" in address else f"ray://{address}")
     if not parsed.hostname or not parsed.port:
         raise TrainingError(f"Ray address {address!r} must be host:port, ray://host:port or auto")
