@@ -391,3 +391,13 @@ def test_a_resumed_searchs_live_rows_keep_each_trials_best_so_far():
     fresh = Trial("stub", config={"train.lr": 0.02}, trial_id="t1", stub=True)
     callback.on_trial_start(0, [trial, fresh], fresh)  # a trial with no result yet: no best
     assert (callback.rows["t1"].best, callback.rows["t1"].iteration) == (None, 0)
+
+
+def test_output_to_a_reader_that_went_away_ends_quietly_as_shell_tools_do():
+    """`trainyard jobs list | head -1`: once the reader has closed the pipe, trainyard stops
+    with SIGPIPE's status and no 'unexpected BrokenPipeError' line."""
+    proc = subprocess.Popen([sys.executable, "-m", "trainyard.cli", "plugins", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err

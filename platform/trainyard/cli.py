@@ -123,6 +123,11 @@ class TrainyardGroup(click.Group):
             _fail("interrupted (SIGTERM)" if _TERMINATED else "interrupted", 143 if _TERMINATED else 130)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
+        except BrokenPipeError:  # `trainyard jobs list | head`: the reader had what it wanted
+            # Python's own advice: point stdout at devnull so the exit flush does not fail too.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(141)  # 128 + SIGPIPE, what a shell tool ends with there
         except Exception as exc:
             if os.environ.get("TRAINYARD_DEBUG"):
                 raise
