@@ -401,3 +401,16 @@ def test_output_to_a_reader_that_went_away_ends_quietly_as_shell_tools_do():
     proc.stdout.close()  # the reader is gone before anything is written
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_a_failed_jobs_message_loses_the_log_tail_ray_appends_and_status_keeps_its_last_line():
+    """Ray's Jobs API ends a failed job's message with the tail of its log: `--follow` had
+    just printed that log, so it came twice; `jobs status` shows the last line of it."""
+    from trainyard.cli import _job_message
+
+    message = ("Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 "
+               "chars):\n  trial table ...\nerror: --deploy: no API key on the head\n\n")
+    assert _job_message(message) == ("Job entrypoint command failed with exit code 1",
+                                     "error: --deploy: no API key on the head")
+    assert _job_message("Job finished successfully.") == ("Job finished successfully.", "")
+    assert _job_message("") == ("", "")

@@ -425,11 +425,28 @@ def submit(config, overrides, address, mode, deploy, serve_port, pip, job_id, fo
         _follow(client, submission)
 
 
+#: How Ray's Jobs API ends a failed job's message: the tail of its log, already followed.
+_LOGS_IN_MESSAGE = ", last available logs"
+
+
+def _job_message(message: str) -> tuple[str, str]:
+    """A job's message without the log tail Ray appends to a failure's, and the tail's last
+    line (the job's own last word, its error); ("", "") for none."""
+    head, _, tail = (message or "").partition(_LOGS_IN_MESSAGE)
+    lines = [line.strip() for line in tail.splitlines()[1:] if line.strip()]
+    return head.strip(), (lines[-1] if lines else "")
+
+
 def _follow(client, job_id: str) -> None:
-    for chunk in client.follow_logs(job_id):
-        click.echo(chunk, nl=False)
+    try:
+        for chunk in client.follow_logs(job_id):
+            click.echo(chunk, nl=False)
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped following; job {job_id} keeps running on the cluster (`trainyard jobs "
+                             f"stop {job_id} --address {client.address}` stops it)") from None
     info = client.info(job_id)
-    click.echo(f"job {job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+    message, _ = _job_message(info.message)  # the log, Ray's tail included, was just printed
+    click.echo(f"job {job_id}: {info.status}" + (f" ({message})" if message else ""))
     if str(info.status) != "SUCCEEDED":
         sys.exit(1)
 
@@ -511,8 +528,11 @@ def jobs_status(job_id, address, wait, timeout):
     client = JobsClient(address)
     info = client.wait(job_id, timeout) if wait else client.info(job_id)
     click.echo(f"job {job_id}: {info.status}")
-    if info.message:
-        click.echo(f"message: {info.message}")
+    message, last = _job_message(info.message)
+    if message:
+        click.echo(f"message: {message}")
+    if last:
+        click.echo(f"last log line: {last}  (`trainyard jobs logs {job_id}` prints the whole log)")
     click.echo(f"started: {_when(info.start_time)}  ended: {_when(info.end_time)}")
     click.echo(f"entrypoint: {info.entrypoint}")
     if wait and (str(info.status) not in TERMINAL or str(info.status) != "SUCCEEDED"):
