@@ -71,7 +71,7 @@ def test_stop_a_running_job(two_nodes, tmp_path):
     assert again.returncode == 1, again.stdout + again.stderr
     assert again.stderr.strip().splitlines()[-1] == (
         f"error: a job with id {job} already exists on the cluster at {two_nodes.url}; give another --job-id "
-        "(`trainyard jobs list` shows the jobs)"), again.stderr
+        f"(`trainyard jobs list --address {two_nodes.url}` shows the jobs)"), again.stderr
     assert "Traceback" not in again.stdout + again.stderr
 
 

@@ -28,7 +28,9 @@ def test_jobs_address(monkeypatch):
     assert jobs_address(None) == "http://other:8265"
     monkeypatch.setenv("TRAINYARD_JOBS_ADDRESS", "http://mine:8265")
     assert jobs_address(None) == "http://mine:8265"
-    for wrong in ("ray://head:10001", "auto", "http://a b:1"):
+    assert jobs_address("http://[::1]:8265") == "http://[::1]:8265"  # IPv6, in brackets as URLs write it
+    assert jobs_address("[fd00::2]:8265") == "http://[fd00::2]:8265"
+    for wrong in ("ray://head:10001", "auto", "http://a b:1", "http://[::1:8265", "http://::1:8265"):
         with pytest.raises(JobsError, match="address"):
             jobs_address(wrong)
 
@@ -345,12 +347,14 @@ def test_following_a_log_translates_failures_like_the_other_calls(fake_head, mon
         list(JobsClient(head.url).follow_logs("raysubmit_3"))
     monkeypatch.setenv("RAY_AUTH_TOKEN", "the-real-one")
     client = JobsClient(head.url)
-    with pytest.raises(JobsError, match=r"no job raysubmit_nope on the cluster at http://127\.0\.0\.1"):
+    with pytest.raises(JobsError, match=r"no job raysubmit_nope on the cluster at http://127\.0\.0\.1") as err:
         list(client.follow_logs("raysubmit_nope"))
+    assert f"(`trainyard jobs list --address {head.url}` shows the jobs)" in str(err.value)  # copyable as is
     got = []
-    with pytest.raises(JobsError, match="log stream of job raysubmit_3 .* broke off before the job ended"):
+    with pytest.raises(JobsError, match="log stream of job raysubmit_3 .* broke off before the job ended") as err:
         for chunk in client.follow_logs("raysubmit_3"):
             got.append(chunk)
+    assert f"`trainyard jobs status raysubmit_3 --address {head.url}` shows whether it still runs" in str(err.value)
     assert got == ["a\n"]
     head.stop()
     with pytest.raises(JobsError, match="cannot reach Ray's Jobs API at http://127.0.0.1"):

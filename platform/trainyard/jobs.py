@@ -58,7 +58,7 @@ def jobs_address(address: str | None) -> str:
         )
     if "://" not in address:
         address = f"http://{address}"
-    if not re.fullmatch(r"https?://[^/:\s]+(:\d+)?(/.*)?", address):
+    if not re.fullmatch(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/:\s\[\]]+)(:\d+)?(/.*)?", address):  # IPv6 in brackets
         raise JobsError(f"--address {address!r} is not a URL such as http://HEAD:8265")
     return address
 
@@ -161,12 +161,12 @@ class JobsClient:
             if missing or "404" in text:
                 what = missing.group(1) if missing else "?"
                 raise JobsError(f"no job {what} on the cluster at {self.address} "
-                                "(`trainyard jobs list` shows the jobs)") from None
+                                f"(`trainyard jobs list --address {self.address}` shows the jobs)") from None
             taken = re.search(r"Job with submission_id (\S+) already exists", text)
             if taken:
                 raise JobsError(f"a job with id {taken.group(1)} already exists on the cluster at "
-                                f"{self.address}; give another --job-id (`trainyard jobs list` shows the "
-                                "jobs)") from None
+                                f"{self.address}; give another --job-id (`trainyard jobs list --address "
+                                f"{self.address}` shows the jobs)") from None
             raise JobsError(f"the Jobs API at {self.address} answered: {reason_line(exc)}") from None
 
     # The operations the CLI uses -------------------------------------------------------
@@ -259,8 +259,9 @@ class JobsClient:
             if isinstance(exc, RuntimeError) and not str(exc).startswith("WebSocket"):
                 raise
             raise JobsError(f"the log stream of job {job_id} from {self.address} broke off before "
-                            f"the job ended ({exc}); `trainyard jobs status {job_id}` shows whether "
-                            f"it still runs, `trainyard jobs logs {job_id}` prints its whole log") from None
+                            f"the job ended ({exc}); `trainyard jobs status {job_id} --address "
+                            f"{self.address}` shows whether it still runs, `trainyard jobs logs {job_id} "
+                            f"--address {self.address}` prints its whole log") from None
 
 
 class _NormalCloseFilter(logging.Filter):
