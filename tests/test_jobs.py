@@ -394,3 +394,28 @@ def test_an_address_that_is_not_ray_s_jobs_api_is_said_to_be_so(monkeypatch):
         server.shutdown()
     assert str(refused.value).startswith(f"{address} is not Ray's Jobs API (Version check returned 404)")
     assert "port 8265" in str(refused.value) and "no job" not in str(refused.value)
+
+
+def test_a_job_naming_local_data_or_an_unreadable_pip_requirement_is_refused_before_sending(tmp_path, monkeypatch):
+    """A data file given relative to this folder is not on the cluster (the job failed there
+    with 'does not exist'); a --pip value pip cannot read failed after minutes of the job's
+    environment set-up, as a Ray traceback. Both are one line here, and nothing is sent."""
+    import re
+
+    from trainyard.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.csv").write_text("a,target\n1,0\n2,1\n")
+    base = {"data": {"name": "table", "params": {"path": "data.csv", "label": "target"}}}
+    cfg = load_config(CONFIGS / "mlp_breast_cancer.yaml", ["storage_path=/mnt/shared/runs"], base=base)
+    with pytest.raises(ConfigError) as err:
+        stage(cfg, folder=tmp_path / "job")
+    assert str(err.value).startswith("data.params.path: 'data.csv' is a path on this machine, relative to this "
+                                     "folder; the job runs on the cluster")
+    cfg.data.params.path = str(tmp_path / "data.csv")  # absolute: a shared folder's path, taken
+    assert stage(cfg, folder=tmp_path / "job2").mode == "train"
+    for bad, said in (("/tmp/no_such_pkg_dir", "a local path, which the cluster's nodes do not have"),
+                      ("torch>=>2", "not a pip requirement")):
+        with pytest.raises(ConfigError, match=f"--pip '{re.escape(bad)}': {said}"):
+            stage(cfg, pip=(bad,), folder=tmp_path / "job3")
+    assert stage(cfg, pip=("rich>=13", "git+https://example.com/x.git"), folder=tmp_path / "job4").runtime_env["pip"]

@@ -392,6 +392,41 @@ def _check_storage(cfg: Any) -> None:
             )
 
 
+def _check_local_data_paths(cfg: Any) -> None:
+    """A data param naming a file or glob relative to this folder, which holds it, can never
+    be read by the job: it runs in a temporary folder on the cluster. Refused here rather
+    than after the job starts there."""
+    import glob
+
+    for key, value in (cfg.data.get("params") or {}).items():
+        if not isinstance(value, str) or not value or "://" in value or Path(value).expanduser().is_absolute():
+            continue
+        if value.startswith("~") or not glob.glob(value):
+            continue
+        raise ConfigError(
+            f"data.params.{key}: {value!r} is a path on this machine, relative to this folder; the job "
+            "runs on the cluster, in a folder of its own, where it is not. Give a path every node sees "
+            f"(a shared folder, e.g. data.params.{key}=/mnt/shared/{Path(value).name}) or a bucket URI")
+
+
+def _check_pip(requirements: tuple[str, ...]) -> None:
+    """Each ``--pip`` requirement is one pip can read, checked here: Ray would find a bad one
+    only after minutes of setting the job's environment up on the cluster."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    for req in requirements:
+        if "://" in req or req.startswith(("-", "git+")):
+            continue  # a URL or a pip option: pip on the cluster reads those
+        try:
+            Requirement(req)
+        except InvalidRequirement as exc:
+            looks_like_path = "/" in req or req.startswith((".", "~"))
+            raise ConfigError(
+                f"--pip {req!r}: " + ("a local path, which the cluster's nodes do not have; publish the "
+                                      "package to an index, or use a URL they can reach" if looks_like_path
+                                      else f"not a pip requirement ({exc})")) from None
+
+
 @dataclass
 class StagedJob:
     mode: str  # train | tune
@@ -421,6 +456,8 @@ def stage(cfg: Any, mode: str = "auto", deploy: bool = False, serve_port: int = 
     if deploy and mode != "tune":
         raise ConfigError("--deploy deploys a search's winner; the job is a training run (no tune section)")
     _check_storage(cfg)
+    _check_local_data_paths(cfg)
+    _check_pip(pip)
     if mode == "tune":
         from trainyard.tune.space import validate_space
 
