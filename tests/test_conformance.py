@@ -44,7 +44,7 @@ def test_every_builtin_plugin_passes_the_conformance_check(plugin):
     passed = {(r.kind, r.entry, r.check) for r in results if r.status == "passed"}
     if plugin in ("mlp", "cnn", "bert"):  # every model step ran, up to the checkpoint
         assert {c for k, e, c in passed if k == "model"} == {
-            "params", "build", "forward", "backward", "decode", "checkpoint"}
+            "params", "build", "forward", "backward", "decode", "checkpoint", "pickle"}
     if plugin == "metrics":
         assert ("metric", "loss", "value (regression)") in passed
         assert ("metric", "f1", "direction") in passed
@@ -98,6 +98,42 @@ class ForgetfulRows(Rows):
         import torch
 
         return torch.as_tensor(np.asarray(inputs, np.float32) - getattr(self, "shift", 0.0))
+
+
+class LockedRows(Rows):
+    """Keeps a lock (say, for a cache) on itself: it cannot be pickled, so Ray cannot ship it
+    to the data workers of a streamed dataset."""
+
+    def fit(self, inputs):
+        import threading
+
+        super().fit(inputs)
+        self.lock = threading.Lock()
+
+
+class ListScores(Rows):
+    """Decodes with ``scores`` as a list, not a mapping from class name to score."""
+
+    def decode(self, outputs):
+        return [{**a, "scores": list(a["scores"].values())} for a in super().decode(outputs)]
+
+
+class MissingScore(Rows):
+    """Decodes with the score of the last class left out."""
+
+    def decode(self, outputs):
+        return [{**a, "scores": dict(list(a["scores"].items())[:-1])} for a in super().decode(outputs)]
+
+
+class NanScores(Rows):
+    """Decodes with scores that are not finite numbers (NaN, a string)."""
+
+    def decode(self, outputs):
+        answers = super().decode(outputs)
+        for a in answers:
+            first, *rest = a["scores"]
+            a["scores"] = {first: float("nan"), **{c: "0.5" for c in rest}}
+        return answers
 
 
 def build_linear(params, info, processor):
@@ -202,7 +238,35 @@ def test_the_same_model_with_a_processor_that_keeps_its_state_passes():
     name = unique("sound")
     with plugin_registered(Broken(spec), name):
         results = assert_conforms(name)
-    assert [r.check for r in results if r.kind == "model"][-1] == "checkpoint"
+    assert [r.check for r in results if r.kind == "model"][-2:] == ["checkpoint", "pickle"]
+
+
+def test_processor_that_cannot_be_pickled_fails_naming_its_class_and_why():
+    spec = model(build_linear, LockedRows)
+    _, (failure,) = failures_of(spec)
+    assert (failure.entry, failure.check) == (spec.name, "pickle")
+    assert "the fitted processor LockedRows cannot be pickled" in failure.detail
+    assert "cannot pickle '_thread.lock' object" in failure.detail
+    assert "Ray pickles it to ship it to the data workers of a streamed dataset" in failure.detail
+    assert "\n" not in failure.detail and "Traceback" not in failure.detail
+
+
+@pytest.mark.parametrize(
+    ("processor", "expected"),
+    [
+        (ListScores, "gave scores of type list ["),
+        (MissingScore, "gave scores without the classes ['benign']"),
+        (NanScores, "gave scores that are not finite numbers: 'malignant': nan, 'benign': '0.5'"),
+    ],
+    ids=["list", "missing", "not-finite"],
+)
+def test_decode_whose_scores_are_not_a_number_per_class_fails_naming_what_it_gave(processor, expected):
+    spec = model(build_linear, processor)
+    _, (failure,) = failures_of(spec)
+    assert (failure.entry, failure.check) == (spec.name, "decode")
+    assert expected in failure.detail
+    assert "scores must map each class name in info.classes" in failure.detail
+    assert "\n" not in failure.detail
 
 
 def test_model_whose_output_is_detached_fails_at_backward():
@@ -318,7 +382,7 @@ def _cli(*args, **env):
 def test_plugins_check_command_passes_the_mlp_plugin():
     out = _cli("mlp")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert 'plugin "mlp" conforms to the plugin contract: 7 passed, 0 failed, 0 skipped' in out.stdout
+    assert 'plugin "mlp" conforms to the plugin contract: 8 passed, 0 failed, 0 skipped' in out.stdout
     assert "checkpoint" in out.stdout and "FAILED" not in out.stdout
 
 

@@ -344,3 +344,30 @@ def test_preprocessing_no_plain_description_reproduces_points_to_the_plugin(runs
     assert described["kind"] == "plugin" and described["verified"] is False
     assert "trainyard_builtins.mlp.FeatureProcessor" in described["steps"][0]
     assert (tmp_path / "processor" / "processor_state.json").is_file()
+
+
+def test_preprocessing_that_clips_after_standardising_is_not_verified_as_standardize(runs, tmp_path):
+    """A third-party processor that standardises and then clips to +/- clip (its state the
+    mean and std plus the clip) agrees with the plain standardisation on inputs drawn
+    around the training mean, where the clip never fires; on a row far outside them it does
+    not, so the description is the plugin's processor, not a verified standardisation."""
+    from trainyard.export import _verified_preprocessing, sample_inputs
+
+    checkpoint = runs["mlp"][0] / "checkpoint_000000"
+    predictor = load_predictor(checkpoint)
+    plain = predictor.processor.encode
+    # the built-in standardisation is still verified, far from the training data too
+    described = _verified_preprocessing(predictor, checkpoint, tmp_path / "builtin", ["input"])
+    assert (described["kind"], described["standardize"], described["verified"]) == ("features", True, True)
+    far = [[1000.0, -500.0] + [1000.0] * (predictor.info.input_shape[0] - 2)]
+    assert np.array_equal(apply_preprocessing(described, tmp_path / "builtin", far)["input"],
+                          plain(far).numpy())
+
+    predictor.processor.state["clip"] = 5.0
+    predictor.processor.encode = lambda raw: plain(raw).clamp(-5.0, 5.0)
+    around = sample_inputs(predictor, 5, seed=100)  # the clip never fires on these
+    assert torch.equal(predictor.processor.encode(around), plain(around))
+    described = _verified_preprocessing(predictor, checkpoint, tmp_path / "clipping", ["input"])
+    assert described["kind"] == "plugin" and described["verified"] is False
+    assert "trainyard_builtins.mlp.FeatureProcessor" in described["steps"][0]
+    assert (tmp_path / "clipping" / "processor" / "processor_state.json").is_file()

@@ -15,8 +15,10 @@ torchscript
     outputs (logits and the class names in order) and how to make the inputs from raw
     data (the mean and std as numbers; for text, the tokenizer copied to ``tokenizer/``
     and its max length). The description is checked too: applied to the check examples,
-    it must give the tensors the plugin's processor gives, else the processor's own state
-    is copied to ``processor/`` and the description says to use the plugin's processor.
+    and to feature rows and images far outside the training data (zeros, the mean plus and
+    minus 10 and 1000 stds), it must give the tensors the plugin's processor gives, else
+    the processor's own state is copied to ``processor/`` and the description says to use
+    the plugin's processor.
 mlflow
     an MLflow pyfunc model folder (``MLmodel``; code, not a pickle): its ``load_context``
     rebuilds the predictor from the checkpoint, copied as the artifact ``checkpoint``, and
@@ -250,6 +252,28 @@ def sample_inputs(predictor: Any, n: int, seed: int = 0) -> Any:
     return (rng.normal(size=(n, *shape)) * s + m).astype(np.float32).tolist()
 
 
+def outlying_inputs(predictor: Any) -> Any:
+    """Raw inputs far outside the training data, where a step that leaves the examples
+    :func:`sample_inputs` draws unchanged (a clip, a squashing) shows: for feature rows and
+    images, zeros and the mean plus and minus 10 and 1000 stds (where the processor has
+    them; else 0 +/- 10 and 1000); None for text."""
+    import numpy as np
+
+    info = predictor.info
+    if info.inputs == "text":
+        return None
+    state = getattr(predictor.processor, "state", None) or {}
+    shape = [int(s) for s in info.input_shape]
+    mean, std = _mean_std(state, shape[0] if shape else 0)
+    width = shape[0] if shape else 1
+    m = np.zeros(width) if mean is None else mean
+    s = np.ones(width) if std is None else std
+    rows = np.stack([np.zeros(width)] + [m + k * s for k in (10, -10, 1000, -1000)])
+    if info.inputs == "image":
+        return np.broadcast_to(rows[:, :, None, None], (len(rows), *shape)).astype(np.float32)
+    return rows.reshape(len(rows), *shape).astype(np.float32).tolist()
+
+
 def _mean_std(state: dict, width: int):
     import numpy as np
 
@@ -430,8 +454,10 @@ def _describe(predictor, checkpoint: Path, folder: Path, fmt: str, file: str, in
 
 def _verified_preprocessing(predictor, checkpoint: Path, folder: Path, names: list[str]) -> dict:
     """How to make the inputs from raw data, checked against the processor on the check
-    examples; the plugin's own processor (its state copied beside) where no plain
-    description reproduces it."""
+    examples and on inputs far outside the training data (:func:`outlying_inputs`: the
+    check examples are drawn around the processor's mean and std, where a clip never
+    fires); the plugin's own processor (its state copied beside) where no plain description
+    reproduces it."""
     import numpy as np
 
     described = None
@@ -439,13 +465,14 @@ def _verified_preprocessing(predictor, checkpoint: Path, folder: Path, names: li
         described = _plain_preprocessing(predictor, folder, names)
     if described is not None:
         try:
-            for i, n in enumerate(CHECK_BATCHES):
-                raw = sample_inputs(predictor, n, seed=100 + i)
+            raws = [sample_inputs(predictor, n, seed=100 + i) for i, n in enumerate(CHECK_BATCHES)]
+            outlying = outlying_inputs(predictor)
+            for raw in raws if outlying is None else [*raws, outlying]:
                 want = _to_numpy(predictor.processor.encode(raw))
                 got = apply_preprocessing(described, folder, raw)
                 if set(got) != set(want) or any(
                         got[k].dtype != want[k].dtype or got[k].shape != want[k].shape
-                        or not np.allclose(got[k], want[k], rtol=0, atol=1e-5) for k in want):
+                        or not np.allclose(got[k], want[k], rtol=1e-6, atol=1e-5) for k in want):
                     raise ValueError("differs")
             described["verified"] = True
             return described

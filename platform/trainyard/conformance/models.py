@@ -1,11 +1,14 @@
 """The checks of a model, per input kind it declares: its params type, its processor
 fits and the model builds, one batch goes forward, backward and through an optimizer step,
-``decode`` gives JSON-able answers, and a checkpoint read back answers as the model in
-memory does. Each step is one function of the :class:`ModelRun` the earlier ones filled."""
+``decode`` gives JSON-able answers (for classification, scores by class name), a checkpoint
+read back answers as the model in memory does, and the fitted processor survives a pickle
+round trip (Ray ships it to its workers). Each step is one function of the
+:class:`ModelRun` the earlier ones filled."""
 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +17,7 @@ from trainyard import hookspecs
 from trainyard.batches import call_model
 from trainyard.conformance.params import params_detail, typed
 from trainyard.conformance.results import CheckFailed, CheckResult
-from trainyard.conformance.runner import Plugin, Step, run_steps
+from trainyard.conformance.runner import Plugin, Step, describe, run_steps
 from trainyard.conformance.samples import BATCH, Sample, sample_for, take_inputs, take_targets
 
 
@@ -53,6 +56,7 @@ def _steps(plugin: Plugin, run: ModelRun) -> list[Step]:
         ("backward", lambda: check_backward(run)),
         ("decode", lambda: check_decode(run)),
         ("checkpoint", lambda: check_checkpoint(plugin, run)),
+        ("pickle", lambda: check_pickle(plugin, run)),
     ]
 
 
@@ -163,7 +167,8 @@ def _loss(out: Any, sample: Sample) -> Any:
 
 
 def check_decode(run: ModelRun) -> str:
-    """``processor.decode`` gives one JSON-able dict per example, labels among the classes."""
+    """``processor.decode`` gives one JSON-able dict per example, labels among the classes
+    and, for classification, scores (where given) a number per class name."""
     answers = run.processor.decode(run.out.detach())
     if not isinstance(answers, list) or len(answers) != BATCH or not all(isinstance(a, dict) for a in answers):
         got = f"{len(answers)} items" if isinstance(answers, list) else type(answers).__name__
@@ -179,7 +184,41 @@ def check_decode(run: ModelRun) -> str:
     if classes and "label" in answers[0] and not set(labels) <= set(classes):
         raise CheckFailed(f"processor.decode gave labels {sorted(set(labels) - set(classes))} "
                           f"that are not among info.classes {classes}")
+    if run.sample.info.task == "classification":
+        for answer in answers:
+            if "scores" in answer:
+                _check_scores(answer["scores"], classes)
     return f"{BATCH} answers"
+
+
+def _check_scores(scores: Any, classes: list[str]) -> None:
+    """An answer's ``scores`` map each class name to a finite number: serving (OIP /infer)
+    and the MLflow export read ``scores[class_name]``."""
+    need = ("; for classification, scores must map each class name in info.classes to a "
+            "number (as the default decode does: {class: probability}), since serving and the "
+            "MLflow export read scores[class_name]")
+    if not isinstance(scores, dict):
+        raise CheckFailed(f"processor.decode gave scores of type {type(scores).__name__} "
+                          f"{_short(scores)}{need}")
+    missing = [c for c in classes if c not in scores]
+    if missing:
+        raise CheckFailed(f"processor.decode gave scores without the classes {missing} "
+                          f"({_short(scores)}){need}")
+    unknown = [k for k in scores if k not in classes]
+    if unknown:
+        raise CheckFailed(f"processor.decode gave scores for {_short(unknown)}, which are not "
+                          f"among info.classes {classes}{need}")
+    bad = {c: v for c, v in scores.items() if isinstance(v, bool) or not isinstance(v, (int, float))
+           or not math.isfinite(v)}
+    if bad:
+        shown = _short(", ".join(f"{c!r}: {v!r}" for c, v in bad.items()))
+        raise CheckFailed(f"processor.decode gave scores that are not finite numbers: {shown}{need}")
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """``value`` (its repr, a string as is) cut to ``limit`` characters, on one line."""
+    text = " ".join((value if isinstance(value, str) else repr(value)).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_checkpoint(plugin: Plugin, run: ModelRun) -> str:
@@ -224,6 +263,48 @@ def _reloaded(plugin: Plugin, run: ModelRun, job: Any) -> tuple[Any, list]:
                          info=run.sample.info, epoch=0, metrics={}, plugin=plugin.name)
         predictor = load_predictor(tmp, registry=plugin.registry)
         return predictor.forward(run.raw).float(), predictor.predict(run.raw)
+
+
+def check_pickle(plugin: Plugin, run: ModelRun) -> str:
+    """The fitted processor survives a pickle round trip (Ray's cloudpickle, as Ray ships it
+    to the data workers of a streamed dataset and to each training worker) and encodes the
+    raw inputs as before."""
+    from ray import cloudpickle
+
+    name = type(run.processor).__name__
+    why = ("Ray pickles it to ship it to the data workers of a streamed dataset and to each "
+           "training worker")
+    try:
+        data = cloudpickle.dumps(run.processor)
+    except Exception as exc:  # noqa: BLE001 - the reason, in one line
+        raise CheckFailed(f"the fitted processor {name} cannot be pickled "
+                          f"({describe(exc, plugin.folder)}): {why}; keep locks, open files and "
+                          "clients out of its attributes (make them when first needed, or drop "
+                          "them in __getstate__)") from None
+    try:
+        copy = cloudpickle.loads(data)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckFailed(f"the fitted processor {name} pickles but cannot be unpickled "
+                          f"({describe(exc, plugin.folder)}): {why}") from None
+    if not _same_batch(_encode(run.processor, run.raw), _encode(copy, run.raw)):
+        raise CheckFailed(f"the fitted processor {name} encodes the same raw inputs differently "
+                          f"after a pickle round trip: {why}, so encode must use only what "
+                          "pickles with it")
+    return f"ray.cloudpickle round trip of {name} ({len(data)} bytes): same encoding"
+
+
+def _same_batch(a: Any, b: Any) -> bool:
+    """Two encoded batches (tensors, or dicts of tensors) hold the same tensors."""
+    import torch
+
+    if isinstance(a, dict) != isinstance(b, dict):
+        return False
+    a, b = (a, b) if isinstance(a, dict) else ({"": a}, {"": b})
+    return set(a) == set(b) and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+        and (torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6, equal_nan=True)
+             if a[k].is_floating_point() else torch.equal(a[k], b[k]))
+        for k in a)
 
 
 def _compare(expected: Any, answers: list, got: Any, reloaded_answers: list) -> None:
