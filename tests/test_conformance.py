@@ -125,6 +125,13 @@ class MissingScore(Rows):
         return [{**a, "scores": dict(list(a["scores"].items())[:-1])} for a in super().decode(outputs)]
 
 
+class NoScores(Rows):
+    """Decodes with a label only: serving's OIP route needs each class's score."""
+
+    def decode(self, outputs):
+        return [{k: v for k, v in a.items() if k != "scores"} for a in super().decode(outputs)]
+
+
 class NanScores(Rows):
     """Decodes with scores that are not finite numbers (NaN, a string)."""
 
@@ -257,8 +264,9 @@ def test_processor_that_cannot_be_pickled_fails_naming_its_class_and_why():
         (ListScores, "gave scores of type list ["),
         (MissingScore, "gave scores without the classes ['benign']"),
         (NanScores, "gave scores that are not finite numbers: 'malignant': nan, 'benign': '0.5'"),
+        (NoScores, "gave an answer without scores"),
     ],
-    ids=["list", "missing", "not-finite"],
+    ids=["list", "missing", "not-finite", "absent"],
 )
 def test_decode_whose_scores_are_not_a_number_per_class_fails_naming_what_it_gave(processor, expected):
     spec = model(build_linear, processor)

@@ -185,10 +185,12 @@ def check_decode(run: ModelRun) -> str:
         raise CheckFailed(f"processor.decode gave labels {sorted(set(labels) - set(classes))} "
                           f"that are not among info.classes {classes}")
     if run.sample.info.task == "classification":
-        for answer in answers:
-            if "scores" in answer:
-                _check_scores(answer["scores"], classes)
+        for answer in answers:  # serving's OIP route and the MLflow export need every answer's
+            _check_scores(answer.get("scores", _NO_SCORES), classes)
     return f"{BATCH} answers"
+
+
+_NO_SCORES = object()
 
 
 def _check_scores(scores: Any, classes: list[str]) -> None:
@@ -197,6 +199,8 @@ def _check_scores(scores: Any, classes: list[str]) -> None:
     need = ("; for classification, scores must map each class name in info.classes to a "
             "number (as the default decode does: {class: probability}), since serving and the "
             "MLflow export read scores[class_name]")
+    if scores is _NO_SCORES:
+        raise CheckFailed(f"processor.decode gave an answer without scores{need}")
     if not isinstance(scores, dict):
         raise CheckFailed(f"processor.decode gave scores of type {type(scores).__name__} "
                           f"{_short(scores)}{need}")
