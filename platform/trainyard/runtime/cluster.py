@@ -132,6 +132,28 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 AUTOSCALE_ENV = "TRAINYARD_ALLOW_AUTOSCALE"
 
 
+class ResourcesWaitWarning(UserWarning):
+    """A job waits for resources the cluster has but others hold."""
+
+
+def resources_wait_note(need: dict[str, float], what: str) -> str | None:
+    """Why ``what`` may be waiting: the resources it needs that the cluster holds in total but
+    has not free now (held by other jobs, Serve replicas, ...); None when they are free."""
+    import ray
+
+    # Ray Train asks for its workers' resources as a placement group, pending while it waits
+    # (once placed, the workers themselves hold what is no longer free).
+    if not any(pg.get("state") == "PENDING" for pg in ray.util.placement_group_table().values()):
+        return None
+    free, total = ray.available_resources(), ray.cluster_resources()
+    short = {k: (v, free.get(k, 0.0), total.get(k, 0.0)) for k, v in need.items() if v > free.get(k, 0.0) + 1e-9}
+    if not short:
+        return None
+    held = "; ".join(f"{k}: needs {v:g}, {have:g} of {all_:g} free" for k, (v, have, all_) in short.items())
+    return (f"{what} wait for resources others hold ({held}): it starts when they are freed (`ray status` "
+            "shows who holds them; Serve replicas keep theirs while they serve)")
+
+
 def check_capacity(need: dict[str, float], headline: str, advice: str, error: type = TrainingError) -> None:
     """Fail at once, naming what is short, when the cluster's total resources can never
     hold ``need`` (Ray would otherwise wait for them forever); an autoscaling cluster

@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import threading
+import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ import ray
 from trainyard import tracking
 from trainyard.config import resolve
 from trainyard.errors import ConfigError, TrainingError, reason_line
-from trainyard.runtime.cluster import init_ray
+from trainyard.runtime.cluster import ResourcesWaitWarning, init_ray, resources_wait_note
 from trainyard.runtime.resources import check_workers_fit, worker_resources
 from trainyard.checkpoint import checkpoint_uri, local_run_dir, upload_records
 from trainyard.runtime.storage import atomic_write_text, is_uri, join, read_text, remove_stale_tmp, storage_root
@@ -159,6 +161,11 @@ class _MetricsLog:
         return [self.rows[e] for e in sorted(self.rows)]
 
 
+#: How long a run's workers may take to start before the driver checks whether others hold
+#: the resources they wait for (Ray Train's own start-up is 20-40 s on a small machine).
+WAIT_NOTE_S = 45.0
+
+
 def run_training(
     cfg: Any,
     address: str | None = None,
@@ -258,8 +265,16 @@ def _fit(cfg: Any, job: Any, loop_config: dict, storage: str, sink: Any, run_dir
     thread.start()
     resumed_from = stopped_early_at = diverged = None
     workers: dict[int, dict] = {}
+    waiting_since, warned = time.monotonic(), False
     while True:
         thread.join(timeout=0.25)
+        if not workers and not warned and time.monotonic() - waiting_since > WAIT_NOTE_S:
+            warned = True  # once: the workers have not started; say so if others hold what they need
+            _, each = worker_resources(cfg)
+            n = cfg.scaling.num_workers
+            note = resources_wait_note({k: v * n for k, v in each.items()}, f"the {n} worker(s)")
+            if note:
+                warnings.warn(ResourcesWaitWarning(note), stacklevel=1)
         for event in ray.get(sink.drain.remote()):
             if event["type"] == "epoch_start" and event.get("resumed"):
                 resumed_from = event["epoch"]
