@@ -414,3 +414,18 @@ def test_a_failed_jobs_message_loses_the_log_tail_ray_appends_and_status_keeps_i
                                      "error: --deploy: no API key on the head")
     assert _job_message("Job finished successfully.") == ("Job finished successfully.", "")
     assert _job_message("") == ("", "")
+
+
+def test_a_search_whose_metric_was_nan_in_every_trial_says_so_not_that_none_finished():
+    from trainyard.cli import no_winner_reason
+    from trainyard.tune.driver import TuneOutcome
+
+    def outcome(*trials):
+        return TuneOutcome("runs/s", "val_err", "min", [dict(t) for t in trials], [], "winners")
+
+    nan = {"state": "TERMINATED", "best": float("nan")}
+    assert no_winner_reason(outcome(nan, {"state": "TERMINATED", "best": None})) == (
+        "2 trial(s) finished, but none gave a finite val_err (every value was NaN or missing: see that metric's "
+        "plugin, or the data), so there is no winner to export")
+    assert no_winner_reason(outcome({"state": "ERROR", "best": None})) == (
+        "no trial finished, so there is no winner to export")

@@ -299,7 +299,7 @@ def tune(config, overrides, address, resume, as_json, tracking_uri):
     if as_json:
         _print_json(summary_json(outcome))
     if not outcome.winners:
-        raise TrainyardError("no trial finished, so there is no winner to export")
+        raise TrainyardError(no_winner_reason(outcome))
     for w in outcome.winners:
         console.print(f"winner #{w['rank']}: {w['metric']} {w['value']:.4f} {w['params']} -> {w['path']}")
         replaced = w.get("replaced")
@@ -435,6 +435,18 @@ def _job_message(message: str) -> tuple[str, str]:
     head, _, tail = (message or "").partition(_LOGS_IN_MESSAGE)
     lines = [line.strip() for line in tail.splitlines()[1:] if line.strip()]
     return head.strip(), (lines[-1] if lines else "")
+
+
+def no_winner_reason(outcome) -> str:
+    """Why a search exported no winner: no trial finished, or those that did gave no finite
+    value of the search's metric (a NaN from a metric plugin)."""
+    import math
+
+    ran = [t for t in outcome.trials if t["state"] == "TERMINATED"]
+    if ran and not any(isinstance(t["best"], (int, float)) and math.isfinite(t["best"]) for t in ran):
+        return (f"{len(ran)} trial(s) finished, but none gave a finite {outcome.metric} (every value was NaN "
+                "or missing: see that metric's plugin, or the data), so there is no winner to export")
+    return "no trial finished, so there is no winner to export"
 
 
 def _follow(client, job_id: str) -> None:

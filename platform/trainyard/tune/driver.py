@@ -332,9 +332,9 @@ def _search(cfg: DictConfig | None, resume: str | None) -> tuple[DictConfig, Pat
                 f"in {run_dir}, and it counts over resumes; its winners were exported then. To search on, "
                 "start a new search (another name=) with its own budget")
         if _ran_to_its_end(run_dir, _planned(cfg)):
-            raise ConfigError(f"--resume: the search in {run_dir} already ran to its end, and its winners were "
-                              "exported then; nothing is left to run. To search on, start a new search "
-                              "(another name=)")
+            raise ConfigError(f"--resume: the search in {run_dir} already ran to its end (its winners, if it "
+                              "had any, were exported then); nothing is left to run. To search on, start a new "
+                              "search (another name=)")
     if cfg.tune is None:
         raise ConfigError("tune: this config has no tune section (see configs/tune_mlp.yaml)")
     validate_space(cfg)
