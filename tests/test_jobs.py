@@ -96,6 +96,12 @@ def test_a_search_with_deploy_runs_tune_then_deploys_the_registry(tmp_path):
     assert job.runtime_env["pip"] == ["rich"]
     train_only = stage(cfg, mode="train", folder=tmp_path / "job2")
     assert train_only.entrypoint.startswith("python -m trainyard.cli train ")
+    # A search stopped on the cluster (jobs stop, a dead driver) is resumed by submitting it again
+    # with --resume: the job resumes it by its name under the shared storage_path.
+    resumed = stage(cfg, resume=True, folder=tmp_path / "job4")
+    assert resumed.entrypoint == "python -m trainyard.cli tune job.yaml --address auto --resume tune_mlp"
+    with pytest.raises(ConfigError, match="--resume resumes a search"):
+        stage(cfg, mode="train", resume=True, folder=tmp_path / "job5")
 
 
 @pytest.mark.parametrize(("config", "overrides", "message"), [

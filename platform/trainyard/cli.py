@@ -376,7 +376,10 @@ _JOBS_ADDRESS_HELP = ("Ray's Jobs API on the head node, e.g. http://HEAD:8265 (d
 @click.option("--insecure", is_flag=True,
               help="With --deploy: serve the winner on the cluster without an API key (by default "
                    "the head's TRAINYARD_API_KEY is required, as cluster.yaml sets it).")
-def submit(config, overrides, address, mode, deploy, serve_port, pip, job_id, follow, dry_run, insecure):
+@click.option("--resume", is_flag=True,
+              help="Resume the search of this config's name= on the cluster (one stopped, or whose "
+                   "driver died), from its storage_path; finished trials are not run again.")
+def submit(config, overrides, address, mode, deploy, serve_port, pip, job_id, follow, dry_run, insecure, resume):
     """Submit the train or tune job in CONFIG to a Ray cluster through the Jobs API.
 
     The config is loaded, overridden and validated here first. The job carries the resolved
@@ -404,7 +407,7 @@ def submit(config, overrides, address, mode, deploy, serve_port, pip, job_id, fo
     _warn_plugin_problems(console)
     if insecure and not deploy:
         raise click.UsageError("--insecure only applies with --deploy")
-    staged = stage(cfg, mode=mode, deploy=deploy, serve_port=serve_port, pip=pip, insecure=insecure)
+    staged = stage(cfg, mode=mode, deploy=deploy, serve_port=serve_port, pip=pip, insecure=insecure, resume=resume)
     try:
         shipped = ", ".join(f"{s.distribution} {s.version}" for s in staged.shipped)
         if dry_run:

@@ -438,7 +438,8 @@ class StagedJob:
 
 
 def stage(cfg: Any, mode: str = "auto", deploy: bool = False, serve_port: int = 8000,
-          pip: tuple[str, ...] = (), folder: Path | None = None, insecure: bool = False) -> StagedJob:
+          pip: tuple[str, ...] = (), folder: Path | None = None, insecure: bool = False,
+          resume: bool = False) -> StagedJob:
     """Validate ``cfg`` here and lay out what the job carries; nothing is sent. With
     ``deploy``, the winner is served on the cluster's every interface, so the head must have
     TRAINYARD_API_KEY (cluster.yaml sets it), unless ``insecure`` serves it without a key."""
@@ -455,6 +456,8 @@ def stage(cfg: Any, mode: str = "auto", deploy: bool = False, serve_port: int = 
         raise ConfigError("tune: the config has no tune section, so it cannot be submitted as a search")
     if deploy and mode != "tune":
         raise ConfigError("--deploy deploys a search's winner; the job is a training run (no tune section)")
+    if resume and mode != "tune":
+        raise ConfigError("--resume resumes a search; a training run resumes when submitted again as it was")
     _check_storage(cfg)
     _check_local_data_paths(cfg)
     _check_pip(pip)
@@ -470,7 +473,8 @@ def stage(cfg: Any, mode: str = "auto", deploy: bool = False, serve_port: int = 
     for dist in plugins_used(cfg, registry):
         shipped.append(_ship_distribution(dist, folder))
     # Ray runs the entrypoint through a shell on the head: every value in it is quoted.
-    command = shlex.join(["python", "-m", "trainyard.cli", mode, "job.yaml", "--address", "auto"])
+    command = shlex.join(["python", "-m", "trainyard.cli", mode, "job.yaml", "--address", "auto",
+                          *(["--resume", str(cfg.name)] if resume else [])])  # found under storage_path
     if deploy:
         registry_dir = f"{cfg.tune.registry.rstrip('/')}/{cfg.name}"
         command += " && " + shlex.join([
