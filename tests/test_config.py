@@ -236,6 +236,22 @@ def test_typed_params_returns_an_instance_of_the_plugin_schema():
     assert params.hidden == [8] and params.dropout == 0.5 and params.activation == "relu"
 
 
+def test_a_bool_param_given_a_number_is_refused_not_read_as_true():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Flags:
+        flag: bool = False
+        maybe: bool | None = None
+
+    for value in (2, 0.5, "yes please"):
+        with pytest.raises(ConfigError, match=rf"model.params.flag: must be true or false \(got {value!r}\)"):
+            typed_params(Flags, {"flag": value}, "model.params")
+    assert typed_params(Flags, {"flag": True, "maybe": "false"}, "model.params") == Flags(True, False)
+    with pytest.raises(ConfigError, match="model.params.maybe: must be true or false"):
+        typed_params(Flags, {"maybe": 1}, "model.params")
+
+
 def test_model_that_cannot_take_the_datasets_inputs_is_rejected():
     message = config_error(path=None, base=minimal(model={"name": "cnn"}))
     assert message.startswith("model.name:")

@@ -655,6 +655,7 @@ def typed_params(schema: type | None, values: Any, path: str) -> Any:
         if values:
             raise ConfigError(f"{path}: this plugin takes no params (got {sorted(values)})")
         return None
+    _check_bools(schema, values or {}, path)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values or {})
         missing = sorted(OmegaConf.missing_keys(merged))
@@ -669,6 +670,28 @@ def typed_params(schema: type | None, values: Any, path: str) -> Any:
         if field_name in {f.name for f in dataclasses.fields(schema)}:
             raise ConfigError(f"{path}.{field_name}: {message[len(field_name):].lstrip(': ')}") from None
         raise ConfigError(f"{path}: {message}") from None
+
+
+def _check_bools(schema: type, values: Any, path: str) -> None:
+    """A bool param given a number other than a bool (OmegaConf would take ``flag=2`` as true,
+    while ``--dry-run`` showed the 2)."""
+    import types
+    import typing
+
+    if not isinstance(values, dict):
+        return
+    try:
+        hints = typing.get_type_hints(schema)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: OmegaConf's own checks apply
+        return
+    for name, hint in hints.items():
+        optional_bool = typing.get_origin(hint) in (typing.Union, types.UnionType) and set(
+            typing.get_args(hint)) == {bool, type(None)}
+        if (hint is bool or optional_bool) and name in values:
+            value = values[name]
+            if value is not None and not isinstance(value, bool) and not (
+                    isinstance(value, str) and value.lower() in ("true", "false")):
+                raise ConfigError(f"{path}.{name}: must be true or false (got {value!r})")
 
 
 def params_to_json(params: Any) -> Any:
