@@ -566,3 +566,24 @@ def test_replicas_the_cluster_can_never_hold_are_refused_at_once(served):
         deploy(load_serve_config(base={"port": served["port"], "models": [model]}))
     assert time.monotonic() - started < 30
     assert "too_big" not in serve.status().applications  # nothing was deployed
+
+
+def test_a_deploy_asking_another_port_or_host_than_the_running_serve_is_refused_naming_both(served):
+    """Serve keeps the host and port it started with (Ray ignores new ones with a warning):
+    such a deploy printed a URL nothing listened on, or served a model asked for loopback on
+    every interface with no key. It is refused, naming where Serve listens."""
+    from ray import serve
+
+    from trainyard.errors import TrainyardError
+    from trainyard.serve.config import load_serve_config
+    from trainyard.serve.deploy import deploy
+
+    model = {"winner": str(served["root"] / "mlp"), "name": "elsewhere", "num_cpus": 0.1}
+    for host, port in (("127.0.0.1", served["port"] + 1), ("0.0.0.0", served["port"])):
+        with pytest.raises(TrainyardError) as refused:
+            deploy(load_serve_config(base={"host": host, "port": port, "insecure": True, "models": [model]}))
+        assert str(refused.value) == (
+            f"Serve already runs on this cluster, on 127.0.0.1:{served['port']} (set when it started; it cannot "
+            f"move to {host}:{port}); deploy with --host 127.0.0.1 --port {served['port']}, or stop it first "
+            "(serve shutdown)")
+    assert "elsewhere" not in serve.status().applications

@@ -105,6 +105,20 @@ def failure_reason(text: str) -> str:
     return lines[-1] if lines else "Serve gave no reason"
 
 
+def check_serve_listens_as_asked(cfg: Any) -> None:
+    """A Serve already running on the cluster keeps the host and port it started with (Ray
+    ignores new ones with a warning): refuse, rather than print a URL nothing serves, or
+    serve on every interface a model asked for loopback without a key."""
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    if (http.host, int(http.port)) != (cfg.host, int(cfg.port)):
+        raise TrainyardError(
+            f"Serve already runs on this cluster, on {http.host}:{http.port} (set when it started; "
+            f"it cannot move to {cfg.host}:{cfg.port}); deploy with --host {http.host} --port "
+            f"{http.port}, or stop it first (serve shutdown)")
+
+
 def _start_serve(http_options: dict, wait_s: float = 60.0) -> None:
     """serve.start, once more should it meet a Serve still shutting down: right after
     ``serve.shutdown`` (another deploy's, a test's), the old controller may still be
@@ -154,6 +168,7 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
     init_ray(address, ingress=ingress_for_host(cfg.host, cfg.ingress) if address is None else None)
     check_serve_fits(cfg)
     _start_serve({"host": cfg.host, "port": int(cfg.port)})
+    check_serve_listens_as_asked(cfg)
     existing = [a for a in serve.status().applications if a != ROOT_APP]
     specs = application_specs(cfg, existing, auth)
     endpoints = {}
