@@ -304,3 +304,20 @@ def test_each_job_writes_its_own_params_and_config(tmp_path):
                     "c": {"hidden": 3, "scale": 1.0}}
     assert "hidden: 7" in (tmp_path / "b" / "job.yaml").read_text()
     assert "hidden: 3" in (tmp_path / "c" / "job.yaml").read_text()
+
+
+def test_a_checkpoint_is_not_rebuilt_with_another_plugins_model_of_the_same_name(tmp_path):
+    """A checkpoint records the plugin its model came from; where the name now belongs to
+    another plugin, loading it says so instead of building the other plugin's model."""
+    from trainyard.errors import TrainyardError
+
+    first, second = unique("scaled_plugin"), unique("scaled_rival")
+    folder = tmp_path / "ckpt"
+    with plugin_registered(release(scale=1.0), first):
+        train_and_write(folder, first, {"hidden": 5})
+    with plugin_registered(release(scale=1.0), second):  # the same model name, another plugin
+        with pytest.raises(TrainyardError) as err:
+            load_predictor(folder)
+    assert str(err.value) == (f"checkpoint {folder}: its model {MODEL!r} was trained with plugin {first!r}, but "
+                              f"here that name is plugin {second!r}'s; install {first!r} (and disable the other "
+                              "with TRAINYARD_DISABLE_PLUGINS) to load it")

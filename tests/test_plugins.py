@@ -565,6 +565,12 @@ def test_a_plugin_registering_a_name_another_has_is_dropped_naming_both_and_the_
             assert "mlp" in registry.table("model")  # built-ins untouched
             with pytest.raises(PluginError, match='plugin "second_plugin": registers a metric'):
                 registry.get("metric", "second_own_metric")  # asked for: told why it is missing
+            # Which of two third-party plugins a job means by the shared name cannot be told.
+            with pytest.raises(PluginError) as err:
+                registry.get("metric", "shared_metric")
+            assert str(err.value) == ('plugins "first_plugin" and "second_plugin" both register a metric named '
+                                      "'shared_metric', so which one is meant cannot be told; disable one with "
+                                      "TRAINYARD_DISABLE_PLUGINS=second_plugin (or =first_plugin), or uninstall it")
         finally:
             plugins.unregister_plugin("second_plugin")
         assert plugins.get_registry().owner("metric", "shared_metric") == "first_plugin"
@@ -589,6 +595,7 @@ def test_a_plugin_registering_a_builtin_name_or_one_name_twice_is_dropped_and_bu
     try:
         registry = plugins.get_registry()
         assert registry.owner("dataset", "digits") == "images"
+        assert registry.get("dataset", "digits") is registry.datasets["digits"]  # a built-in's name stays its own
         problems = {p.plugin: p.message for p in registry.problems}
         assert problems["my_digits"].startswith("registers a dataset named 'digits', which plugin \"images\"")
         assert problems["twice_plugin"] == "registers the metric 'twice_metric' twice"

@@ -362,6 +362,12 @@ def load_predictor(directory: str | Path, device: str = "cpu", registry: Any = N
         )
     config = OmegaConf.load(directory / "job.yaml")
     spec = registry.get("model", manifest["model"])
+    trained_by, installed = manifest.get("model_plugin"), registry.owners.get(("model", manifest["model"]))
+    if trained_by and installed and trained_by != installed:
+        raise TrainyardError(
+            f"checkpoint {directory}: its model {manifest['model']!r} was trained with plugin "
+            f"{trained_by!r}, but here that name is plugin {installed!r}'s; install {trained_by!r} "
+            "(and disable the other with TRAINYARD_DISABLE_PLUGINS) to load it")
     info = DataInfo.from_dict(json.loads((directory / "data_info.json").read_text()))
     params = _model_params(directory, manifest, config, spec, registry)
     processor = spec.processor(params, info)

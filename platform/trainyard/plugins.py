@@ -85,6 +85,10 @@ class Registry:
     owners: dict[tuple[str, str], str] = field(default_factory=dict)
     plugins: list[PluginInfo] = field(default_factory=list)
     problems: list[PluginProblem] = field(default_factory=list)
+    #: Names two third-party plugins both register (kind, name) -> (kept, dropped): which one
+    #: a job means cannot be told, so asking for one is an error naming both. (A built-in's
+    #: name stays the built-in's: the clashing plugin is dropped.)
+    contested: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
 
     def table(self, kind: str) -> dict[str, Any]:
         return {"model": self.models, "dataset": self.datasets, "metric": self.metrics}[kind]
@@ -92,6 +96,11 @@ class Registry:
     def get(self, kind: str, name: str) -> Any:
         """The spec registered as ``name``, or a PluginError listing what exists."""
         table = self.table(kind)
+        if (kind, name) in self.contested:
+            kept, dropped = self.contested[(kind, name)]
+            raise PluginError(f"plugins \"{kept}\" and \"{dropped}\" both register a {kind} named {name!r}, so "
+                              f"which one is meant cannot be told; disable one with TRAINYARD_DISABLE_PLUGINS="
+                              f"{dropped} (or ={kept}), or uninstall it")
         if name in table:
             return table[name]
         known = ", ".join(sorted(table)) or "none"
@@ -347,6 +356,10 @@ def get_registry() -> Registry:
             problem = _name_clash(registry, plugin_name, collected)
             if problem:  # dropped whole, as any other broken plugin: the rest still load
                 registry.problems.append(PluginProblem(plugin_name, problem))
+                for kind, spec in collected:
+                    other = registry.owners.get((kind, spec.name))
+                    if other is not None and other != plugin_name and not _is_builtin(other):
+                        registry.contested[(kind, spec.name)] = (other, plugin_name)
                 continue
             for kind, spec in collected:
                 table = registry.table(kind)
@@ -356,6 +369,11 @@ def get_registry() -> Registry:
             registry.plugins.append(info)
         _registry, _registry_key = registry, key
         return registry
+
+
+def _is_builtin(plugin_name: str) -> bool:
+    info = _infos.get(plugin_name)
+    return bool(info is not None and info.builtin)
 
 
 def _name_clash(registry: Registry, plugin_name: str, collected: list) -> str | None:
