@@ -421,7 +421,19 @@ def test_a_job_naming_local_data_or_an_unreadable_pip_requirement_is_refused_bef
     cfg.data.params.path = str(tmp_path / "data.csv")  # absolute: a shared folder's path, taken
     assert stage(cfg, folder=tmp_path / "job2").mode == "train"
     for bad, said in (("/tmp/no_such_pkg_dir", "a local path, which the cluster's nodes do not have"),
-                      ("torch>=>2", "not a pip requirement")):
+                      ("torch>=>2", "not a pip requirement"), ("-r requirements.txt", "'requirements.txt' is a local path"),
+                      ("-e ./pkg", "'./pkg' is a local path"), ("pkg @ ./local", "a local path"),
+                      ("pkg @ file:///nowhere/x.whl", "a local path"), ("x-1.0-py3-none-any.whl", "a local path")):
         with pytest.raises(ConfigError, match=f"--pip '{re.escape(bad)}': {said}"):
             stage(cfg, pip=(bad,), folder=tmp_path / "job3")
-    assert stage(cfg, pip=("rich>=13", "git+https://example.com/x.git"), folder=tmp_path / "job4").runtime_env["pip"]
+    # What a requirements file takes, a URL, and a path that exists here (maybe a shared folder) pass.
+    fine = ("rich>=13", "git+https://example.com/x.git", "pkg==1.0 --hash=sha256:abc", "pkg  # pinned",
+            "pkg[extra]>=1; python_version>'3.8'", "pkg @ https://example.com/p.whl", "torch==2.4.0+cpu",
+            "-r https://example.com/req.txt", str(tmp_path / "data.csv"))
+    assert stage(cfg, pip=fine, folder=tmp_path / "job4").runtime_env["pip"] == list(fine)
+    # A param that only shares its name with a folder here (a format, a column) is no path.
+    (tmp_path / "images").mkdir()
+    (tmp_path / "label").mkdir()
+    files = {"data": {"name": "files", "params": {"uri": "s3://bucket/pets", "format": "images", "label": "label"}}}
+    cfg = load_config(CONFIGS / "cnn_digits.yaml", ["storage_path=/mnt/shared/runs"], base=files)
+    stage(cfg, mode="train", folder=tmp_path / "job5")

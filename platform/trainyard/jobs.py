@@ -401,7 +401,11 @@ def _check_local_data_paths(cfg: Any) -> None:
     for key, value in (cfg.data.get("params") or {}).items():
         if not isinstance(value, str) or not value or "://" in value or Path(value).expanduser().is_absolute():
             continue
-        if value.startswith("~") or not glob.glob(value):
+        # Only what reads as a path: a folder in it, a file's extension or a glob (a column
+        # or format name that a folder here happens to share, such as 'images', is none).
+        looks_like_path = "/" in value or os.sep in value or any(c in value for c in "*?[") or (
+            Path(value).suffix and value not in (".", ".."))
+        if not looks_like_path or value.startswith("~") or not glob.glob(value):
             continue
         raise ConfigError(
             f"data.params.{key}: {value!r} is a path on this machine, relative to this folder; the job "
@@ -414,17 +418,35 @@ def _check_pip(requirements: tuple[str, ...]) -> None:
     only after minutes of setting the job's environment up on the cluster."""
     from packaging.requirements import InvalidRequirement, Requirement
 
+    local = ("a local path, which the cluster's nodes do not have; publish the package to an index, or "
+             "use a URL they can reach")
+
+    def shared(path: str) -> bool:  # an absolute path that exists here may be a folder every node mounts
+        path = path.removeprefix("file://")
+        return os.path.isabs(path) and os.path.exists(path)
+
     for req in requirements:
-        if "://" in req or req.startswith(("-", "git+")):
-            continue  # a URL or a pip option: pip on the cluster reads those
+        # A requirements-file line: per-requirement options (--hash=...) and a comment may follow.
+        line = req.split(" #", 1)[0].split(" --", 1)[0].strip()
+        option = re.match(r"(-[rce]|--requirement|--constraint|--editable)[\s=]+(\S+)$", line)
+        if option:  # a file or folder pip reads on the node, unless it is a URL
+            if ("://" not in option.group(2) or option.group(2).startswith("file:")) and not shared(option.group(2)):
+                raise ConfigError(f"--pip {req!r}: {option.group(2)!r} is {local}")
+            continue
+        if line.startswith("-") or line.startswith("git+") or ("://" in line and "@" not in line):
+            continue  # another pip option, a VCS or archive URL: pip on the cluster reads those
+        target = line.split("@", 1)[1].strip() if "@" in line and "://" not in line.split("@", 1)[0] else ""
+        path = target or line
+        if (target.startswith(("file:", ".", "/", "~")) or (line.endswith((".whl", ".tar.gz", ".zip"))
+                                                             and "://" not in line)) and not shared(path):
+            raise ConfigError(f"--pip {req!r}: {local}")
         try:
-            Requirement(req)
+            Requirement(line)
         except InvalidRequirement as exc:
-            looks_like_path = "/" in req or req.startswith((".", "~"))
-            raise ConfigError(
-                f"--pip {req!r}: " + ("a local path, which the cluster's nodes do not have; publish the "
-                                      "package to an index, or use a URL they can reach" if looks_like_path
-                                      else f"not a pip requirement ({exc})")) from None
+            if shared(line):
+                continue
+            looks_like_path = "/" in line or line.startswith((".", "~"))
+            raise ConfigError(f"--pip {req!r}: " + (local if looks_like_path else f"not a pip requirement ({exc})")) from None
 
 
 @dataclass
