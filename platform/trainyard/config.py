@@ -673,8 +673,8 @@ def typed_params(schema: type | None, values: Any, path: str) -> Any:
 
 
 def _check_bools(schema: type, values: Any, path: str) -> None:
-    """A bool param given a number other than a bool (OmegaConf would take ``flag=2`` as true,
-    while ``--dry-run`` showed the 2)."""
+    """A bool param given a number other than 0 or 1 (OmegaConf would take ``flag=2`` as
+    true, while ``--dry-run`` showed the 2)."""
     import types
     import typing
 
@@ -688,9 +688,8 @@ def _check_bools(schema: type, values: Any, path: str) -> None:
         optional_bool = typing.get_origin(hint) in (typing.Union, types.UnionType) and set(
             typing.get_args(hint)) == {bool, type(None)}
         if (hint is bool or optional_bool) and name in values:
-            value = values[name]
-            if value is not None and not isinstance(value, bool) and not (
-                    isinstance(value, str) and value.lower() in ("true", "false")):
+            value = values[name]  # 0 and 1 (and the strings OmegaConf reads) stay as OmegaConf takes them
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1):
                 raise ConfigError(f"{path}.{name}: must be true or false (got {value!r})")
 
 
