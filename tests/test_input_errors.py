@@ -337,19 +337,27 @@ def test_a_jobs_api_url_given_to_train_is_one_line_saying_which_address_it_takes
 
 def test_workers_waiting_for_resources_others_hold_are_told_what_and_how_much(ray_cluster):
     """A run whose workers fit the cluster's total but not what is free now (Serve replicas,
-    another job) waited with no word; the driver now says what it waits for."""
+    another job) waited with no word; the driver now says what it waits for, judging by its
+    own pending placement group (another's, or its own once placed, is no reason)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     from trainyard.runtime.cluster import resources_wait_note
 
     free = ray.available_resources().get("CPU", 0.0)
-    assert resources_wait_note({"CPU": free + 1.0}, "the 2 worker(s)") is None  # nothing pending: no note
-    pending = placement_group([{"CPU": free + 0.5}])  # what Ray Train asks for, waiting
+    total = ray.cluster_resources()["CPU"]
+    each = (free + 0.5) / 2
+    assert resources_wait_note({"CPU": each}, 2, "the 2 worker(s)") is None  # nothing pending: no note
+    others = placement_group([{"CPU": free + 0.25}])  # someone else's group, waiting
     try:
-        note = resources_wait_note({"CPU": free + 0.5}, "the 2 worker(s)")
-        assert note is not None and note.startswith(f"the 2 worker(s) wait for resources others hold (CPU: needs "
-                                                    f"{free + 0.5:g}, {free:g} of"), note
-        assert resources_wait_note({"CPU": 0.0}, "the 2 worker(s)") is None  # what is free is enough
+        assert resources_wait_note({"CPU": each}, 2, "the 2 worker(s)") is None
+        pending = placement_group([{"CPU": each}, {"CPU": each}])  # what Ray Train asks for, waiting
+        try:
+            note = resources_wait_note({"CPU": each}, 2, "the 2 worker(s)")
+            expected = (f"the 2 worker(s) wait for resources others hold (CPU: needs {free + 0.5:g}, {free:g} of {total:g} "
+                        "free)") if free + 0.5 <= total else "the 2 worker(s) wait for resources the cluster does not have yet"
+            assert note is not None and note.startswith(expected), note
+        finally:
+            remove_placement_group(pending)
     finally:
-        remove_placement_group(pending)
+        remove_placement_group(others)

@@ -136,20 +136,30 @@ class ResourcesWaitWarning(UserWarning):
     """A job waits for resources the cluster has but others hold."""
 
 
-def resources_wait_note(need: dict[str, float], what: str) -> str | None:
-    """Why ``what`` may be waiting: the resources it needs that the cluster holds in total but
-    has not free now (held by other jobs, Serve replicas, ...); None when they are free."""
+def resources_wait_note(each: dict[str, float], n: int, what: str) -> str | None:
+    """Why ``what`` (``n`` workers asking ``each``) may be waiting: a placement group of
+    exactly those bundles is pending (Ray Train asks for its workers' resources so) and the
+    cluster has not that much free (held by other jobs, Serve replicas, ...), or not that
+    much at all (an autoscaling cluster that must grow). None otherwise: a placed group
+    holds its resources itself, while its workers start."""
     import ray
 
-    # Ray Train asks for its workers' resources as a placement group, pending while it waits
-    # (once placed, the workers themselves hold what is no longer free).
-    if not any(pg.get("state") == "PENDING" for pg in ray.util.placement_group_table().values()):
+    def ours(bundles: dict) -> bool:
+        values = list(bundles.values())
+        return len(values) == n and all(
+            all(abs(float(b.get(k, 0.0)) - v) < 1e-9 for k, v in each.items() if v) for b in values)
+
+    if not any(pg.get("state") == "PENDING" and ours(pg.get("bundles") or {})
+               for pg in ray.util.placement_group_table().values()):
         return None
+    need = {k: v * n for k, v in each.items() if v}
     free, total = ray.available_resources(), ray.cluster_resources()
     short = {k: (v, free.get(k, 0.0), total.get(k, 0.0)) for k, v in need.items() if v > free.get(k, 0.0) + 1e-9}
     if not short:
         return None
     held = "; ".join(f"{k}: needs {v:g}, {have:g} of {all_:g} free" for k, (v, have, all_) in short.items())
+    if any(v > all_ + 1e-9 for v, _, all_ in short.values()):
+        return f"{what} wait for resources the cluster does not have yet ({held}): it starts if it grows"
     return (f"{what} wait for resources others hold ({held}): it starts when they are freed (`ray status` "
             "shows who holds them; Serve replicas keep theirs while they serve)")
 

@@ -272,7 +272,7 @@ def _fit(cfg: Any, job: Any, loop_config: dict, storage: str, sink: Any, run_dir
             warned = True  # once: the workers have not started; say so if others hold what they need
             _, each = worker_resources(cfg)
             n = cfg.scaling.num_workers
-            note = resources_wait_note({k: v * n for k, v in each.items()}, f"the {n} worker(s)")
+            note = resources_wait_note(each, n, f"the {n} worker(s)")
             if note:
                 warnings.warn(ResourcesWaitWarning(note), stacklevel=1)
         for event in ray.get(sink.drain.remote()):
