@@ -759,3 +759,20 @@ def test_a_dataset_plugins_mistakes_are_one_line_naming_the_dataset_before_train
         load_dataset(job, broken(FileNotFoundError("data.csv")))
     good = LoadedData(info, Split(x, np.array([0, 1, 1, 0, 1, 0])))
     assert load_dataset(job, lambda job: good) is good
+    # What trained before these checks still does: whole-number float or bool labels (a table's
+    # 0.0/1.0 column), cast to class indices as they always were.
+    for labels in (np.array([0.0, 1.0, 1.0, 0.0, 1.0, 0.0]), np.array([False, True, True, False, True, False])):
+        loaded = LoadedData(info, Split(x, labels))
+        assert load_dataset(job, lambda job: loaded) is loaded
+    with pytest.raises(TrainingError, match="classification targets must be class indices"):
+        load_dataset(job, lambda job: LoadedData(info, Split(x, np.array([0.5, 1, 1, 0, 1, 0]))))
+
+
+def test_text_inputs_may_be_any_sequence_of_strings():
+    from trainyard.splits import split_problem
+
+    info = DataInfo("classification", "text", ["neg", "pos"], [])
+    y = np.array([0, 1])
+    for texts in (["good", "bad"], ("good", "bad"), np.array(["good", "bad"])):
+        assert split_problem(Split(texts, y), info) is None
+    assert split_problem(Split(["good", 3], y), info) == "text inputs must be a list of strings"

@@ -30,7 +30,10 @@ def split_problem(split: Any, info: hookspecs.DataInfo) -> str | None:
 
 def _text_problem(inputs: Any, info: hookspecs.DataInfo) -> str | None:
     """What is wrong with text inputs, or None."""
-    if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
+    import numpy as np
+
+    ok = isinstance(inputs, (list, tuple)) or (isinstance(inputs, np.ndarray) and inputs.ndim == 1)
+    if not ok or not all(isinstance(t, str) for t in inputs):
         return "text inputs must be a list of strings"
     if info.input_shape:
         return f"DataInfo.input_shape must be [] for text (got {info.input_shape})"
@@ -59,8 +62,12 @@ def _targets_problem(targets: Any, info: hookspecs.DataInfo) -> str | None:
     import numpy as np
 
     if info.task == "classification":
-        if not np.issubdtype(targets.dtype, np.integer):
+        whole = np.issubdtype(targets.dtype, np.integer) or targets.dtype == np.bool_ or (
+            np.issubdtype(targets.dtype, np.floating) and np.isfinite(targets).all()
+            and bool((targets == np.round(targets)).all()))  # 0.0/1.0 from a table: cast to int64 as before
+        if not whole:
             return f"classification targets must be class indices (integers), got dtype {targets.dtype}"
+        targets = targets.astype(np.int64)
         if targets.min() < 0 or targets.max() >= len(info.classes):
             return (f"targets run from {targets.min()} to {targets.max()}, outside the "
                     f"{len(info.classes)} classes of DataInfo.classes")
