@@ -639,7 +639,7 @@ def test_oip_outputs_take_a_plugins_scores_by_class_name_or_in_order_and_say_wha
         label, probs = outputs_to_oip(answers, None, sig)
         assert label["data"] == ["yes"] and probs["data"] == [0.25, 0.75] and probs["shape"] == [1, 2]
     for scores, said in (([0.1, 0.2, 0.7], "'scores' of type list"), (None, "no 'scores'"),
-                         ({"yes": 1.0}, "'scores' of type dict")):
+                         ({"yes": 1.0}, "'scores' without the classes \\['no'\\]")):
         with pytest.raises(ValueError, match=f"the model plugin's decode gave {said}; OIP outputs need a score "
                                              "for each of the 2 classes"):
             outputs_to_oip([{"label": "yes", "scores": scores}], None, sig)

@@ -168,7 +168,7 @@ def _loss(out: Any, sample: Sample) -> Any:
 
 def check_decode(run: ModelRun) -> str:
     """``processor.decode`` gives one JSON-able dict per example, labels among the classes
-    and, for classification, scores (where given) a number per class name."""
+    and, for classification, scores in every answer: a number per class name."""
     answers = run.processor.decode(run.out.detach())
     if not isinstance(answers, list) or len(answers) != BATCH or not all(isinstance(a, dict) for a in answers):
         got = f"{len(answers)} items" if isinstance(answers, list) else type(answers).__name__

@@ -71,6 +71,17 @@ def replica_auth(cfg: Any, address: str | None) -> dict[str, str]:
         "deploy without --api-key, or give --api-key-file FILE (a file on every node)")
 
 
+def _ray_client() -> bool:
+    """This process is connected to a remote cluster through Ray Client (ray://): its
+    replicas run on that cluster's nodes, not here."""
+    try:
+        from ray.util.client import ray as client
+
+        return bool(client.is_connected())
+    except Exception:  # noqa: BLE001 - no client support: not connected through it
+        return False
+
+
 def check_key_file(path: str) -> None:
     """The key file the replicas on this machine will read: readable and not empty (the
     replicas' own check, which fails closed, would otherwise say so only once they start)."""
@@ -163,7 +174,7 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
     if address is None and not ray.is_initialized():  # nothing of this process holds it yet
         check_port_free(cfg.host, int(cfg.port))
     auth = replica_auth(cfg, address)
-    if address is None and not os.environ.get("RAY_ADDRESS") and "api_key_file" in auth:
+    if address is None and not os.environ.get("RAY_ADDRESS") and "api_key_file" in auth and not _ray_client():
         check_key_file(auth["api_key_file"])  # this machine's replicas read it: say so before Ray starts
     init_ray(address, ingress=ingress_for_host(cfg.host, cfg.ingress) if address is None else None)
     check_serve_fits(cfg)

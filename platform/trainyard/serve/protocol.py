@@ -495,8 +495,11 @@ def _class_scores(answer: Any, classes: list[str]) -> list:
         return [scores[c] for c in classes]
     if isinstance(scores, (list, tuple)) and len(scores) == len(classes):
         return list(scores)
-    missing = "no 'scores'" if scores is None else f"'scores' of type {type(scores).__name__}"
-    raise ValueError(f"the model plugin's decode gave {missing}; OIP outputs need a score for each of "
+    if isinstance(scores, dict):
+        gave = f"'scores' without the classes {[c for c in classes if c not in scores]}"
+    else:
+        gave = "no 'scores'" if scores is None else f"'scores' of type {type(scores).__name__}"
+    raise ValueError(f"the model plugin's decode gave {gave}; OIP outputs need a score for each of "
                      f"the {len(classes)} classes (a mapping from class name to score)")
 
 
