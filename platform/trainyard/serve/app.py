@@ -20,7 +20,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from trainyard.serve.config import API_KEY_MARK, MAX_FORWARD_EXAMPLES, ROOT_CPUS
+from trainyard.serve.config import API_KEY_MARK, MAX_FORWARD_EXAMPLES, ROOT_CPUS, read_key_file
 from trainyard.serve.protocol import (
     ERROR_SCHEMA,
     ModelSignature,
@@ -177,16 +177,10 @@ def load_api_key(options: dict) -> bytes | None:
     path, name = options.get("api_key_file"), options.get("api_key_env")
     if path:
         try:
-            with open(path, encoding="utf-8") as f:
-                key = f.read().strip()
-        except (OSError, UnicodeError) as exc:
-            reason = getattr(exc, "strerror", None) or type(exc).__name__
-            raise ApiKeyMissing(f"{API_KEY_MARK} cannot read the key file {path} on this replica's "
-                                f"node ({reason}); it must exist on every node that runs a "
-                                "replica") from None
-        if not key:
-            raise ApiKeyMissing(f"{API_KEY_MARK} the key file {path} is empty")
-        return key.encode("utf-8")
+            return read_key_file(path).encode("utf-8")
+        except ValueError as why:
+            raise ApiKeyMissing(f"{API_KEY_MARK} the key file {path} {why} on this replica's node; it must "
+                                "exist, with the key, on every node that runs a replica") from None
     if name:
         key = os.environ.get(name, "").strip()
         if not key:

@@ -114,6 +114,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def read_key_file(path: str) -> str:
+    """The API key in the file ``path``, surrounding whitespace (its last newline) dropped;
+    a ValueError saying why there is none ("cannot be read (...)" or "is empty"). Both the
+    replicas (which then refuse to start) and ``deploy`` (before anything starts) read it so."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.read().strip()
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(f"cannot be read ({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
+    if not key:
+        raise ValueError("is empty")
+    return key
+
+
 def has_api_key(cfg: Any) -> bool:
     """Whether the served models will require a key: one given directly, a key file, or the
     key variable set where you deploy."""

@@ -15,6 +15,7 @@ from trainyard.serve.config import (
     application_specs,
     auth_options,
     check_exposure,
+    read_key_file,
 )
 
 #: Key files this process wrote (key -> path): one per key, removed at exit.
@@ -86,13 +87,9 @@ def check_key_file(path: str) -> None:
     """The key file the replicas on this machine will read: readable and not empty (the
     replicas' own check, which fails closed, would otherwise say so only once they start)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            key = f.read().strip()
-    except (OSError, UnicodeError) as exc:
-        reason = getattr(exc, "strerror", None) or type(exc).__name__
-        raise TrainyardError(f"the API key file {path} cannot be read ({reason}); nothing was deployed") from None
-    if not key:
-        raise TrainyardError(f"the API key file {path} is empty; nothing was deployed")
+        read_key_file(path)
+    except ValueError as why:
+        raise TrainyardError(f"the API key file {path} {why}; nothing was deployed") from None
 
 
 def _deployment_messages(app: str) -> str:
