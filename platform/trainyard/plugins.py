@@ -395,7 +395,7 @@ def _name_clash(registry: Registry, plugin_name: str, collected: list) -> str | 
 def _ordered_plugin_names(pm: pluggy.PluginManager) -> list[str]:
     """Plugin names in a stable order: built-ins first, then by name."""
     names = [name for name, _ in pm.list_name_plugin()]
-    return sorted(names, key=lambda n: (not _infos.get(n, PluginInfo(n, "", "", "", "", False)).builtin, n))
+    return sorted(names, key=lambda n: (not _is_builtin(n), n))
 
 
 def _collect_from(pm: pluggy.PluginManager, plugin_name: str) -> tuple[list, str | None]:

@@ -92,7 +92,9 @@ def load_dataset(job: ResolvedJob, load: Callable[[ResolvedJob], Any] | None = N
             f"dataset {job.dataset.name!r} declared task {job.task} but loaded {data.info.task}"
         )
     for split_name, split in (("train", data.train), ("val", data.val)):
-        problem = split_problem(split, data.info) if split is not None or split_name == "train" else None
+        if split is None and split_name == "val":  # trainyard holds validation out of train
+            continue
+        problem = split_problem(split, data.info)
         if problem:
             raise TrainingError(f"dataset {name!r}: the {split_name} split: {problem}")
     return data
