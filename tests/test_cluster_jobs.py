@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CONFIGS
-from tests.helpers_cluster import free_ports, local_cluster
+from tests.helpers_cluster import local_cluster
+from tests.ports import free_ports
 
 
 @pytest.fixture(scope="module")

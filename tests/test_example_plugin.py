@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -23,6 +22,7 @@ from trainyard.checkpoint import load_predictor
 from trainyard.config import load_config
 
 from tests.conftest import ROOT
+from tests.ports import free_port
 
 EXAMPLE = ROOT / "examples" / "trainyard-example-plugin"
 CONFIG = EXAMPLE / "configs" / "wine_resmlp.yaml"
@@ -119,10 +119,6 @@ def test_a_tiny_tune_search_with_the_example_exports_a_winner(tuned):
     assert load_predictor(winner["path"]).manifest["model_plugin"] == PLUGIN
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +129,7 @@ def served(tuned):
     from trainyard.serve.deploy import deploy
     from trainyard.serve.config import load_serve_config
 
-    port = _free_port()
+    port = free_port()
     cfg = load_serve_config(base={"port": port, "models": [
         {"winner": tuned.winners[0]["path"], "name": "wine", "num_cpus": 0.1}]})
     endpoints = deploy(cfg)

@@ -17,7 +17,8 @@ import urllib.request
 
 import pytest
 
-from tests.test_serving import _free_port, make_checkpoint
+from tests.ports import free_port
+from tests.test_serving import make_checkpoint
 
 
 def _ray_processes(marker: str) -> list[str]:
@@ -32,7 +33,7 @@ class Deploy:
 
     def __init__(self, tmp_path, name: str, ingress: str):
         self.folder, self.inputs, _ = make_checkpoint(tmp_path / "ckpt", "mlp_breast_cancer", name)
-        self.port = _free_port()
+        self.port = free_port()
         self.ray_tmp = tempfile.mkdtemp(prefix="tyst", dir="/tmp")  # short: Ray's socket paths
         env = {**os.environ, "COLUMNS": "200", "RAY_TMPDIR": self.ray_tmp}
         env.pop("RAY_ADDRESS", None)

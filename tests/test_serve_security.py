@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.ports import free_port
 from tests.test_serving import make_checkpoint
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -25,10 +26,6 @@ KEY = "k3y-by-reference-8c1f"  # given directly (as --api-key would): must never
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(url, body=None, headers=None, method=None):
@@ -68,7 +65,7 @@ def secured(tmp_path_factory):
     from trainyard.serve.deploy import deploy
 
     root = tmp_path_factory.mktemp("secure")
-    port = _free_port()
+    port = free_port()
     samples = {}
     for name, config_name in (("sec_mlp", "mlp_breast_cancer"), ("sec_cnn", "cnn_digits"),
                               ("sec_bert", "bert_sentiment")):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import CONFIGS
+from tests.ports import free_port
 from trainyard.checkpoint import write_checkpoint
 from trainyard.config import load_config, resolve
 from trainyard.train.data import prepare_data, split_validation
@@ -21,10 +21,6 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 MODELS = {"mlp": "mlp_breast_cancer", "cnn": "cnn_digits", "bert": "bert_sentiment"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_checkpoint(folder, config_name, name):
@@ -50,6 +46,41 @@ def serve_config(port, models, version="1", **server):
         {"winner": w, "name": n, "version": version, "num_cpus": 0.1} for w, n in models]})
 
 
+def test_a_port_taken_once_ray_runs_is_named_and_serve_is_not_left_holding_it(ray_cluster, tmp_path):
+    """With Ray already up, the port is found taken only when Serve's ingress fails to bind
+    (seen in CI: another process took a port between a probe and HAProxy). The deploy says
+    so in one line, and no Serve stays behind holding that port for every later deploy to
+    be refused against (the next test's deploy, to another port, is the proof)."""
+    import socket
+    import time
+
+    from ray import serve
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    from trainyard.errors import TrainyardError
+    from trainyard.serve.deploy import deploy
+
+    serve.shutdown()  # whatever an earlier module left
+    folder, _, _ = make_checkpoint(tmp_path / "ckpt", "mlp_breast_cancer", "taken")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(TrainyardError) as caught:
+            deploy(serve_config(port, [(str(folder), "taken")]))
+    assert str(caught.value) == (f"port {port} on 127.0.0.1 is already in use (another server "
+                                 "listens there); stop it, or serve on another --port")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray_cluster.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("Serve's controller outlived the failed start")
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     from ray import serve
@@ -57,7 +88,7 @@ def served(tmp_path_factory):
     from trainyard.serve.deploy import deploy
 
     root = tmp_path_factory.mktemp("serve")
-    port = _free_port()
+    port = free_port()
     samples = {}
     targets = []
     for name, config_name in MODELS.items():
@@ -379,7 +410,7 @@ def test_main_job_command_tunes_deploys_and_answers_its_first_request(tmp_path):
     import subprocess
     import sys
 
-    port = _free_port()
+    port = free_port()
     out = subprocess.run(
         [sys.executable, "-m", "trainyard.cli", "up", str(CONFIGS / "tune_mlp.yaml"),
          "tune.num_samples=2", "train.epochs=2", f"storage_path={tmp_path / 'runs'}",

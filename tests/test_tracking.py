@@ -22,6 +22,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import CONFIGS
+from tests.ports import free_port
 from trainyard import tracking
 from trainyard.checkpoint import MANIFEST, incomplete_reason, load_predictor
 from trainyard.config import load_config
@@ -33,10 +34,6 @@ pytest.importorskip("mlflow")
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +50,7 @@ def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on loopback: SQLite store, artifacts it serves itself
     (clients upload and download them over HTTP) from a local folder."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = open(root / "server.log", "w")
     server = subprocess.Popen(
@@ -323,7 +320,7 @@ def test_a_tracking_server_that_takes_the_connection_and_never_answers_holds_the
 
 
 def test_a_tracking_server_that_is_down_costs_one_warning_and_nothing_of_the_run(job_config, caplog):
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     cfg = job_config("mlp_breast_cancer", "name=untracked", "scaling.num_workers=1", "train.epochs=2",
                      "tracking.backend=mlflow", f"tracking.uri={uri}")
     result = run_training(cfg)

@@ -130,7 +130,10 @@ def check_serve_listens_as_asked(cfg: Any) -> None:
 def _start_serve(http_options: dict, wait_s: float = 60.0) -> None:
     """serve.start, once more should it meet a Serve still shutting down: right after
     ``serve.shutdown`` (another deploy's, a test's), the old controller may still be
-    stopping its proxies, and a start that finds it waits on a proxy being killed."""
+    stopping its proxies, and a start that finds it waits on a proxy being killed.
+
+    A start whose HTTP ingress cannot listen is undone: Serve's controller would otherwise
+    stay, keeping the host and port nothing serves on, and refuse every later deploy."""
     import time
 
     import ray
@@ -138,7 +141,7 @@ def _start_serve(http_options: dict, wait_s: float = 60.0) -> None:
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
     try:
-        serve.start(http_options=http_options)
+        _start_or_undo(http_options)
         return
     except ray.exceptions.ActorDiedError:
         pass
@@ -150,7 +153,27 @@ def _start_serve(http_options: dict, wait_s: float = 60.0) -> None:
         except ValueError:  # gone
             break
         time.sleep(0.5)
-    serve.start(http_options=http_options)
+    _start_or_undo(http_options)
+
+
+def _start_or_undo(http_options: dict) -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.start(http_options=http_options)
+    except ray.exceptions.ActorDiedError:
+        raise
+    except Exception as exc:  # serve.start raises only when it started Serve here: undo it
+        serve.shutdown()
+        host, port = http_options["host"], http_options["port"]
+        text = str(exc)
+        if "Address already in use" in text or "EADDRINUSE" in text or "errno 98" in text.lower():
+            raise TrainyardError(f"port {port} on {host} is already in use (another server listens "
+                                 "there); stop it, or serve on another --port") from None
+        lines = [line.strip() for line in text.splitlines() if "ALERT" in line or "Error" in line]
+        raise TrainyardError(f"Serve's HTTP ingress did not start on {host}:{port}: "
+                             f"{lines[-1] if lines else type(exc).__name__}") from None
 
 
 def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
