@@ -167,6 +167,10 @@ def test_health_metadata_and_versions(served):
     status, body = call(base + "/v2/models/mlp%2Fready")
     assert status == 404 and body["error"] == ("no route '/v2/models/mlp/ready' for model 'mlp' (a '/' "
                                                "encoded as %2F does not separate the parts of a path)")
+    # ... nor past the model's name, where HAProxy hands it to the model's replica.
+    status, body = call(url + "/versions/1%2Finfer", oip_body("mlp", served["samples"]["mlp"][0]))
+    assert status == 404 and body["error"] == ("no route '/v2/models/mlp/versions/1/infer' for model 'mlp' "
+                                               "(a '/' encoded as %2F does not separate the parts of a path)")
     assert {m["name"] for m in call(base + "/v2/models")[1]["models"]} >= set(MODELS)
 
 

@@ -95,6 +95,27 @@ class ExactPrefix:
         await self.app(scope, receive, send)
 
 
+class EncodedSlash:
+    """A ``/`` sent encoded (``%2F``) in a model's path is data, not a separator (RFC 3986):
+    refused with a JSON 404, as the root application refuses one in the model's name. The
+    ASGI path a replica gets is decoded, so without this ``.../mlp%2Fready`` reached the
+    ``ready`` route whenever it came through Serve's own proxy (``--ingress proxy``, and
+    HAProxy's fallback while replicas start), and ``.../mlp/versions/1%2Finfer`` always."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and b"%2f" in (scope.get("raw_path") or b"").lower():
+            path, root = scope.get("path", ""), scope.get("root_path", "").rstrip("/")
+            name = root.rsplit("/", 1)[-1] if root else "?"
+            answer = error(404, f"no route {path!r} for model {name!r} (a '/' encoded as %2F does not "
+                                "separate the parts of a path)")
+            await answer(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class HeadAsGet:
     """HEAD answered wherever GET is, as HTTP asks (load balancers' health checks use it): the
     GET route's status and headers, without its body."""
@@ -487,6 +508,7 @@ MODEL_API_DESCRIPTION = ("Open Inference Protocol (KServe V2) routes and a plain
 model_api = FastAPI(title="trainyard model", description=MODEL_API_DESCRIPTION,
                     openapi_url=None, docs_url=None, redoc_url=None)
 model_api.add_middleware(ExactPrefix)
+model_api.add_middleware(EncodedSlash)
 model_api.add_middleware(HeadAsGet)
 model_api.add_exception_handler(HTTPException, http_error)
 model_api.add_exception_handler(RequestValidationError, validation_error)
