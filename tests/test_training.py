@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from tests.conftest import CONFIGS
 from trainyard.checkpoint import load_predictor
 from trainyard.errors import TrainingError
 from trainyard.train.driver import run_training
@@ -29,11 +30,30 @@ MODELS = {
 }
 
 
+@pytest.fixture(scope="module")
+def two_worker_run(tmp_path_factory):
+    """``two_worker_run(model)``: the built-in model's run on two workers (MODELS), trained
+    once for the module: the seeding test reruns the MLP's and compares."""
+    from trainyard.config import load_config
+
+    runs: dict = {}
+
+    def run(model: str):
+        if model not in runs:
+            config_name, overrides, _ = MODELS[model]
+            root = tmp_path_factory.mktemp(f"two_{model}")
+            cfg = load_config(CONFIGS / f"{config_name}.yaml",
+                              [f"storage_path={root / 'runs'}", "scaling.num_workers=2", *overrides])
+            runs[model] = (cfg, run_training(cfg))
+        return runs[model]
+
+    return run
+
+
 @pytest.mark.parametrize("model", sorted(MODELS))
-def test_each_builtin_model_trained_on_two_workers_beats_chance(model, job_config):
-    config_name, overrides, target = MODELS[model]
-    cfg = job_config(config_name, "scaling.num_workers=2", *overrides)
-    result = run_training(cfg)
+def test_each_builtin_model_trained_on_two_workers_beats_chance(model, two_worker_run):
+    _, _, target = MODELS[model]
+    cfg, result = two_worker_run(model)
 
     final = result.history[-1]
     assert final["val_accuracy"] > target, result.history
@@ -73,11 +93,11 @@ def _metrics(history):
     return [{k: v for k, v in row.items() if k.startswith("val_")} for row in history]
 
 
-def test_seeded_run_is_reproduced_and_two_workers_match_one(job_config):
-    common = ["train.epochs=3", "train.batch_size=32"]
-    first = run_training(job_config("mlp_breast_cancer", "name=a", "scaling.num_workers=2", *common))
-    again = run_training(job_config("mlp_breast_cancer", "name=b", "scaling.num_workers=2", *common))
-    single = run_training(job_config("mlp_breast_cancer", "name=c", "scaling.num_workers=1", *common))
+def test_seeded_run_is_reproduced_and_two_workers_match_one(job_config, two_worker_run):
+    config_name, common, _ = MODELS["mlp"]
+    _, first = two_worker_run("mlp")  # the same job in another run folder
+    again = run_training(job_config(config_name, "scaling.num_workers=2", *common))
+    single = run_training(job_config(config_name, "name=single", "scaling.num_workers=1", *common))
     # (Accumulating micro-batches in one process is the same run too:
     # tests/test_training_essentials.py checks it without Ray.)
 
