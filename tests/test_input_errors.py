@@ -136,6 +136,23 @@ def test_up_on_a_port_another_server_holds_is_refused_before_the_search(tmp_path
     assert not (tmp_path / "tune_mlp").exists()  # no search ran
 
 
+@pytest.mark.parametrize("raised", [
+    # HAProxy's alert inside Serve's RuntimeError (seen in CI), and Serve's own proxy's error.
+    "RuntimeError: HAProxy crashed during startup: [NOTICE] ...\n[ALERT] (19297) : Binding [...haproxy.cfg:57] "
+    "for frontend http_frontend: cannot bind socket (Address already in use) for [127.0.0.1:36979]\n[ALERT] exiting",
+    "ray.exceptions.RayTaskError(RuntimeError): ray::ProxyActor.ready()\nRuntimeError: Failed to bind to "
+    "address '127.0.0.1:36979'.",
+])
+def test_an_ingress_that_cannot_bind_its_port_once_ray_runs_is_named_in_one_line(raised):
+    from trainyard.serve.deploy import ingress_failure
+
+    assert str(ingress_failure(raised, "127.0.0.1", 36979)) == (
+        "port 36979 on 127.0.0.1 is already in use (another server listens there); stop it, or serve "
+        "on another --port")
+    other = ingress_failure("RuntimeError: HAProxy crashed\n[ALERT] (1) : cannot open config", "::1", 8000)
+    assert str(other) == "Serve's HTTP ingress did not start on ::1:8000: [ALERT] (1) : cannot open config"
+
+
 def test_deploy_of_a_path_that_does_not_exist_says_so(tmp_path):
     result = CliRunner().invoke(main, ["deploy", str(tmp_path / "nowhere")])
     assert result.exit_code == 1 and result.output.strip() == f"error: {tmp_path / 'nowhere'}: no such file or folder"

@@ -166,14 +166,21 @@ def _start_or_undo(http_options: dict) -> None:
         raise
     except Exception as exc:  # serve.start raises only when it started Serve here: undo it
         serve.shutdown()
-        host, port = http_options["host"], http_options["port"]
-        text = str(exc)
-        if "Address already in use" in text or "EADDRINUSE" in text or "errno 98" in text.lower():
-            raise TrainyardError(f"port {port} on {host} is already in use (another server listens "
-                                 "there); stop it, or serve on another --port") from None
-        lines = [line.strip() for line in text.splitlines() if "ALERT" in line or "Error" in line]
-        raise TrainyardError(f"Serve's HTTP ingress did not start on {host}:{port}: "
-                             f"{lines[-1] if lines else type(exc).__name__}") from None
+        raise ingress_failure(str(exc), http_options["host"], http_options["port"]) from None
+
+
+#: How each ingress reports a port it cannot bind: HAProxy's alert, Serve's own proxy.
+_PORT_TAKEN = ("Address already in use", "EADDRINUSE", "Failed to bind to address")
+
+
+def ingress_failure(text: str, host: str, port: int) -> TrainyardError:
+    """The one line for Serve's HTTP ingress failing to start, from the error it raised."""
+    if any(sign in text for sign in _PORT_TAKEN):
+        return TrainyardError(f"port {port} on {host} is already in use (another server listens "
+                              "there); stop it, or serve on another --port")
+    lines = [line.strip() for line in text.splitlines() if "ALERT" in line or "Error" in line]
+    return TrainyardError(f"Serve's HTTP ingress did not start on {host}:{port}: "
+                          f"{lines[-1] if lines else 'Serve gave no reason'}")
 
 
 def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
