@@ -79,40 +79,37 @@ async def read_json(request: Request, max_bytes: int, binary: bool = False) -> A
     return parse_json(raw)
 
 
-class ExactPrefix:
-    """``GET /v2/models/<name>`` (the protocol's metadata route, no trailing slash) answered
-    in place: Starlette would redirect it to ``.../<name>/``, and protocol clients do not
-    follow redirects."""
+def encoded_slash(path: str, name: str) -> Response:
+    """The 404 for a model's path with a ``/`` sent encoded (``%2F``): data, not a separator
+    (RFC 3986). The root application answers it for one in the model's name, the model's
+    own application for one past it."""
+    return error(404, f"no route {path!r} for model {name!r} (a '/' encoded as %2F does not "
+                      "separate the parts of a path)")
+
+
+class ModelPath:
+    """A model application's paths, checked once per request:
+
+    - ``GET /v2/models/<name>`` (the protocol's metadata route, no trailing slash) answered
+      in place: Starlette would redirect it to ``.../<name>/``, and protocol clients do not
+      follow redirects;
+    - a ``%2F`` anywhere in the path refused: the ASGI path a replica gets is decoded, so
+      ``.../mlp%2Fready`` reached the ``ready`` route whenever it came through Serve's own
+      proxy (``--ingress proxy``, and HAProxy's fallback while replicas start), and
+      ``.../mlp/versions/1%2Finfer`` always."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            path, root = scope.get("path", ""), scope.get("root_path", "")
-            if root and path == root.rstrip("/"):
-                scope = {**scope, "path": path + "/", "raw_path": (path + "/").encode()}
-        await self.app(scope, receive, send)
-
-
-class EncodedSlash:
-    """A ``/`` sent encoded (``%2F``) in a model's path is data, not a separator (RFC 3986):
-    refused with a JSON 404, as the root application refuses one in the model's name. The
-    ASGI path a replica gets is decoded, so without this ``.../mlp%2Fready`` reached the
-    ``ready`` route whenever it came through Serve's own proxy (``--ingress proxy``, and
-    HAProxy's fallback while replicas start), and ``.../mlp/versions/1%2Finfer`` always."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and b"%2f" in (scope.get("raw_path") or b"").lower():
             path, root = scope.get("path", ""), scope.get("root_path", "").rstrip("/")
-            name = root.rsplit("/", 1)[-1] if root else "?"
-            answer = error(404, f"no route {path!r} for model {name!r} (a '/' encoded as %2F does not "
-                                "separate the parts of a path)")
-            await answer(scope, receive, send)
-            return
+            raw = scope.get("raw_path") or b""
+            if b"%2F" in raw or b"%2f" in raw:
+                await encoded_slash(path, root.rsplit("/", 1)[-1])(scope, receive, send)
+                return
+            if root and path == root:
+                scope = {**scope, "path": path + "/", "raw_path": (path + "/").encode()}
         await self.app(scope, receive, send)
 
 
@@ -507,8 +504,7 @@ MODEL_API_DESCRIPTION = ("Open Inference Protocol (KServe V2) routes and a plain
 # same for every model, and with no request bodies (the handlers read the raw body).
 model_api = FastAPI(title="trainyard model", description=MODEL_API_DESCRIPTION,
                     openapi_url=None, docs_url=None, redoc_url=None)
-model_api.add_middleware(ExactPrefix)
-model_api.add_middleware(EncodedSlash)
+model_api.add_middleware(ModelPath)
 model_api.add_middleware(HeadAsGet)
 model_api.add_exception_handler(HTTPException, http_error)
 model_api.add_exception_handler(RequestValidationError, validation_error)
@@ -841,8 +837,7 @@ class Root:
     @root_api.api_route("/v2/models/{name}{rest:path}", methods=["GET", "POST"])
     async def unknown_model(self, name: str, rest: str = ""):
         if name in self.models:  # its own routes did not take it: a '/' sent encoded, as %2F
-            return error(404, f"no route {'/v2/models/' + name + rest!r} for model {name!r} (a '/' "
-                              "encoded as %2F does not separate the parts of a path)")
+            return encoded_slash(f"/v2/models/{name}{rest}", name)
         served = ", ".join(sorted(self.models)) or "none"
         return error(404, f"no model named {name!r} is served (served: {served})")
 

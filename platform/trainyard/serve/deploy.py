@@ -173,11 +173,15 @@ def _start_or_undo(http_options: dict) -> None:
 _PORT_TAKEN = ("Address already in use", "EADDRINUSE", "Failed to bind to address")
 
 
+def port_taken(host: str, port: int) -> TrainyardError:
+    return TrainyardError(f"port {port} on {host} is already in use (another server listens there); "
+                          "stop it, or serve on another --port")
+
+
 def ingress_failure(text: str, host: str, port: int) -> TrainyardError:
     """The one line for Serve's HTTP ingress failing to start, from the error it raised."""
     if any(sign in text for sign in _PORT_TAKEN):
-        return TrainyardError(f"port {port} on {host} is already in use (another server listens "
-                              "there); stop it, or serve on another --port")
+        return port_taken(host, port)
     lines = [line.strip() for line in text.splitlines() if "ALERT" in line or "Error" in line]
     return TrainyardError(f"Serve's HTTP ingress did not start on {host}:{port}: "
                           f"{lines[-1] if lines else 'Serve gave no reason'}")
@@ -271,8 +275,7 @@ def check_port_free(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise TrainyardError(f"port {port} on {host} is already in use (another server listens "
-                                     "there); stop it, or serve on another --port") from None
+                raise port_taken(host, port) from None
             raise TrainyardError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
 
 
