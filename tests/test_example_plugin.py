@@ -119,8 +119,6 @@ def test_a_tiny_tune_search_with_the_example_exports_a_winner(tuned):
     assert load_predictor(winner["path"]).manifest["model_plugin"] == PLUGIN
 
 
-
-
 @pytest.fixture(scope="module")
 def served(tuned):
     """The winner served by trainyard's own deploy. Serve is one per Ray cluster: like

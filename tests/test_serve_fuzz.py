@@ -46,8 +46,6 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database
                 suppress_health_check=list(HealthCheck))
 
 
-
-
 @pytest.fixture(scope="module")
 def fuzzed(ray_cluster, tmp_path_factory):
     """Two tiny models, deployed once for the module, with small limits (so the fuzzers

@@ -26,8 +26,6 @@ KEY = "k3y-by-reference-8c1f"  # given directly (as --api-key would): must never
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-
-
 def call(url, body=None, headers=None, method=None):
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
     request = urllib.request.Request(url, data=data, method=method,

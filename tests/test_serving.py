@@ -21,8 +21,6 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 MODELS = {"mlp": "mlp_breast_cancer", "cnn": "cnn_digits", "bert": "bert_sentiment"}
 
 
-
-
 def make_checkpoint(folder, config_name, name):
     """A small, really-built checkpoint of the built-in model (one step of training)."""
     import torch

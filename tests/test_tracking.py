@@ -34,8 +34,6 @@ pytest.importorskip("mlflow")
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-
-
 @pytest.fixture(autouse=True)
 def _mlflow_env(monkeypatch):
     """trainyard's MLflow defaults, undone after each test (tracking sets them for the process)."""
