@@ -113,7 +113,7 @@ def test_a_key_given_directly_reaches_replicas_only_as_a_private_file(secured):
 
     # What deploy hands Serve: the key file's path, never the key.
     auth = replica_auth(secured["cfg"], None)
-    specs = application_specs(secured["cfg"], [], auth)
+    specs = application_specs(secured["cfg"], auth)
     assert KEY not in json.dumps(specs)
     key_file = Path(auth["api_key_file"])
     assert [s["args"]["options"]["api_key_file"] for s in specs[:3]] == [str(key_file)] * 3

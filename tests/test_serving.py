@@ -172,6 +172,36 @@ def test_health_metadata_and_versions(served):
     assert {m["name"] for m in call(base + "/v2/models")[1]["models"]} >= set(MODELS)
 
 
+def test_a_model_deployed_or_deleted_later_is_listed_as_served_without_restarting_the_root(served):
+    """The root application reads the served models from Serve: a later deploy leaves its
+    replica running (no restart per deploy), and a model deleted by hand leaves the list."""
+    import ray
+    from ray import serve
+
+    from trainyard.serve.deploy import deploy
+
+    def root_replicas():  # Serve names each replica's actor after its app, deployment and id
+        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                      if "trainyard#Root#" in a["name"])
+
+    def listed():
+        status, body = call(served["base"] + "/v2/models")
+        assert status == 200, body
+        return [m["name"] for m in body["models"]]
+
+    before = root_replicas()
+    assert len(before) == 1 and "later" not in listed()
+    deploy(serve_config(served["port"], [(str(served["root"] / "mlp"), "later")]))
+    assert listed() == sorted([*MODELS, "later", "secured"])
+    assert root_replicas() == before
+    serve.delete("later")
+    assert "later" not in listed()
+    status, body = call(served["base"] + "/v2/models/later/ready")
+    assert status == 404 and body["error"] == ("no model named 'later' is served (served: "
+                                               f"{', '.join(sorted([*MODELS, 'secured']))})"), body
+    assert root_replicas() == before
+
+
 def _tensor(**overrides):
     tensor = {"name": "input-0", "shape": [1, 30], "datatype": "FP32", "data": [0.5] * 30}
     tensor.update(overrides)

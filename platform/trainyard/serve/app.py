@@ -20,7 +20,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from trainyard.serve.config import API_KEY_MARK, MAX_FORWARD_EXAMPLES, ROOT_CPUS, read_key_file
+from trainyard.serve.config import API_KEY_MARK, MAX_FORWARD_EXAMPLES, ROOT_APP, ROOT_CPUS, read_key_file
 from trainyard.serve.protocol import (
     ERROR_SCHEMA,
     ModelSignature,
@@ -812,10 +812,36 @@ root_api.add_middleware(HeadAsGet)
 @serve.deployment(ray_actor_options={"num_cpus": ROOT_CPUS})  # light; not a whole CPU (Serve's default)
 @serve.ingress(root_api)
 class Root:
-    """Health routes, the model list, and a JSON 404 for models that are not served."""
+    """Health routes, the model list, and a JSON 404 for models that are not served.
 
-    def __init__(self, models: list[str]):
-        self.models = list(models)
+    The list is Serve's own (its applications, less this one), read when asked: deploying
+    or deleting a model leaves this replica running (restarting it cost each later
+    ``trainyard deploy`` about 4 s here), and a model deleted by hand leaves the list too.
+    """
+
+    #: How old a list a 404 may name the served models from: a flood of requests for unknown
+    #: models asks Serve's controller at most this often (each ask is ~30 ms of its time).
+    MAX_AGE_404_S = 1.0
+
+    def __init__(self, models: list[str] | None = None):  # models: ignored (older Serve config files)
+        self._served: tuple[float, list[str]] = (float("-inf"), [])
+        self._asking: asyncio.Future | None = None
+
+    async def served(self, max_age_s: float = 0.0) -> list[str]:
+        """The models Serve runs now, sorted; concurrent requests share one ask."""
+        at, names = self._served
+        if time.monotonic() - at <= max_age_s:
+            return names
+        if self._asking is None or self._asking.done():
+            self._asking = asyncio.ensure_future(self._ask())
+        return await asyncio.shield(self._asking)
+
+    async def _ask(self) -> list[str]:
+        asked = time.monotonic()
+        apps = (await asyncio.to_thread(serve.status)).applications
+        names = sorted(n for n, a in apps.items() if n != ROOT_APP and a.status != "DELETING")
+        self._served = (asked, names)
+        return names
 
     @root_api.get("/v2/health/live")
     async def live(self):
@@ -832,14 +858,14 @@ class Root:
 
     @root_api.get("/v2/models")
     async def models_list(self):
-        return {"models": [{"name": n} for n in sorted(self.models)]}
+        return {"models": [{"name": n} for n in await self.served()]}
 
     @root_api.api_route("/v2/models/{name}{rest:path}", methods=["GET", "POST"])
     async def unknown_model(self, name: str, rest: str = ""):
-        if name in self.models:  # its own routes did not take it: a '/' sent encoded, as %2F
+        served = await self.served(self.MAX_AGE_404_S)
+        if name in served:  # its own routes did not take it: a '/' sent encoded, as %2F
             return encoded_slash(f"/v2/models/{name}{rest}", name)
-        served = ", ".join(sorted(self.models)) or "none"
-        return error(404, f"no model named {name!r} is served (served: {served})")
+        return error(404, f"no model named {name!r} is served (served: {', '.join(served) or 'none'})")
 
 
 def model_app(args: dict):
@@ -849,6 +875,7 @@ def model_app(args: dict):
         args["name"], str(args.get("version", "1")), args["checkpoint"], dict(args.get("options") or {}))
 
 
-def root_app(args: dict):
-    """Serve application builder for the health routes and 404s."""
-    return Root.bind(list(args.get("models") or []))
+def root_app(args: dict | None = None):
+    """Serve application builder for the health routes and 404s (its args: none; a
+    ``models`` list in an older Serve config file is ignored)."""
+    return Root.bind()

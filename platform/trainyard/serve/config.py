@@ -240,7 +240,7 @@ def load_serve_config(path: str | Path | None = None, overrides: list[str] | Non
     return cfg
 
 
-def application_specs(cfg: Any, existing: list[str] | None = None, auth: dict | None = None) -> list[dict]:
+def application_specs(cfg: Any, auth: dict | None = None) -> list[dict]:
     """Serve applications for a serve config, in Serve's config-file shape.
 
     The same specs are deployed by ``trainyard deploy`` and written by ``--config-out``
@@ -286,9 +286,8 @@ def application_specs(cfg: Any, existing: list[str] | None = None, auth: dict | 
                             "inline_forward_ms": m.inline_forward_ms, **auth},
             },
         })
-    every = sorted(set(existing or []) | set(names))
-    apps.append({"name": ROOT_APP, "route_prefix": "/", "import_path": "trainyard.serve.app:root_app",
-                 "args": {"models": every}})
+    # The root lists what Serve runs (trainyard.serve.app.Root): it takes no args.
+    apps.append({"name": ROOT_APP, "route_prefix": "/", "import_path": "trainyard.serve.app:root_app", "args": {}})
     return apps
 
 

@@ -211,12 +211,15 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
     check_serve_fits(cfg)
     _start_serve({"host": cfg.host, "port": int(cfg.port)})
     check_serve_listens_as_asked(cfg)
-    existing = [a for a in serve.status().applications if a != ROOT_APP]
-    specs = application_specs(cfg, existing, auth)
+    apps = serve.status().applications
+    existing = [a for a in apps if a != ROOT_APP]
+    specs = application_specs(cfg, auth)
     endpoints = {}
     for spec in specs:
         args = dict(spec["args"])
         if spec["name"] == ROOT_APP:
+            if ROOT_APP in apps and apps[ROOT_APP].status == "RUNNING":
+                continue  # it reads the served models from Serve: left running, not restarted
             app = root_app(args)
         else:
             _shed_in_haproxy(spec)
