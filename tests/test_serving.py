@@ -172,12 +172,19 @@ def test_health_metadata_and_versions(served):
     assert {m["name"] for m in call(base + "/v2/models")[1]["models"]} >= set(MODELS)
 
 
-def test_a_model_deployed_or_deleted_later_is_listed_as_served_without_restarting_the_root(served):
-    """The root application reads the served models from Serve: a later deploy leaves its
-    replica running (no restart per deploy), and a model deleted by hand leaves the list."""
+def test_a_later_deploy_starts_its_models_together_names_one_that_fails_and_leaves_the_root_running(
+        served, tmp_path):
+    """A deploy of two more models: their replicas start at once (Serve's run_many). One whose
+    weights do not fit its model fails in its replica: deploy names it in one line once both
+    have settled, and removes it; the other serves. The root application reads the served
+    models from Serve: the deploy leaves its replica running (no restart per deploy), and a
+    model deleted by hand leaves the list."""
+    import shutil
+
     import ray
     from ray import serve
 
+    from trainyard.errors import TrainyardError
     from trainyard.serve.deploy import deploy
 
     def root_replicas():  # Serve names each replica's actor after its app, deployment and id
@@ -191,7 +198,18 @@ def test_a_model_deployed_or_deleted_later_is_listed_as_served_without_restartin
 
     before = root_replicas()
     assert len(before) == 1 and "later" not in listed()
-    deploy(serve_config(served["port"], [(str(served["root"] / "mlp"), "later")]))
+    broken = tmp_path / "broken"
+    shutil.copytree(served["root"] / "mlp", broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["model_params"]["hidden"] = [16]  # the weights are [64, 32]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TrainyardError) as failed:
+        deploy(serve_config(served["port"], [(str(served["root"] / "mlp"), "later"), (str(broken), "broken")]))
+    message = str(failed.value)
+    assert message.startswith("model 'broken' did not start: ") and "do not fit the model" in message, message
+    assert "\n" not in message
+    assert "broken" not in serve.status().applications  # nothing half-deployed is left
+    assert call(served["base"] + "/v2/models/later/ready")[1]["ready"] is True
     assert listed() == sorted([*MODELS, "later", "secured"])
     assert root_replicas() == before
     serve.delete("later")

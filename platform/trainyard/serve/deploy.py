@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from typing import Any
 
 from trainyard.errors import TrainyardError
@@ -134,8 +135,6 @@ def _start_serve(http_options: dict, wait_s: float = 60.0) -> None:
 
     A start whose HTTP ingress cannot listen is undone: Serve's controller would otherwise
     stay, keeping the host and port nothing serves on, and refuse every later deploy."""
-    import time
-
     import ray
     from ray import serve
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
@@ -214,7 +213,7 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
     apps = serve.status().applications
     existing = [a for a in apps if a != ROOT_APP]
     specs = application_specs(cfg, auth)
-    endpoints = {}
+    endpoints, targets = {}, []
     for spec in specs:
         args = dict(spec["args"])
         if spec["name"] == ROOT_APP:
@@ -225,17 +224,42 @@ def deploy(cfg: Any, address: str | None = None) -> dict[str, str]:
             _shed_in_haproxy(spec)
             app = model_app(args)
             endpoints[spec["name"]] = f"http://{url_host(cfg.host)}:{cfg.port}{spec['route_prefix']}"
-        try:
-            serve.run(app, name=spec["name"], route_prefix=spec["route_prefix"], blocking=False)
-        except RuntimeError as exc:
-            reason = failure_reason(f"{exc}\n{_deployment_messages(spec['name'])}")
-            if spec["name"] not in existing and spec["name"] != ROOT_APP:
-                try:  # nothing half-deployed stays behind (a served model keeps its old replicas)
-                    serve.delete(spec["name"])
-                except Exception:
-                    pass
-            raise TrainyardError(f"model {spec['name']!r} did not start: {reason}") from None
+        targets.append(serve.RunTarget(target=app, name=spec["name"], route_prefix=spec["route_prefix"]))
+    try:  # all at once: their replicas start together (3 models: 28-31 s one by one, 18-21 s here)
+        serve.run_many(targets)
+    except RuntimeError as exc:
+        raise _failed([t.name for t in targets], existing, str(exc)) from None
     return endpoints
+
+
+def _failed(names: list[str], existing: list[str], raised: str) -> TrainyardError:
+    """The error of a deploy in which an application failed to start, once each of ``names``
+    has started or failed: the first failed model named with its reason (and how many more
+    failed). A failed model that was not served before is removed (a served one keeps its old
+    replicas); the others stay deployed."""
+    from ray import serve
+
+    unsettled = ("NOT_STARTED", "DEPLOYING")
+    while True:
+        apps = serve.status().applications
+        if not any(n in apps and apps[n].status in unsettled for n in names):
+            break
+        time.sleep(0.5)
+    failed = [n for n in names if n in apps and apps[n].status not in ("RUNNING", *unsettled)]
+    failed = failed or [n for n in names if f"application {n} " in raised][:1] or names[:1]
+    reasons = {n: failure_reason(f"{raised if f'application {n} ' in raised else ''}\n"
+                                 f"{apps[n].message if n in apps else ''}\n{_deployment_messages(n)}")
+               for n in failed}
+    for name in failed:
+        if name not in existing and name != ROOT_APP:
+            try:  # nothing half-deployed stays behind
+                serve.delete(name)
+            except Exception:
+                pass
+    first = failed[0]
+    more = f" (and {len(failed) - 1} more: {', '.join(failed[1:])})" if len(failed) > 1 else ""
+    what = "the root application" if first == ROOT_APP else f"model {first!r}"
+    return TrainyardError(f"{what} did not start: {reasons[first]}{more}")
 
 
 #: The hosts Serve's HAProxy ingress serves on: it reaches its replicas at 127.0.0.1, while
