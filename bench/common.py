@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 import time
 from pathlib import Path
@@ -13,6 +12,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# The tests' ports, from below the kernel's ephemeral range: a port bind(0) found free can be
+# taken by an outgoing connection (Ray opens hundreds) before the server binds it.
+from tests.ports import free_port  # noqa: E402,F401
 
 #: The built-in job config behind each model kind a bench can serve.
 MODEL_CONFIGS = {"mlp": "mlp_breast_cancer", "cnn": "cnn_digits", "bert": "bert_sentiment"}
@@ -39,12 +43,6 @@ def make_checkpoint(folder: Path, kind: str, overrides: list[str] | tuple = ()) 
     raw = job.dataset.load(job.data_params, 0).train.inputs
     rows = [raw[i] if isinstance(raw[i], str) else np.asarray(raw[i]).tolist() for i in range(8)]
     return folder, rows
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, timeout: float = 120) -> None:
