@@ -823,25 +823,20 @@ class Root:
     #: models asks Serve's controller at most this often (each ask is ~30 ms of its time).
     MAX_AGE_404_S = 1.0
 
-    def __init__(self, models: list[str] | None = None):  # models: ignored (older Serve config files)
-        self._served: tuple[float, list[str]] = (float("-inf"), [])
-        self._asking: asyncio.Future | None = None
+    def __init__(self):
+        self._ask: tuple[float, asyncio.Future] | None = None  # the last ask: when it began, its list
 
     async def served(self, max_age_s: float = 0.0) -> list[str]:
         """The models Serve runs now, sorted; concurrent requests share one ask."""
-        at, names = self._served
-        if time.monotonic() - at <= max_age_s:
-            return names
-        if self._asking is None or self._asking.done():
-            self._asking = asyncio.ensure_future(self._ask())
-        return await asyncio.shield(self._asking)
+        last = self._ask
+        if last is None or last[1].done() and (last[1].exception() or time.monotonic() - last[0] > max_age_s):
+            self._ask = last = (time.monotonic(), asyncio.ensure_future(self._names()))
+        return await asyncio.shield(last[1])
 
-    async def _ask(self) -> list[str]:
-        asked = time.monotonic()
+    @staticmethod
+    async def _names() -> list[str]:
         apps = (await asyncio.to_thread(serve.status)).applications
-        names = sorted(n for n, a in apps.items() if n != ROOT_APP and a.status != "DELETING")
-        self._served = (asked, names)
-        return names
+        return sorted(n for n, a in apps.items() if n != ROOT_APP and a.status != "DELETING")
 
     @root_api.get("/v2/health/live")
     async def live(self):

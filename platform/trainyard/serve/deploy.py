@@ -93,17 +93,6 @@ def check_key_file(path: str) -> None:
         raise TrainyardError(f"the API key file {path} {why}; nothing was deployed") from None
 
 
-def _deployment_messages(app: str) -> str:
-    """What Serve says about each deployment of ``app`` (a replica's error is there)."""
-    from ray import serve
-
-    try:
-        status = serve.status().applications.get(app)
-        return "\n".join(d.message for d in status.deployments.values() if d.message) if status else ""
-    except Exception:
-        return ""
-
-
 def failure_reason(text: str) -> str:
     """One line from Serve's report of an application that failed to deploy: a replica's
     missing API key if that is why, else the report's last line (the replica's error)."""
@@ -246,20 +235,20 @@ def _failed(names: list[str], existing: list[str], raised: str) -> TrainyardErro
             break
         time.sleep(0.5)
     failed = [n for n in names if n in apps and apps[n].status not in ("RUNNING", *unsettled)]
-    failed = failed or [n for n in names if f"application {n} " in raised][:1] or names[:1]
-    reasons = {n: failure_reason(f"{raised if f'application {n} ' in raised else ''}\n"
-                                 f"{apps[n].message if n in apps else ''}\n{_deployment_messages(n)}")
-               for n in failed}
     for name in failed:
         if name not in existing and name != ROOT_APP:
             try:  # nothing half-deployed stays behind
                 serve.delete(name)
             except Exception:
                 pass
-    first = failed[0]
+    if not failed:  # none failed by the time they settled (one was deleted meanwhile): Serve's words
+        return TrainyardError(f"the deploy did not finish: {failure_reason(raised)}")
+    # Serve's report: the application's message, then each deployment's (a replica's error).
+    status = apps[failed[0]]
+    reason = failure_reason("\n".join([status.message, *(d.message for d in status.deployments.values())]))
     more = f" (and {len(failed) - 1} more: {', '.join(failed[1:])})" if len(failed) > 1 else ""
-    what = "the root application" if first == ROOT_APP else f"model {first!r}"
-    return TrainyardError(f"{what} did not start: {reasons[first]}{more}")
+    what = "the root application" if failed[0] == ROOT_APP else f"model {failed[0]!r}"
+    return TrainyardError(f"{what} did not start: {reason}{more}")
 
 
 #: The hosts Serve's HAProxy ingress serves on: it reaches its replicas at 127.0.0.1, while
