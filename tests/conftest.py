@@ -35,6 +35,34 @@ def ray_cluster(request):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def serve_port():
+    """The port of the session's Serve. Serve is one per Ray cluster, and its port is fixed
+    when it starts: the modules that deploy in-process deploy on this one and, when done,
+    remove their models (``remove_models``) rather than stop Serve, so it starts once
+    rather than once a module (about 12 s each start and stop here)."""
+    from tests.ports import free_port
+
+    return free_port()
+
+
+def remove_models() -> None:
+    """Delete every application but trainyard's root, all at once, and wait until they are
+    gone: the next module's Serve answers for its own models only."""
+    import time
+
+    from ray import serve
+
+    from trainyard.serve.config import ROOT_APP
+
+    names = [name for name in serve.status().applications if name != ROOT_APP]
+    for name in names:
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + 60
+    while any(n in serve.status().applications for n in names) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def job_config(tmp_path):
     """``job_config(name, *overrides)``: a built-in config with its runs under tmp_path."""

@@ -21,8 +21,7 @@ from trainyard import plugins
 from trainyard.checkpoint import load_predictor
 from trainyard.config import load_config
 
-from tests.conftest import ROOT
-from tests.ports import free_port
+from tests.conftest import ROOT, remove_models
 
 EXAMPLE = ROOT / "examples" / "trainyard-example-plugin"
 CONFIG = EXAMPLE / "configs" / "wine_resmlp.yaml"
@@ -120,19 +119,18 @@ def test_a_tiny_tune_search_with_the_example_exports_a_winner(tuned):
 
 
 @pytest.fixture(scope="module")
-def served(tuned):
-    """The winner served by trainyard's own deploy. Serve is one per Ray cluster: like
-    test_serving, this module shuts it down when done, so the next module starts afresh."""
-    from ray import serve
+def served(tuned, serve_port):
+    """The winner served by trainyard's own deploy, on the session's Serve (one per Ray
+    cluster); removed when the module is done."""
     from trainyard.serve.deploy import deploy
     from trainyard.serve.config import load_serve_config
 
-    port = free_port()
+    port = serve_port
     cfg = load_serve_config(base={"port": port, "models": [
         {"winner": tuned.winners[0]["path"], "name": "wine", "num_cpus": 0.1}]})
     endpoints = deploy(cfg)
     yield endpoints["wine"], tuned.winners[0]["path"]
-    serve.shutdown()
+    remove_models()
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:

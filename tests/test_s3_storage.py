@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import CONFIGS, ROW
+from tests.conftest import CONFIGS, ROW, remove_models
 from tests.ports import free_port
 from trainyard.config import load_config
 from trainyard.errors import ConfigError, TrainyardError
@@ -71,9 +71,8 @@ def test_training_checkpoints_to_a_bucket_and_a_second_run_resumes_from_them(s3_
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_search_exports_winners_to_a_bucket_and_deploy_serves_them_over_http(s3_bucket, s3_server, tmp_path,
-                                                                             monkeypatch):
+                                                                             monkeypatch, serve_port):
     from omegaconf import OmegaConf
-    from ray import serve
 
     from trainyard.serve.config import load_serve_config
     from trainyard.serve.deploy import deploy
@@ -116,7 +115,7 @@ def test_search_exports_winners_to_a_bucket_and_deploy_serves_them_over_http(s3_
         f"error: {s3_bucket}/runs/none is not a finished trainyard tuning run (no trainyard_trials.json there)")
 
     # Deploy the registry (its current version) straight from the bucket; ask it over HTTP.
-    port = free_port()
+    port = serve_port
     cfg = load_serve_config(base={"port": port, "models": [{"winner": registry, "name": "s3mlp", "num_cpus": 0.1}]})
     try:
         endpoints = deploy(cfg)
@@ -128,7 +127,7 @@ def test_search_exports_winners_to_a_bucket_and_deploy_serves_them_over_http(s3_
         assert response.status == 200
         assert answer["predictions"][0]["label"] in ("malignant", "benign"), answer
     finally:
-        serve.shutdown()
+        remove_models()
 
 
 def _finished_in_bucket(s3_server, run: str) -> list[str]:

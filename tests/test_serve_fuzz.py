@@ -32,9 +32,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, remove_models
 from tests.helpers_fuzz import UNFORESEEN
-from tests.ports import free_port
 from tests.test_serving import make_checkpoint
 
 MODELS = {"fz_cnn": "cnn_digits", "fz_bert": "bert_sentiment"}  # an image model and a text model
@@ -47,16 +46,14 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database
 
 
 @pytest.fixture(scope="module")
-def fuzzed(ray_cluster, tmp_path_factory):
+def fuzzed(ray_cluster, tmp_path_factory, serve_port):
     """Two tiny models, deployed once for the module, with small limits (so the fuzzers
     reach them): at most MAX_ITEMS inputs and MAX_BODY bytes a request."""
-    from ray import serve
-
     from trainyard.serve.config import load_serve_config
     from trainyard.serve.deploy import deploy
 
     root = tmp_path_factory.mktemp("fuzz")
-    port = free_port()
+    port = serve_port
     samples, infos = {}, {}
     for name, config_name in MODELS.items():
         _, inputs, info = make_checkpoint(root / name, config_name, name)
@@ -68,7 +65,7 @@ def fuzzed(ray_cluster, tmp_path_factory):
              for name in MODELS}
     assert all(status == 200 for status, _, _ in first.values()), first
     yield {"endpoints": endpoints, "samples": samples, "infos": infos, "first": first}
-    serve.shutdown()
+    remove_models()
 
 
 def post(url: str, body: bytes | dict | list, headers: dict | None = None,

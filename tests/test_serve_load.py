@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 
+from tests.conftest import remove_models
 from tests.ports import free_port
 from tests.test_serving import make_checkpoint
 
@@ -40,18 +41,16 @@ def post(url, body, timeout=60):
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
+def loaded(tmp_path_factory, serve_port):
     """Two models: a BERT replica that works on 2 requests at once with 2 more waiting (so a
     burst overflows it), and an MLP on two replicas (one of them is killed under load)."""
-    from ray import serve
-
     from trainyard.serve.config import load_serve_config
     from trainyard.serve.deploy import deploy
 
     root = tmp_path_factory.mktemp("load")
     _, bert_inputs, _ = make_checkpoint(root / "bert", "bert_sentiment", "load_bert")
     _, mlp_inputs, _ = make_checkpoint(root / "mlp", "mlp_breast_cancer", "load_mlp")
-    port = free_port()
+    port = serve_port
     cfg = load_serve_config(base={"port": port, "models": [
         {"winner": str(root / "bert"), "name": "shed", "num_cpus": 0.1, "max_batch_size": 1,
          "max_ongoing_requests": 2, "max_queued_requests": 2, "retry_after_s": 2},
@@ -60,7 +59,7 @@ def loaded(tmp_path_factory):
     endpoints = deploy(cfg)
     yield {"endpoints": endpoints, "bert": [str(x) for x in bert_inputs],
            "mlp": [list(map(float, x)) for x in mlp_inputs]}
-    serve.shutdown()
+    remove_models()
 
 
 def _replicas(app: str) -> dict[str, int]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.ports import free_port
+from tests.conftest import remove_models
 from tests.test_serving import make_checkpoint
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -55,15 +55,13 @@ def together(calls):
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory):
+def secured(tmp_path_factory, serve_port):
     """One deploy for the module: three tiny models behind a key given directly."""
-    from ray import serve
-
     from trainyard.serve.config import load_serve_config
     from trainyard.serve.deploy import deploy
 
     root = tmp_path_factory.mktemp("secure")
-    port = free_port()
+    port = serve_port
     samples = {}
     for name, config_name in (("sec_mlp", "mlp_breast_cancer"), ("sec_cnn", "cnn_digits"),
                               ("sec_bert", "bert_sentiment")):
@@ -82,7 +80,7 @@ def secured(tmp_path_factory):
     endpoints = deploy(cfg)
     yield {"base": f"http://127.0.0.1:{port}", "port": port, "root": root, "cfg": cfg,
            "endpoints": endpoints, "samples": samples}
-    serve.shutdown()
+    remove_models()
 
 
 # --------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, remove_models
 from tests.ports import free_port
 from trainyard.checkpoint import write_checkpoint
 from trainyard.config import load_config, resolve
@@ -80,13 +80,11 @@ def test_a_port_taken_once_ray_runs_is_named_and_serve_is_not_left_holding_it(ra
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    from ray import serve
-
+def served(tmp_path_factory, serve_port):
     from trainyard.serve.deploy import deploy
 
     root = tmp_path_factory.mktemp("serve")
-    port = free_port()
+    port = serve_port
     samples = {}
     targets = []
     for name, config_name in MODELS.items():
@@ -98,7 +96,7 @@ def served(tmp_path_factory):
     deploy(serve_config(port, [(str(secured), "secured")], api_key="s3cret"))
     yield {"base": f"http://127.0.0.1:{port}", "endpoints": endpoints, "samples": samples,
            "root": root, "port": port}
-    serve.shutdown()
+    remove_models()
 
 
 def call(url, body=None, ctype="application/json", headers=None, method=None):
