@@ -28,10 +28,11 @@ def _console(stderr: bool = False):
 
 
 def _print_json(data) -> None:
-    """One JSON document on stdout, for scripts (``--json``)."""
-    import json as _json
+    """One JSON document on stdout, for scripts (``--json``): strict JSON, a NaN metric
+    as null (trainyard.jsontext)."""
+    from trainyard import jsontext
 
-    click.echo(_json.dumps(data, indent=2, default=str))
+    click.echo(jsontext.dumps(data, indent=2, default=str))
 
 
 def _fail(message: str, code: int = 1) -> None:

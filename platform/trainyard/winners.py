@@ -36,6 +36,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from trainyard import jsontext
 from trainyard.checkpoint import MANIFEST, incomplete_reason, is_complete
 from trainyard.errors import TrainyardError
 from trainyard.runtime.storage import (
@@ -160,7 +161,7 @@ def _replaced(old: dict | None, target: str, metric: str, mode: str, value: floa
 
 
 def _dumps(value: object) -> str:
-    return json.dumps(value, indent=2, default=str)
+    return jsontext.dumps(value, indent=2, default=str)
 
 
 def _export_local(chosen: list[dict], cfg: DictConfig, metric: str, mode: str, root: Path) -> list[dict]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 
-from trainyard import tracking
+from trainyard import jsontext, tracking
 from trainyard.config import resolve
 from trainyard.errors import ConfigError, TrainingError, reason_line
 from trainyard.runtime.cluster import ResourcesWaitWarning, init_ray, resources_wait_note
@@ -132,7 +132,7 @@ class _MetricsLog:
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = jsontext.nan_for_null(json.loads(line))
                     self.rows[int(row["epoch"])] = row
                 except (ValueError, KeyError, TypeError):
                     self.skipped += 1
@@ -142,7 +142,7 @@ class _MetricsLog:
         self._write()
 
     def _write(self) -> None:
-        atomic_write_text(self.path, "".join(json.dumps(self.rows[e]) + "\n" for e in sorted(self.rows)))
+        atomic_write_text(self.path, "".join(jsontext.dumps(self.rows[e]) + "\n" for e in sorted(self.rows)))
 
     def fill_from(self, latest: tuple[Path, dict] | None) -> None:
         """Add the epochs the run's latest checkpoint holds (``latest``: see
@@ -235,11 +235,11 @@ def _report(cfg: Any, run_dir: Path | None, log: "_MetricsLog | None", result: "
 
     history = log.history if log is not None else (result.history if result is not None else [])
     report: dict = {"config.yaml": OmegaConf.to_yaml(cfg),
-                    "metrics.jsonl": "".join(json.dumps(row) + "\n" for row in history)}
+                    "metrics.jsonl": "".join(jsontext.dumps(row) + "\n" for row in history)}
     if run_dir is not None:
         report["workers.json"] = run_dir / "workers.json"
     if result is not None:
-        report["summary.json"] = json.dumps({
+        report["summary.json"] = jsontext.dumps({
             "monitor": result.monitor, "best": result.best, "epochs": len(result.history),
             "checkpoint": str(result.checkpoint) if result.checkpoint else None,
             "resumed_from": result.resumed_from, "stopped_early_at": result.stopped_early_at,

@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from trainyard import jsontext
 from trainyard.checkpoint import checkpoint_uri, local_run_dir, upload_records
 from trainyard.config import load_config, resolve
 from trainyard.errors import ConfigError, TrainyardError
@@ -220,7 +221,7 @@ def run_tuning(
         stopped_by = "time_budget" if mark else None
         message = budget_message(mark, trials, winners, _planned(cfg)) if mark else ""
     exploits = read_exploits(run_dir)
-    atomic_write_text(run_dir / "trainyard_trials.json", json.dumps(
+    atomic_write_text(run_dir / "trainyard_trials.json", jsontext.dumps(
         {"metric": metric, "mode": mode, "max_t": cfg.train.epochs, "trials": trials,
          "winners": winners, "stopped_by": stopped_by, "stop_message": message,
          "exploits": exploits}, indent=2, default=str))

@@ -26,6 +26,7 @@ from ray.tune import Callback
 from ray.tune.schedulers import PopulationBasedTraining
 from ray.tune.stopper import TimeoutStopper
 
+from trainyard import jsontext
 from trainyard.tune.records import (
     BUDGET_MARK,
     EXPLOITS,
@@ -104,7 +105,7 @@ class RecordingPBT(PopulationBasedTraining):
         }
         try:
             with open(self.exploits_path, "a") as out:
-                out.write(json.dumps(entry, default=_plain) + "\n")
+                out.write(jsontext.dumps(entry, default=_plain) + "\n")
         except OSError:  # the record is a report; the search goes on without it
             pass
 
@@ -180,6 +181,6 @@ class HistoryRecorder(Callback):
                "config": {k: config.get(k) for k in self.keys}, "time": time.time()}
         try:
             with open(self.path, "a") as out:
-                out.write(json.dumps(row, default=_plain) + "\n")
+                out.write(jsontext.dumps(row, default=_plain) + "\n")
         except OSError:  # a report; the search goes on without it
             pass

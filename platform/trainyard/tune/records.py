@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from trainyard.jsontext import nan_for_null
+
 #: One JSON line per PBT exploit, appended as they happen (see read_exploits).
 EXPLOITS = "exploits.jsonl"
 #: Written when tune.time_budget_s ends the search (see budget_ended).
@@ -93,5 +95,5 @@ def read_history(run_dir: str | Path) -> dict[str, list[dict]]:
         except ValueError:
             continue
         if isinstance(row, dict) and "trial" in row:
-            history.setdefault(row["trial"], []).append(row)
+            history.setdefault(row["trial"], []).append(nan_for_null(row, keep=("trial", "config")))
     return history

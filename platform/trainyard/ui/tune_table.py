@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from trainyard.jsontext import finite
 from trainyard.ui.console import is_live
 
 
@@ -304,17 +304,6 @@ def summary_table(outcome: Any, limit: int = 10):
     return table
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or infinity: such a value becomes null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def summary_json(outcome: Any) -> dict:
     """The search's outcome as ``trainyard tune --json`` prints it. Stable keys:
 
@@ -335,7 +324,7 @@ def summary_json(outcome: Any) -> dict:
                "error": t.get("error") or "", "checkpoint": t.get("checkpoint")}
               for rank, t in ranked_trials(outcome)]
     winners = [dict(w) for w in outcome.winners]
-    return _finite({"run_dir": str(outcome.run_dir), "metric": outcome.metric, "mode": outcome.mode,
+    return finite({"run_dir": str(outcome.run_dir), "metric": outcome.metric, "mode": outcome.mode,
                     "registry_dir": str(getattr(outcome, "registry_dir", "") or ""),
                     "trials": trials, "winners": winners,
                     "stopped_by": outcome.stopped_by, "stop_message": outcome.stop_message,
