@@ -189,11 +189,12 @@ def test_trial_events_become_one_line_each():
 
 
 def test_tune_summary_json_ranks_every_trial_and_is_valid_json():
+    from trainyard.jsontext import dumps
     from trainyard.ui.tune_table import summary_json
 
     result = outcome(4)
-    result.trials[0]["final"] = float("nan")  # JSON has no NaN: it becomes null
-    data = json.loads(json.dumps(summary_json(result), allow_nan=False))
+    result.trials[0]["final"] = float("nan")  # JSON has no NaN: it is printed as null
+    data = json.loads(dumps(summary_json(result), allow_nan=False))  # as `--json` prints it
     assert set(data) == {"run_dir", "metric", "mode", "registry_dir", "trials", "winners", "stopped_by",
                          "stop_message", "exploits", "registered"}
     assert (data["stopped_by"], data["stop_message"]) == (result.stopped_by, result.stop_message)

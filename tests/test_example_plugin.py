@@ -21,7 +21,7 @@ from trainyard import plugins
 from trainyard.checkpoint import load_predictor
 from trainyard.config import load_config
 
-from tests.conftest import ROOT, remove_models
+from tests.conftest import ROOT, remove_applications
 
 EXAMPLE = ROOT / "examples" / "trainyard-example-plugin"
 CONFIG = EXAMPLE / "configs" / "wine_resmlp.yaml"
@@ -130,7 +130,7 @@ def served(tuned, serve_port):
         {"winner": tuned.winners[0]["path"], "name": "wine", "num_cpus": 0.1}]})
     endpoints = deploy(cfg)
     yield endpoints["wine"], tuned.winners[0]["path"]
-    remove_models()
+    remove_applications()
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:

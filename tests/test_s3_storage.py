@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import CONFIGS, ROW, remove_models
+from tests.conftest import CONFIGS, ROW, remove_applications
 from tests.ports import free_port
 from trainyard.config import load_config
 from trainyard.errors import ConfigError, TrainyardError
@@ -127,7 +127,7 @@ def test_search_exports_winners_to_a_bucket_and_deploy_serves_them_over_http(s3_
         assert response.status == 200
         assert answer["predictions"][0]["label"] in ("malignant", "benign"), answer
     finally:
-        remove_models()
+        remove_applications()
 
 
 def _finished_in_bucket(s3_server, run: str) -> list[str]:

@@ -32,7 +32,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ROOT, remove_models
+from tests.conftest import ROOT, remove_applications
 from tests.helpers_fuzz import UNFORESEEN
 from tests.test_serving import make_checkpoint
 
@@ -65,7 +65,7 @@ def fuzzed(ray_cluster, tmp_path_factory, serve_port):
              for name in MODELS}
     assert all(status == 200 for status, _, _ in first.values()), first
     yield {"endpoints": endpoints, "samples": samples, "infos": infos, "first": first}
-    remove_models()
+    remove_applications()
 
 
 def post(url: str, body: bytes | dict | list, headers: dict | None = None,

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import remove_models
+from tests.conftest import remove_applications
 from tests.ports import free_port
 from tests.test_serving import make_checkpoint
 
@@ -59,7 +59,7 @@ def loaded(tmp_path_factory, serve_port):
     endpoints = deploy(cfg)
     yield {"endpoints": endpoints, "bert": [str(x) for x in bert_inputs],
            "mlp": [list(map(float, x)) for x in mlp_inputs]}
-    remove_models()
+    remove_applications()
 
 
 def _replicas(app: str) -> dict[str, int]:

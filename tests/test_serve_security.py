@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import remove_models
+from tests.conftest import remove_applications
 from tests.test_serving import make_checkpoint
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -80,7 +80,7 @@ def secured(tmp_path_factory, serve_port):
     endpoints = deploy(cfg)
     yield {"base": f"http://127.0.0.1:{port}", "port": port, "root": root, "cfg": cfg,
            "endpoints": endpoints, "samples": samples}
-    remove_models()
+    remove_applications()
 
 
 # --------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.conftest import CONFIGS, remove_models
+from tests.conftest import CONFIGS, remove_applications
 from tests.ports import free_port
 from trainyard.checkpoint import write_checkpoint
 from trainyard.config import load_config, resolve
@@ -96,7 +96,7 @@ def served(tmp_path_factory, serve_port):
     deploy(serve_config(port, [(str(secured), "secured")], api_key="s3cret"))
     yield {"base": f"http://127.0.0.1:{port}", "endpoints": endpoints, "samples": samples,
            "root": root, "port": port}
-    remove_models()
+    remove_applications()
 
 
 def call(url, body=None, ctype="application/json", headers=None, method=None):

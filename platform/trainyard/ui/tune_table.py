@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from trainyard.jsontext import finite
 from trainyard.ui.console import is_live
 
 
@@ -318,14 +317,14 @@ def summary_json(outcome: Any) -> dict:
     - ``exploits`` (PBT's, see ``trainyard.tune.records.read_exploits``) and ``registered``
       (the winners registered in MLflow: rank, name, version, uri, trial_id).
 
-    NaN and infinite values are null."""
+    Its NaN and infinite values print as null (``_print_json``, trainyard.jsontext)."""
     trials = [{"rank": rank, "trial_id": t["trial_id"], "state": t["state"], "params": t["params"],
                "iterations": t["iterations"], "best": t["best"], "final": t["final"],
                "error": t.get("error") or "", "checkpoint": t.get("checkpoint")}
               for rank, t in ranked_trials(outcome)]
     winners = [dict(w) for w in outcome.winners]
-    return finite({"run_dir": str(outcome.run_dir), "metric": outcome.metric, "mode": outcome.mode,
-                    "registry_dir": str(getattr(outcome, "registry_dir", "") or ""),
-                    "trials": trials, "winners": winners,
-                    "stopped_by": outcome.stopped_by, "stop_message": outcome.stop_message,
-                    "exploits": list(outcome.exploits), "registered": list(outcome.registered)})
+    return {"run_dir": str(outcome.run_dir), "metric": outcome.metric, "mode": outcome.mode,
+            "registry_dir": str(getattr(outcome, "registry_dir", "") or ""),
+            "trials": trials, "winners": winners,
+            "stopped_by": outcome.stopped_by, "stop_message": outcome.stop_message,
+            "exploits": list(outcome.exploits), "registered": list(outcome.registered)}
