@@ -9,10 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 from omegaconf import OmegaConf
 
 from tests.conftest import CONFIGS
@@ -96,12 +98,19 @@ def _metrics(history):
 def test_seeded_run_is_reproduced_and_two_workers_match_one(job_config, two_worker_run):
     config_name, common, _ = MODELS["mlp"]
     _, first = two_worker_run("mlp")  # the same job in another run folder
+    before = set(ray._private.state.actors())
     again = run_training(job_config(config_name, "scaling.num_workers=2", *common))
+    started = Counter(a["ActorClassName"] for k, a in ray._private.state.actors().items() if k not in before)
     single = run_training(job_config(config_name, "name=single", "scaling.num_workers=1", *common))
     # (Accumulating micro-batches in one process is the same run too:
     # tests/test_training_essentials.py checks it without Ray.)
 
     assert _metrics(first.history) == _metrics(again.history)
+    # Ray Train's own actors, less two that have nothing to do here (each a process of about
+    # 3 s of a CPU): the datasets' manager (the workers load an in-memory dataset) and the
+    # preemption watcher (an embedded Ray has no node to drain).
+    assert started["RayTrainWorker"] == 2 and started["TrainController"] == 1, started
+    assert not started["DatasetManager"] and not started["PreemptionWatcher"], started
     for two, one in zip(_metrics(first.history), _metrics(single.history), strict=True):
         for key in two:
             assert two[key] == pytest.approx(one[key], abs=2e-3), key

@@ -40,6 +40,11 @@ def init_ray(address: str | None = None, ingress: str | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if ray.is_initialized():
         return
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        # An embedded Ray: one machine, no autoscaler, no node that can be drained for
+        # preemption. Ray Train's preemption watcher (an actor, one process per run, about
+        # 3 s of a CPU to start) would watch for nothing. A user's own setting wins.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     env = carried_env()
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
         # A driver started by the Jobs API: the job's runtime_env (working_dir, env_vars)

@@ -49,6 +49,8 @@ def make_trainer(cfg: Any, loop_config: dict, name: str, storage: str, callbacks
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from trainyard.train.trainer import InMemoryTorchTrainer
+
     use_gpu, resources = worker_resources(cfg)
     backend = cfg.scaling.backend
     if backend == "auto" and use_gpu and cfg.scaling.num_workers > 1 and cfg.scaling.gpus_per_worker < 1:
@@ -58,7 +60,8 @@ def make_trainer(cfg: Any, loop_config: dict, name: str, storage: str, callbacks
         from trainyard.train.stream import data_config
 
         streams = {"datasets": datasets, "dataset_config": data_config()}
-    return TorchTrainer(
+    trainer = TorchTrainer if datasets else InMemoryTorchTrainer
+    return trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend=None if backend == "auto" else backend),
