@@ -41,7 +41,7 @@ def one_side(arm: str, runs: int, epochs: int, storage: str) -> list[float]:
 
         from trainyard.train import trainer
 
-        trainer.InMemoryTorchTrainer._create_default_callbacks = TorchTrainer._create_default_callbacks
+        trainer.LeanTorchTrainer._create_default_callbacks = TorchTrainer._create_default_callbacks
     from trainyard.config import load_config
     from trainyard.runtime.cluster import init_ray
     from trainyard.train.driver import run_training

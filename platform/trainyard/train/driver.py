@@ -47,9 +47,9 @@ def make_trainer(cfg: Any, loop_config: dict, name: str, storage: str, callbacks
     """The TorchTrainer for a job: workers, resources, failures and checkpoints from ``cfg``;
     ``datasets``: a streamed dataset's train and val streams, which Ray Train shards."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
-    from trainyard.train.trainer import InMemoryTorchTrainer
+    from trainyard.train.trainer import LeanTorchTrainer
 
     use_gpu, resources = worker_resources(cfg)
     backend = cfg.scaling.backend
@@ -60,8 +60,7 @@ def make_trainer(cfg: Any, loop_config: dict, name: str, storage: str, callbacks
         from trainyard.train.stream import data_config
 
         streams = {"datasets": datasets, "dataset_config": data_config()}
-    trainer = TorchTrainer if datasets else InMemoryTorchTrainer
-    return trainer(
+    return LeanTorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend=None if backend == "auto" else backend),
